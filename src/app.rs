@@ -1,0 +1,145 @@
+//! Wiring: from a validated configuration to running listeners, and back down.
+//!
+//! [`start`] binds the client and admin listeners, starts the audit writer and returns a
+//! [`Running`] handle; [`Running::shutdown`] begins a graceful drain and
+//! [`Running::wait`] returns once connections are drained and audit lines flushed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::audit::AuditSink;
+use crate::config::Validated;
+use crate::gateway::{Gateway, Snapshot};
+use crate::listener::{self, ServeOptions};
+use crate::metrics::Metrics;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open audit output {path}: {source}")]
+    Audit {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] crate::routing::BuildError),
+}
+
+/// A running gateway.
+pub struct Running {
+    /// Client-facing address actually bound.
+    pub addr: SocketAddr,
+    /// Admin address actually bound, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    audit_task: JoinHandle<()>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Start the gateway described by `v`.
+pub async fn start(v: &Validated) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let audit_path = match v.config.audit.path.as_str() {
+        "-" => "-".to_owned(),
+        p => v.base_dir.join(p).display().to_string(),
+    };
+    let (audit, audit_task) = AuditSink::start(&audit_path, metrics.clone())
+        .await
+        .map_err(|source| StartError::Audit {
+            path: audit_path.clone(),
+            source,
+        })?;
+    let snapshot = Snapshot::build(v)?;
+    let gateway = Arc::new(Gateway::new(snapshot, metrics, audit));
+
+    let listener = bind(v.listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: v.listen,
+        source,
+    })?;
+    let admin_listener = match v.admin_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let (stop, stopped) = watch::channel(false);
+    let opts = ServeOptions {
+        header_timeout: v.config.server.header_timeout.0,
+        drain_timeout: v.config.server.drain_timeout.0,
+    };
+    let mut tasks = Vec::new();
+    let gw = gateway.clone();
+    tasks.push(tokio::spawn(listener::serve(
+        listener,
+        move |req: Request<Incoming>| gw.clone().handle(req),
+        opts,
+        wait_for(stopped.clone()),
+    )));
+    if let Some(l) = admin_listener {
+        let admin = Admin::new(gateway.clone(), v.admin_token.clone());
+        tasks.push(tokio::spawn(listener::serve(
+            l,
+            move |req: Request<Incoming>| {
+                let resp = admin.handle(&req);
+                async move { resp }
+            },
+            ServeOptions {
+                drain_timeout: Duration::from_secs(1),
+                ..opts
+            },
+            wait_for(stopped),
+        )));
+    }
+    tracing::info!(%addr, admin = ?admin_addr, backends = v.config.backends.len(), "portcullis is listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        gateway,
+        stop,
+        tasks,
+        audit_task,
+    })
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+impl Running {
+    /// Begin graceful shutdown: stop accepting, report not ready, drain.
+    pub fn shutdown(&self) {
+        self.gateway.begin_drain();
+        let _ = self.stop.send(true);
+    }
+
+    /// Wait until listeners are drained and the audit log is flushed.
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        drop(self.gateway);
+        // The writer ends once the last sink (held by finished requests) is dropped.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_task).await;
+    }
+}

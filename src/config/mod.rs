@@ -1,0 +1,381 @@
+//! Configuration: the typed TOML surface, loading with `${ENV}` expansion and `_file`
+//! secrets, and validation that reports every problem with its key path and line.
+//!
+//! [`load_str`] is the single entry point: it either returns a [`Validated`] configuration
+//! (every secret resolved, every address parsed) or a [`ConfigErrors`] listing all problems.
+
+mod model;
+mod values;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use model::{
+    AdminConfig, AuditConfig, BackendAuthConfig, BackendConfig, BackendKind, Config,
+    ServerConfig, Timeouts,
+};
+pub use values::{expand_env, Dur, Secret, Text};
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path such as `backends[1].auth.key`; empty for a syntax error.
+    pub path: String,
+    /// 1-based line in the file, when it can be found.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.path.is_empty(), self.line) {
+            (false, Some(l)) => write!(f, "{} (line {l}): {}", self.path, self.message),
+            (false, None) => write!(f, "{}: {}", self.path, self.message),
+            (true, Some(l)) => write!(f, "line {l}: {}", self.message),
+            (true, None) => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors {
+    pub origin: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration {} ({} problem{}):",
+            self.origin,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that passed validation, with secrets and addresses resolved.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub config: Config,
+    pub listen: SocketAddr,
+    /// `None` when the admin listener is disabled (`admin.listen = ""`).
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<Secret>,
+    /// Resolved backend credentials, index-aligned with `config.backends`.
+    pub backend_secrets: Vec<Option<Secret>>,
+    /// Directory relative paths are resolved against.
+    pub base_dir: PathBuf,
+}
+
+/// Read and validate a configuration file.
+pub fn load_file(path: &Path) -> Result<Validated, ConfigErrors> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        origin: origin.clone(),
+        problems: vec![Problem {
+            path: String::new(),
+            line: None,
+            message: format!("cannot read file: {e}"),
+        }],
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    load_str(&text, &origin, &base)
+}
+
+/// Parse and validate configuration text. `base_dir` anchors relative file paths.
+pub fn load_str(text: &str, origin: &str, base_dir: &Path) -> Result<Validated, ConfigErrors> {
+    let fail = |problems| ConfigErrors {
+        origin: origin.to_owned(),
+        problems,
+    };
+    let config = parse(text).map_err(|p| fail(vec![p]))?;
+    let doc = toml_edit::Document::parse(text.to_owned()).ok();
+    let mut problems = Vec::new();
+    let validated = validate(config, base_dir, &mut problems);
+    for p in &mut problems {
+        if p.line.is_none() {
+            p.line = doc.as_ref().and_then(|d| line_of(d, text, &p.path));
+        }
+    }
+    match validated {
+        Some(v) if problems.is_empty() => Ok(v),
+        _ => Err(fail(problems)),
+    }
+}
+
+fn parse(text: &str) -> Result<Config, Problem> {
+    let de = toml::Deserializer::parse(text).map_err(|e| Problem {
+        path: String::new(),
+        line: e.span().map(|s| line_at(text, s.start)),
+        message: e.message().to_owned(),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        Problem {
+            path: if path == "." { String::new() } else { path },
+            line: inner.span().map(|s| line_at(text, s.start)),
+            message: inner.message().to_owned(),
+        }
+    })
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Find the line of a key path like `backends[1].auth.key` in the document.
+fn line_of(doc: &toml_edit::Document<String>, text: &str, path: &str) -> Option<usize> {
+    let mut item = doc.as_item();
+    let mut best = None;
+    for seg in path.split('.') {
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        item = item.get(name)?;
+        best = item.span().or(best);
+        if let Some(i) = index {
+            item = item.get(i)?;
+            best = item.span().or(best);
+        }
+    }
+    best.map(|s| line_at(text, s.start))
+}
+
+fn problem(problems: &mut Vec<Problem>, path: impl Into<String>, message: impl Into<String>) {
+    problems.push(Problem {
+        path: path.into(),
+        line: None,
+        message: message.into(),
+    });
+}
+
+fn parse_addr(value: &str, path: &str, problems: &mut Vec<Problem>) -> Option<SocketAddr> {
+    match value.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problem(
+                problems,
+                path,
+                format!("'{value}' is not a socket address (expected host:port, e.g. 127.0.0.1:8080)"),
+            );
+            None
+        }
+    }
+}
+
+/// Read a secret given either inline or as a `_file`; exactly one of them is required
+/// when `required`.
+fn resolve_secret(
+    inline: &Option<Secret>,
+    file: &Option<Text>,
+    path: &str,
+    key: &str,
+    required: bool,
+    base_dir: &Path,
+    problems: &mut Vec<Problem>,
+) -> Option<Secret> {
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            problem(
+                problems,
+                format!("{path}.{key}"),
+                format!("give either `{key}` or `{key}_file`, not both"),
+            );
+            None
+        }
+        (Some(s), None) => {
+            if s.expose().is_empty() {
+                problem(problems, format!("{path}.{key}"), "must not be empty");
+            }
+            Some(s.clone())
+        }
+        (None, Some(f)) => {
+            let p = base_dir.join(f.as_str());
+            match std::fs::read_to_string(&p) {
+                Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim().to_owned())),
+                Ok(_) => {
+                    problem(
+                        problems,
+                        format!("{path}.{key}_file"),
+                        format!("file {} is empty", p.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    problem(
+                        problems,
+                        format!("{path}.{key}_file"),
+                        format!("cannot read {}: {e}", p.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (None, None) => {
+            if required {
+                problem(
+                    problems,
+                    path,
+                    format!("`{key}` or `{key}_file` is required"),
+                );
+            }
+            None
+        }
+    }
+}
+
+fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Option<Validated> {
+    let listen = parse_addr(config.server.listen.as_str(), "server.listen", problems);
+    if config.server.max_body_bytes == 0 {
+        problem(problems, "server.max_body_bytes", "must be greater than 0");
+    }
+    if config.server.header_timeout.0.is_zero() {
+        problem(problems, "server.header_timeout", "must be greater than 0");
+    }
+    let admin_listen = if config.admin.listen.as_str().is_empty() {
+        None
+    } else {
+        parse_addr(config.admin.listen.as_str(), "admin.listen", problems)
+    };
+    let admin_token = resolve_secret(
+        &config.admin.token,
+        &config.admin.token_file,
+        "admin",
+        "token",
+        false,
+        base_dir,
+        problems,
+    );
+    if config.audit.path.as_str().is_empty() {
+        problem(problems, "audit.path", "must be \"-\" (stdout) or a file path");
+    }
+
+    if config.backends.is_empty() {
+        problem(problems, "backends", "at least one [[backends]] entry is required");
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut backend_secrets = Vec::with_capacity(config.backends.len());
+    for (i, b) in config.backends.iter().enumerate() {
+        let path = format!("backends[{i}]");
+        if b.name.as_str().is_empty() {
+            problem(problems, format!("{path}.name"), "must not be empty");
+        } else if !names.insert(b.name.as_str()) {
+            problem(
+                problems,
+                format!("{path}.name"),
+                format!("backend name '{}' is used twice", b.name),
+            );
+        }
+        check_backend_url(b.url.as_str(), &format!("{path}.url"), problems);
+        if b.deployments.is_empty() {
+            problem(
+                problems,
+                format!("{path}.deployments"),
+                "maps no deployment: add at least one `\"public-name\" = \"backend-name\"`",
+            );
+        }
+        for (public, backend) in &b.deployments {
+            if public.is_empty() || backend.as_str().is_empty() || backend.as_str().contains('/') {
+                problem(
+                    problems,
+                    format!("{path}.deployments"),
+                    format!("invalid mapping '{public}' = '{backend}'"),
+                );
+            }
+        }
+        if b.weight == 0 {
+            problem(problems, format!("{path}.weight"), "must be at least 1");
+        }
+        if let Some(v) = &b.api_version {
+            if v.as_str().is_empty() || !v.as_str().chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                problem(problems, format!("{path}.api_version"), format!("invalid api-version '{v}'"));
+            }
+        }
+        for (name, d) in [
+            ("connect", b.timeouts.connect),
+            ("first_byte", b.timeouts.first_byte),
+            ("idle", b.timeouts.idle),
+        ] {
+            if d.0.is_zero() {
+                problem(problems, format!("{path}.timeouts.{name}"), "must be greater than 0");
+            }
+        }
+        if let Some(ca) = &b.ca_file {
+            let p = base_dir.join(ca.as_str());
+            match std::fs::read(&p) {
+                Ok(pem) => {
+                    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
+                    if certs.is_empty() || certs.iter().any(|c| c.is_err()) {
+                        problem(
+                            problems,
+                            format!("{path}.ca_file"),
+                            format!("{} holds no valid PEM certificate", p.display()),
+                        );
+                    }
+                }
+                Err(e) => problem(
+                    problems,
+                    format!("{path}.ca_file"),
+                    format!("cannot read {}: {e}", p.display()),
+                ),
+            }
+        }
+        let secret = match &b.auth {
+            BackendAuthConfig::ApiKey { key, key_file } => resolve_secret(
+                key,
+                key_file,
+                &format!("{path}.auth"),
+                "key",
+                true,
+                base_dir,
+                problems,
+            ),
+            BackendAuthConfig::None => None,
+        };
+        backend_secrets.push(secret);
+    }
+
+    Some(Validated {
+        listen: listen?,
+        admin_listen,
+        admin_token,
+        backend_secrets,
+        base_dir: base_dir.to_path_buf(),
+        config,
+    })
+}
+
+fn check_backend_url(url: &str, path: &str, problems: &mut Vec<Problem>) {
+    match url.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
+            if u.query().is_some() {
+                problem(problems, path, format!("'{url}' must not carry a query string"));
+            }
+        }
+        _ => problem(
+            problems,
+            path,
+            format!("'{url}' is not an http:// or https:// URL with a host"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

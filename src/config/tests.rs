@@ -1,0 +1,120 @@
+use super::*;
+
+fn load(text: &str) -> Result<Validated, ConfigErrors> {
+    load_str(text, "test.toml", Path::new("."))
+}
+
+const MINIMAL: &str = r#"
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:9"
+deployments = { "gpt-4o" = "gpt-4o" }
+"#;
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let v = load(MINIMAL).unwrap();
+    assert_eq!(v.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(v.admin_listen.unwrap().to_string(), "127.0.0.1:9090");
+    assert_eq!(v.config.server.max_body_bytes, 16 * 1024 * 1024);
+    assert_eq!(v.config.backends[0].kind, BackendKind::Azure);
+    assert_eq!(v.config.backends[0].timeouts.connect.0.as_secs(), 2);
+}
+
+#[test]
+fn unknown_key_names_path_and_line() {
+    let text = format!("{MINIMAL}\n[server]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n");
+    let err = load(&text).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    let p = &err.problems[0];
+    assert_eq!(p.path, "server.listen_port");
+    assert!(p.message.contains("unknown field `listen_port`"), "{p}");
+    assert_eq!(p.line, Some(9), "{p}");
+}
+
+#[test]
+fn bad_value_in_backend_names_indexed_path() {
+    let text = r#"
+[[backends]]
+name = "a"
+url = "http://127.0.0.1:9"
+deployments = { "m" = "m" }
+
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+deployments = { "m" = "m" }
+timeouts = { connect = "soon" }
+"#;
+    let err = load(text).unwrap_err();
+    let p = &err.problems[0];
+    assert_eq!(p.path, "backends[1].timeouts.connect");
+    assert!(p.message.contains("invalid duration 'soon'"), "{p}");
+    assert_eq!(p.line, Some(11));
+}
+
+#[test]
+fn validation_reports_every_problem_with_lines() {
+    let text = r#"
+[server]
+listen = "nowhere"
+
+[[backends]]
+name = "a"
+url = "ftp://x"
+deployments = {}
+
+[[backends]]
+name = "a"
+url = "http://127.0.0.1:9"
+deployments = { "m" = "m" }
+auth = { type = "api_key" }
+"#;
+    let err = load(text).unwrap_err();
+    let shown: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+    let expect = [
+        "server.listen (line 3)",
+        "backends[0].url (line 7)",
+        "backends[0].deployments (line 8)",
+        "backends[1].name (line 11)",
+        "backends[1].auth (line 14)",
+    ];
+    for e in expect {
+        assert!(shown.iter().any(|s| s.starts_with(e)), "missing {e} in {shown:#?}");
+    }
+    assert_eq!(shown.len(), expect.len(), "{shown:#?}");
+}
+
+#[test]
+fn missing_env_var_is_named() {
+    let text = MINIMAL.replace("http://127.0.0.1:9", "${PORTCULLIS_TEST_SURELY_UNSET}");
+    let err = load(&text).unwrap_err();
+    let p = &err.problems[0];
+    assert_eq!(p.path, "backends[0].url");
+    assert!(p.message.contains("PORTCULLIS_TEST_SURELY_UNSET is not set"), "{p}");
+}
+
+#[test]
+fn key_file_is_read_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key.txt"), "s3cret-key\n").unwrap();
+    let text = format!("{MINIMAL}auth = {{ type = \"api_key\", key_file = \"key.txt\" }}\n");
+    let v = load_str(&text, "t", dir.path()).unwrap();
+    let s = v.backend_secrets[0].as_ref().unwrap();
+    assert_eq!(s.expose(), "s3cret-key");
+    assert!(!format!("{v:?}").contains("s3cret-key"));
+}
+
+#[test]
+fn unknown_auth_type_is_refused() {
+    let text = format!("{MINIMAL}auth = {{ type = \"magic\" }}\n");
+    let err = load(&text).unwrap_err();
+    assert_eq!(err.problems[0].path, "backends[0].auth.type");
+    assert!(err.problems[0].message.contains("magic"), "{}", err);
+}
+
+#[test]
+fn syntax_error_has_line() {
+    let err = load("[server\nlisten = 1").unwrap_err();
+    assert_eq!(err.problems[0].line, Some(1));
+}

@@ -1,0 +1,143 @@
+//! Errors the gateway itself answers with, and the one place they become HTTP responses.
+//!
+//! Every refusal a client sees is OpenAI-shaped:
+//! `{"error":{"message":...,"type":...,"code":...,"param":null}}` with a stable `code`
+//! (documented in the README). Upstream errors never pass through here: they reach the
+//! client unchanged.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+
+/// The body type every gateway response uses: either a buffered body or an upstream stream.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// Boxed error carried by response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A refusal or failure produced by the gateway, with its stable code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// The path is not one the gateway serves.
+    #[error("no route for {method} {path}")]
+    NotFound { method: String, path: String },
+    /// The request names a deployment or model no backend serves.
+    #[error("the deployment '{0}' does not exist or is not served by this gateway")]
+    UnknownDeployment(String),
+    /// The request cannot be understood (bad JSON, missing model, ...).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The method is not allowed on this path.
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    /// The request body is over `server.max_body_bytes`.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    /// No backend could be reached (connection refused, reset, TLS failure, ...).
+    #[error("no backend could serve the request: {0}")]
+    BackendUnavailable(String),
+    /// The backend did not answer in time.
+    #[error("the backend did not respond within {0}")]
+    BackendTimeout(String),
+    /// The gateway is shutting down and takes no new requests.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    /// The gateway cannot hold the credential it needs for any backend that could serve.
+    #[error("the gateway cannot authenticate to the backend: {0}")]
+    BackendAuthUnavailable(String),
+}
+
+impl GatewayError {
+    /// HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound { .. } | Self::UnknownDeployment(_) => StatusCode::NOT_FOUND,
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ShuttingDown | Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Stable machine-readable code (the `error.code` field).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } => "not_found",
+            Self::UnknownDeployment(_) => "unknown_deployment",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BackendUnavailable(_) => "backend_unavailable",
+            Self::BackendTimeout(_) => "backend_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::BackendAuthUnavailable(_) => "backend_auth_unavailable",
+        }
+    }
+
+    /// OpenAI's coarse `error.type` for this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. }
+            | Self::UnknownDeployment(_)
+            | Self::InvalidRequest(_)
+            | Self::MethodNotAllowed(_)
+            | Self::PayloadTooLarge { .. } => "invalid_request_error",
+            Self::BackendUnavailable(_)
+            | Self::BackendTimeout(_)
+            | Self::ShuttingDown
+            | Self::BackendAuthUnavailable(_) => "api_error",
+        }
+    }
+
+    /// The OpenAI-shaped JSON body.
+    pub fn body(&self) -> Bytes {
+        let v = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "code": self.code(),
+                "param": serde_json::Value::Null,
+            }
+        });
+        Bytes::from(v.to_string())
+    }
+
+    /// Render as a complete HTTP response.
+    pub fn into_response(self) -> Response<Body> {
+        json_response(self.status(), self.body())
+    }
+}
+
+/// A buffered JSON response.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A buffered body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_is_openai_shaped() {
+        let e = GatewayError::PayloadTooLarge { limit: 10 };
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "payload_too_large");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["param"].is_null());
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

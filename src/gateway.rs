@@ -1,0 +1,351 @@
+//! The gateway service: one request through the pipeline.
+//!
+//! ```text
+//! parse route → read body (bounded) → resolve deployment → route (candidates)
+//!   → forward (upstream auth applied per backend) → relay response → audit
+//! ```
+//! Identity, authorization and admission slot in before routing as they land. The state
+//! a request uses is one immutable [`Snapshot`], loaded once per request from an
+//! `ArcSwap`, so a new configuration never changes a request already running.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, Limited};
+
+use crate::audit::{now_rfc3339, AuditRecord, AuditSink};
+use crate::config::Validated;
+use crate::error::{json_response, Body, BoxError, GatewayError};
+use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
+use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
+use crate::route::{self, Operation, Route};
+use crate::routing::{BackendTable, BuildError};
+
+/// Everything a request needs from the configuration, immutable once built.
+pub struct Snapshot {
+    pub backends: BackendTable,
+    pub max_body_bytes: u64,
+    /// Pre-rendered `GET /v1/models` body.
+    models: Bytes,
+}
+
+impl Snapshot {
+    /// Build from a validated configuration.
+    pub fn build(v: &Validated) -> Result<Self, BuildError> {
+        let backends = BackendTable::build(v)?;
+        let data: Vec<_> = backends
+            .public_names()
+            .iter()
+            .map(|n| model_object(n))
+            .collect();
+        let models = serde_json::json!({ "object": "list", "data": data }).to_string();
+        Ok(Self {
+            backends,
+            max_body_bytes: v.config.server.max_body_bytes,
+            models: Bytes::from(models),
+        })
+    }
+}
+
+fn model_object(name: &str) -> serde_json::Value {
+    serde_json::json!({ "id": name, "object": "model", "created": 0, "owned_by": "portcullis" })
+}
+
+/// The gateway: configuration snapshot, metrics, audit.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    audit: AuditSink,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, audit: AuditSink) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            audit,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Replace the configuration; requests already running keep the old one.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Stop reporting ready (shutdown has begun).
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Readiness: `Ok` when every backend credential is ready and not draining; otherwise
+    /// the reasons.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut reasons = Vec::new();
+        if self.draining.load(Ordering::SeqCst) {
+            reasons.push("shutting down".to_owned());
+        }
+        let snap = self.snapshot.load();
+        for b in snap.backends.backends() {
+            if !b.credential.is_ready() {
+                reasons.push(format!(
+                    "backend '{}': {} credential not ready",
+                    b.name,
+                    b.credential.describe()
+                ));
+            }
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
+    }
+
+    /// Handle one client request.
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/health") => return health(),
+            (&Method::GET, "/ready") => return ready(self.readiness()),
+            _ => {}
+        }
+        let started = Instant::now();
+        let request_id = request_id(req.headers());
+        let mut rec = AuditRecord {
+            time: now_rfc3339(),
+            request_id: request_id.to_str().unwrap_or_default().to_owned(),
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            operation: "unknown",
+            ..AuditRecord::default()
+        };
+        let snap = self.snapshot.load_full();
+        let mut resp = match self.pipeline(req, &snap, &mut rec, &request_id, started).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                rec.status = e.status().as_u16();
+                rec.error_code = Some(e.code());
+                rec.outcome = "refused";
+                let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+                rec.latency_ms = elapsed;
+                rec.duration_ms = elapsed;
+                let resp = e.into_response();
+                self.count(&rec, started);
+                self.audit.emit(rec);
+                resp
+            }
+        };
+        resp.headers_mut().insert(REQUEST_ID.clone(), request_id);
+        resp
+    }
+
+    fn count(&self, rec: &AuditRecord, started: Instant) {
+        let backend = rec.backend.clone().unwrap_or_default();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                operation: rec.operation,
+                status: rec.status,
+                backend: backend.clone(),
+            })
+            .inc();
+        self.metrics
+            .latency
+            .get_or_create(&LatencyLabels {
+                operation: rec.operation,
+                backend,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn pipeline<B>(
+        &self,
+        req: Request<B>,
+        snap: &Snapshot,
+        rec: &mut AuditRecord,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) -> Result<Response<Body>, GatewayError>
+    where
+        B: HttpBody<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query())?;
+        rec.operation = route.operation.as_str();
+        if route.is_model_listing() {
+            return self.models(&parts.method, &route, snap, rec, started);
+        }
+
+        let body = read_body(&parts.headers, body, snap.max_body_bytes).await?;
+        rec.bytes_in = body.len() as u64;
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let deployment = match &route.deployment {
+            Some(d) => Some(d.clone()),
+            None => proxy::rewrite::body_model(&body, content_type).await?,
+        };
+        if let Some(d) = &deployment {
+            if !route::valid_name(d) {
+                return Err(GatewayError::UnknownDeployment(d.escape_default().to_string()));
+            }
+        } else if route.operation.needs_deployment() {
+            return Err(GatewayError::InvalidRequest(
+                "you must provide a model parameter".into(),
+            ));
+        }
+        rec.deployment = deployment.clone();
+        let candidates = snap
+            .backends
+            .candidates(deployment.as_deref())
+            .ok_or_else(|| GatewayError::UnknownDeployment(deployment.clone().unwrap_or_default()))?;
+
+        let out = Outgoing {
+            route: &route,
+            deployment: deployment.as_deref(),
+            method: &parts.method,
+            headers: proxy::upstream_headers(&parts.headers, request_id),
+            body,
+            content_type,
+        };
+        let answer = match proxy::forward(out, candidates, &self.metrics).await {
+            Ok(a) => a,
+            Err(failed) => {
+                rec.attempts = failed.attempts;
+                rec.backend = failed.backend.as_ref().map(|b| b.name.clone());
+                rec.backend_auth = failed.backend.as_ref().map(|b| b.credential.describe());
+                return Err(failed.error);
+            }
+        };
+        rec.attempts = answer.attempts;
+        rec.backend = Some(answer.backend.name.clone());
+        rec.backend_auth = Some(answer.backend.credential.describe());
+        let (mut head, upstream_body) = answer.response.into_parts();
+        proxy::strip_hop_by_hop(&mut head.headers);
+        rec.status = head.status.as_u16();
+        rec.stream = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.count(rec, started);
+        let finish = Finish {
+            record: std::mem::take(rec),
+            started,
+            audit: self.audit.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish);
+        Ok(Response::from_parts(head, relay.boxed_unsync()))
+    }
+
+    fn models(
+        &self,
+        method: &Method,
+        route: &Route,
+        snap: &Snapshot,
+        rec: &mut AuditRecord,
+        started: Instant,
+    ) -> Result<Response<Body>, GatewayError> {
+        if method != Method::GET {
+            return Err(GatewayError::MethodNotAllowed(method.to_string()));
+        }
+        let body = match route.rest.strip_prefix("models/") {
+            None if route.rest == "models" => snap.models.clone(),
+            Some(id) if snap.backends.serves(id) => Bytes::from(model_object(id).to_string()),
+            Some(id) => return Err(GatewayError::UnknownDeployment(id.escape_default().to_string())),
+            None => {
+                return Err(GatewayError::NotFound {
+                    method: method.to_string(),
+                    path: rec.path.clone(),
+                })
+            }
+        };
+        debug_assert_eq!(route.operation, Operation::Models);
+        rec.status = 200;
+        rec.outcome = "complete";
+        rec.bytes_out = body.len() as u64;
+        rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        rec.duration_ms = rec.latency_ms;
+        self.count(rec, started);
+        self.audit.emit(std::mem::take(rec));
+        Ok(json_response(StatusCode::OK, body))
+    }
+}
+
+/// Read the whole request body, refusing more than `limit` bytes (413) — early from
+/// `Content-Length` when the client sends one.
+async fn read_body<B>(
+    headers: &http::HeaderMap,
+    body: B,
+    limit: u64,
+) -> Result<Bytes, GatewayError>
+where
+    B: HttpBody<Data = Bytes> + Send,
+    B::Error: Into<BoxError>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(GatewayError::InvalidRequest(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a fresh UUID.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        {
+            return v.clone();
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// `GET /health`: the process is up.
+pub fn health() -> Response<Body> {
+    json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
+}
+
+/// `GET /ready`: 200 when ready, 503 with the reasons otherwise.
+pub fn ready(state: Result<(), Vec<String>>) -> Response<Body> {
+    match state {
+        Ok(()) => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#)),
+        Err(reasons) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from(serde_json::json!({ "status": "not_ready", "reasons": reasons }).to_string()),
+        ),
+    }
+}

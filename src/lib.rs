@@ -1,0 +1,25 @@
+//! Portcullis: an identity-aware gateway for Azure OpenAI and OpenAI-compatible APIs.
+//!
+//! The modules follow the request pipeline (see `ARCHITECTURE.md`):
+//! [`listener`] accepts, [`route`] recognises the call, [`routing`] picks backends,
+//! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
+//! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
+//! [`metrics`], [`sim`], [`demo`] and [`app`] surround the path.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod admin;
+pub mod app;
+pub mod audit;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod gateway;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod routing;
+pub mod sim;
+pub mod upstream_auth;

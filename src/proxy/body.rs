@@ -1,0 +1,151 @@
+//! The response body relayed from a backend to the client.
+//!
+//! [`Relay`] passes frames through as they arrive — no buffering, no re-chunking, so
+//! Server-Sent Events reach the client event by event. It counts bytes, enforces the
+//! backend's idle timeout between frames, and when the body ends or is dropped (the client
+//! went away) it finishes the request's audit record exactly once. Dropping it drops the
+//! upstream body, which closes that upstream connection and so cancels the backend's work.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use crate::audit::{AuditRecord, AuditSink};
+use crate::error::BoxError;
+use crate::metrics::Metrics;
+use std::sync::Arc;
+
+/// The upstream went silent for longer than the backend's idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("backend sent nothing for {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+/// Completes a request's audit record when its body ends.
+pub struct Finish {
+    pub record: AuditRecord,
+    pub started: Instant,
+    pub audit: AuditSink,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Finish {
+    fn done(mut self, bytes_out: u64, outcome: &'static str) {
+        self.metrics.streams_in_flight.dec();
+        self.record.bytes_out = bytes_out;
+        self.record.outcome = outcome;
+        self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.audit.emit(self.record);
+    }
+}
+
+pin_project! {
+    /// A response body relayed from upstream; see the module docs.
+    pub struct Relay {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: Sleep,
+        idle_timeout: Duration,
+        last_frame: Instant,
+        bytes: u64,
+        finish: Option<Finish>,
+    }
+
+    impl PinnedDrop for Relay {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(f) = this.finish.take() {
+                // A body of known length may be dropped right after its last byte.
+                let outcome = if this.inner.is_end_stream() { "complete" } else { "client_disconnected" };
+                f.done(*this.bytes, outcome);
+            }
+        }
+    }
+}
+
+impl Relay {
+    /// Wrap an upstream body. `finish` is completed when the body ends.
+    pub fn new(inner: Incoming, idle_timeout: Duration, finish: Finish) -> Self {
+        finish.metrics.streams_in_flight.inc();
+        let now = Instant::now();
+        Self {
+            inner,
+            idle: tokio::time::sleep(idle_timeout),
+            idle_timeout,
+            last_frame: now,
+            bytes: 0,
+            finish: Some(finish),
+        }
+    }
+}
+
+impl HttpBody for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes += data.len() as u64;
+                }
+                // Cheap per-frame bookkeeping; the timer is only re-armed when it fires.
+                *this.last_frame = Instant::now();
+                if this.inner.is_end_stream() {
+                    if let Some(f) = this.finish.take() {
+                        f.done(*this.bytes, "complete");
+                    }
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(f) = this.finish.take() {
+                    f.done(*this.bytes, "upstream_error");
+                }
+                return Poll::Ready(Some(Err(Box::new(e))));
+            }
+            Poll::Ready(None) => {
+                if let Some(f) = this.finish.take() {
+                    f.done(*this.bytes, "complete");
+                }
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        loop {
+            if this.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = *this.last_frame + *this.idle_timeout;
+            if Instant::now() < deadline {
+                this.idle
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(deadline));
+                continue;
+            }
+            if let Some(f) = this.finish.take() {
+                f.done(*this.bytes, "idle_timeout");
+            }
+            return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.idle_timeout)))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,231 @@
+//! Forward: send the request to a backend and hand back its response head.
+//!
+//! Client headers are cleaned (hop-by-hop headers and every client credential removed),
+//! the backend's credential is added, and candidates are tried in routing order. A
+//! request moves to the next candidate only when the backend cannot have processed it
+//! (connection failure) or refused it for capacity (429); anything else is the answer.
+//! The response body is relayed by [`body::Relay`] without buffering.
+
+pub mod body;
+pub mod client;
+pub mod rewrite;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::error::GatewayError;
+use crate::metrics::{AttemptLabels, Metrics};
+use crate::route::Route;
+use crate::routing::Backend;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Client headers that carry the client's credentials: never sent upstream.
+const CLIENT_CREDENTIALS: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    header::COOKIE,
+    HeaderName::from_static("ocp-apim-subscription-key"),
+];
+
+/// The request id header, taken from the client or generated.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Remove hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The client's headers as they may go upstream: no hop-by-hop headers, no client
+/// credentials, no `Host` (set from the backend URL), no stale `Content-Length`.
+pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+    let mut h = client.clone();
+    strip_hop_by_hop(&mut h);
+    for c in &CLIENT_CREDENTIALS {
+        h.remove(c);
+    }
+    h.remove(header::HOST);
+    h.remove(header::CONTENT_LENGTH);
+    h.insert(REQUEST_ID.clone(), request_id.clone());
+    h
+}
+
+/// One request to forward.
+pub struct Outgoing<'a> {
+    pub route: &'a Route,
+    /// The public deployment name the request resolved to.
+    pub deployment: Option<&'a str>,
+    pub method: &'a Method,
+    /// Headers already cleaned by [`upstream_headers`].
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub content_type: Option<&'a str>,
+}
+
+/// A backend's answer and who gave it.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub backend: Arc<Backend>,
+    pub attempts: u32,
+}
+
+/// A failed forward, with the last backend tried (for audit and metrics).
+pub struct Failed {
+    pub error: GatewayError,
+    pub backend: Option<Arc<Backend>>,
+    pub attempts: u32,
+}
+
+/// Try `candidates` in order until one answers.
+pub async fn forward(
+    out: Outgoing<'_>,
+    candidates: Vec<Arc<Backend>>,
+    metrics: &Metrics,
+) -> Result<Answer, Failed> {
+    let total = candidates.len();
+    let mut last_error = GatewayError::BackendUnavailable("no backend available".into());
+    let mut last_backend = None;
+    let mut attempts = 0u32;
+    // A 429 kept in case no later candidate answers at all.
+    let mut rate_limited: Option<Answer> = None;
+    for (i, backend) in candidates.into_iter().enumerate() {
+        let is_last = i + 1 == total;
+        if !backend.credential.is_ready() {
+            last_error = GatewayError::BackendAuthUnavailable(format!(
+                "credential for backend '{}' is not ready",
+                backend.name
+            ));
+            last_backend = Some(backend);
+            continue;
+        }
+        let up = match rewrite::rewrite(out.route, out.deployment, &backend, &out.body, out.content_type) {
+            Ok(u) => u,
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    backend: Some(backend),
+                    attempts,
+                })
+            }
+        };
+        let mut req = Request::new(Full::new(up.body.clone()));
+        *req.method_mut() = out.method.clone();
+        *req.uri_mut() = up.uri;
+        *req.headers_mut() = out.headers.clone();
+        if !up.body.is_empty() || out.method == Method::POST || out.method == Method::PUT {
+            req.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));
+        }
+        backend.credential.apply(req.headers_mut());
+        attempts += 1;
+        let sent = tokio::time::timeout(backend.first_byte_timeout, backend.client.request(req)).await;
+        let outcome = match sent {
+            Ok(Ok(resp)) => {
+                if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
+                    record(metrics, &backend, "rate_limited");
+                    tracing::info!(backend = %backend.name, "backend answered 429; trying the next one");
+                    rate_limited = Some(Answer {
+                        response: resp,
+                        backend,
+                        attempts,
+                    });
+                    continue;
+                }
+                record(metrics, &backend, "response");
+                return Ok(Answer {
+                    response: resp,
+                    backend,
+                    attempts,
+                });
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                record(metrics, &backend, "connect_error");
+                tracing::warn!(backend = %backend.name, error = %error_chain(&e), "cannot connect to backend");
+                GatewayError::BackendUnavailable(format!("cannot connect to backend '{}'", backend.name))
+            }
+            Ok(Err(e)) => {
+                record(metrics, &backend, "error");
+                tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend request failed");
+                // The backend may have processed it: never resend.
+                return Err(Failed {
+                    error: GatewayError::BackendUnavailable(format!(
+                        "backend '{}' closed the connection before answering",
+                        backend.name
+                    )),
+                    backend: Some(backend),
+                    attempts,
+                });
+            }
+            Err(_) => {
+                record(metrics, &backend, "timeout");
+                return Err(Failed {
+                    error: GatewayError::BackendTimeout(humantime::format_duration(backend.first_byte_timeout).to_string()),
+                    backend: Some(backend),
+                    attempts,
+                });
+            }
+        };
+        last_error = outcome;
+        last_backend = Some(backend);
+    }
+    if let Some(mut answer) = rate_limited {
+        answer.attempts = attempts;
+        return Ok(answer);
+    }
+    Err(Failed {
+        error: last_error,
+        backend: last_backend,
+        attempts,
+    })
+}
+
+fn record(metrics: &Metrics, backend: &Backend, outcome: &'static str) {
+    metrics
+        .upstream_attempts
+        .get_or_create(&AttemptLabels {
+            backend: backend.name.clone(),
+            outcome,
+        })
+        .inc();
+}
+
+/// `error: cause: cause` — for logs. Never contains request data.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+

@@ -1,0 +1,263 @@
+//! Translation between API dialects: where a request goes on a given backend.
+//!
+//! A client may speak the Azure data-plane dialect, Azure v1 or the OpenAI dialect to any
+//! backend. This module computes the upstream path, query and (only when it must change)
+//! the body: the public deployment name is mapped to the backend's own name, `api-version`
+//! is added for Azure, and `model` is set in JSON bodies sent to OpenAI-style endpoints.
+//! Bodies that need no change are forwarded byte for byte.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::config::BackendKind;
+use crate::error::GatewayError;
+use crate::route::{Route, Style};
+use crate::routing::Backend;
+
+/// Where and what to send upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    pub uri: http::Uri,
+    pub body: Bytes,
+}
+
+#[derive(Deserialize)]
+struct ModelOnly<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+}
+
+/// Whether a body is to be read as JSON: a JSON content type, or a body that starts like
+/// a JSON object whatever the label (`curl -d` sends form content types).
+pub fn is_json(content_type: Option<&str>, body: &[u8]) -> bool {
+    let labelled = content_type.is_some_and(|ct| {
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        mime.eq_ignore_ascii_case("application/json") || mime.ends_with("+json")
+    });
+    labelled || body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+/// The `model` named in a request body: the `model` member of a JSON object, or the
+/// `model` field of a multipart form (audio, image edits). `Ok(None)` when there is none.
+pub async fn body_model(
+    body: &Bytes,
+    content_type: Option<&str>,
+) -> Result<Option<String>, GatewayError> {
+    if body.is_empty() {
+        return Ok(None);
+    }
+    if let Some(boundary) = content_type.and_then(|ct| multer::parse_boundary(ct).ok()) {
+        let data = body.clone();
+        let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(data) });
+        let mut form = multer::Multipart::new(stream, boundary);
+        loop {
+            match form.next_field().await {
+                Ok(Some(field)) if field.name() == Some("model") => {
+                    return field.text().await.map(Some).map_err(|e| {
+                        GatewayError::InvalidRequest(format!("invalid multipart body: {e}"))
+                    });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    return Err(GatewayError::InvalidRequest(format!(
+                        "invalid multipart body: {e}"
+                    )))
+                }
+            }
+        }
+    }
+    if !is_json(content_type, body) {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<ModelOnly<'_>>(body) {
+        Ok(m) => Ok(m.model.map(Cow::into_owned)),
+        Err(e) if e.is_data() => Err(GatewayError::InvalidRequest(
+            "request body must be a JSON object whose `model` is a string".into(),
+        )),
+        Err(e) => Err(GatewayError::InvalidRequest(format!(
+            "request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// Compute the upstream request for `route` on `backend`. `public` is the public
+/// deployment name the request resolved to, if any.
+pub fn rewrite(
+    route: &Route,
+    public: Option<&str>,
+    backend: &Backend,
+    body: &Bytes,
+    content_type: Option<&str>,
+) -> Result<Upstream, GatewayError> {
+    let mapped = public.and_then(|p| backend.deployments.get(p)).map(String::as_str);
+    let base = backend.base_path.as_str();
+    let mut query: Vec<Cow<'_, str>> = Vec::with_capacity(route.query.len() + 1);
+    let api_version = || -> Cow<'_, str> {
+        Cow::Owned(format!(
+            "api-version={}",
+            route.api_version.as_deref().unwrap_or(&backend.api_version)
+        ))
+    };
+    let mut set_model = false;
+    let path = match backend.kind {
+        BackendKind::Azure => match (route.style, mapped) {
+            (Style::AzureDeployments, Some(m)) => {
+                query.push(api_version());
+                format!("{base}/openai/deployments/{m}/{}", route.rest)
+            }
+            (Style::OpenAi, Some(m)) if route.operation.needs_deployment() => {
+                query.push(api_version());
+                format!("{base}/openai/deployments/{m}/{}", route.rest)
+            }
+            (Style::AzureV1, _) => {
+                set_model = true;
+                if let Some(v) = &route.api_version {
+                    query.push(Cow::Owned(format!("api-version={v}")));
+                }
+                format!("{base}/openai/v1/{}", route.rest)
+            }
+            _ => {
+                set_model = true;
+                query.push(api_version());
+                format!("{base}/openai/{}", route.rest)
+            }
+        },
+        BackendKind::Openai => {
+            set_model = true;
+            if base.ends_with("/v1") {
+                format!("{base}/{}", route.rest)
+            } else {
+                format!("{base}/v1/{}", route.rest)
+            }
+        }
+    };
+    query.extend(route.query.iter().map(|q| Cow::Borrowed(q.as_str())));
+    let path_and_query = if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", query.join("&"))
+    };
+    let uri = http::Uri::builder()
+        .scheme(backend.scheme.clone())
+        .authority(backend.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| GatewayError::InvalidRequest(format!("cannot build upstream URL: {e}")))?;
+    let body = match mapped {
+        Some(m) if set_model && !body.is_empty() && is_json(content_type, body) => {
+            with_model(body, m)?
+        }
+        _ => body.clone(),
+    };
+    Ok(Upstream { uri, body })
+}
+
+/// `body` with its `model` member set to `model`; the original bytes when it already is.
+fn with_model(body: &Bytes, model: &str) -> Result<Bytes, GatewayError> {
+    if let Ok(ModelOnly { model: Some(m) }) = serde_json::from_slice::<ModelOnly<'_>>(body) {
+        if m == model {
+            return Ok(body.clone());
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}")))?;
+    let obj = value.as_object_mut().ok_or_else(|| {
+        GatewayError::InvalidRequest("request body must be a JSON object".into())
+    })?;
+    obj.insert("model".into(), serde_json::Value::String(model.to_owned()));
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|e| GatewayError::InvalidRequest(format!("cannot encode request body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::parse;
+    use http::Method;
+
+    fn backend(kind: &str, url: &str) -> std::sync::Arc<Backend> {
+        let toml = format!(
+            "[[backends]]\nname = \"b\"\nurl = \"{url}\"\ntype = \"{kind}\"\napi_version = \"2024-06-01\"\ndeployments = {{ \"gpt-4o\" = \"gpt-4o-ptu\" }}\n"
+        );
+        let v = crate::config::load_str(&toml, "t", std::path::Path::new(".")).unwrap();
+        crate::routing::BackendTable::build(&v).unwrap().backends()[0].clone()
+    }
+
+    fn go(kind: &str, url: &str, path: &str, query: Option<&str>, body: &str) -> (String, String) {
+        let route = parse(&Method::POST, path, query).unwrap();
+        let b = backend(kind, url);
+        let up = rewrite(&route, Some("gpt-4o"), &b, &Bytes::from(body.to_owned()), None).unwrap();
+        (up.uri.to_string(), String::from_utf8(up.body.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn openai_client_to_azure_backend() {
+        let body = r#"{"model": "gpt-4o", "messages": []}"#;
+        let (uri, out) = go("azure", "https://x.openai.azure.com", "/v1/chat/completions", None, body);
+        assert_eq!(
+            uri,
+            "https://x.openai.azure.com/openai/deployments/gpt-4o-ptu/chat/completions?api-version=2024-06-01"
+        );
+        assert_eq!(out, body, "body forwarded byte for byte");
+    }
+
+    #[test]
+    fn azure_client_keeps_its_api_version() {
+        let (uri, _) = go(
+            "azure",
+            "http://127.0.0.1:1",
+            "/openai/deployments/gpt-4o/embeddings",
+            Some("api-version=2025-01-01-preview&foo=bar"),
+            "{}",
+        );
+        assert_eq!(
+            uri,
+            "http://127.0.0.1:1/openai/deployments/gpt-4o-ptu/embeddings?api-version=2025-01-01-preview&foo=bar"
+        );
+    }
+
+    #[test]
+    fn azure_client_to_openai_backend_gets_model_injected() {
+        let (uri, out) = go(
+            "openai",
+            "http://127.0.0.1:1",
+            "/openai/deployments/gpt-4o/chat/completions",
+            Some("api-version=2024-10-21"),
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        assert_eq!(uri, "http://127.0.0.1:1/v1/chat/completions");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["model"], "gpt-4o-ptu");
+        assert_eq!(v["messages"][0]["content"], "hi");
+    }
+
+    #[test]
+    fn openai_backend_with_v1_in_url() {
+        let (uri, _) = go("openai", "http://127.0.0.1:1/v1/", "/v1/embeddings", None, r#"{"model":"gpt-4o"}"#);
+        assert_eq!(uri, "http://127.0.0.1:1/v1/embeddings");
+    }
+
+    #[test]
+    fn azure_v1_route_maps_model() {
+        let (uri, out) = go("azure", "http://h:1", "/openai/v1/responses", None, r#"{"model":"gpt-4o","input":"x"}"#);
+        assert_eq!(uri, "http://h:1/openai/v1/responses");
+        assert!(out.contains(r#""model":"gpt-4o-ptu""#), "{out}");
+    }
+
+    #[tokio::test]
+    async fn finds_model_in_json_and_multipart() {
+        let m = body_model(&Bytes::from_static(br#"{"messages":[],"model":"m1"}"#), Some("application/json"))
+            .await
+            .unwrap();
+        assert_eq!(m.as_deref(), Some("m1"));
+        let form = "--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XX--\r\n";
+        let m = body_model(&Bytes::from(form), Some("multipart/form-data; boundary=XX")).await.unwrap();
+        assert_eq!(m.as_deref(), Some("whisper"));
+        assert!(body_model(&Bytes::from_static(b"{not json"), None).await.is_err());
+        assert!(body_model(&Bytes::from_static(br#"{"model":5}"#), None).await.is_err());
+    }
+}

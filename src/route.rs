@@ -1,0 +1,205 @@
+//! Route recognition: turns a request line into a [`Route`] — which API style the client
+//! speaks, which operation it calls, and which deployment (when the path names one).
+//!
+//! Three styles are served:
+//! - Azure data plane: `/openai/deployments/{deployment}/{operation...}?api-version=...`
+//! - Azure v1: `/openai/v1/{operation...}` (model in the body)
+//! - OpenAI: `/v1/{operation...}` (model in the body)
+
+use crate::error::GatewayError;
+
+/// The API dialect the client used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    AzureDeployments,
+    AzureV1,
+    OpenAi,
+}
+
+/// The operation family of a request, as named in client policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    Chat,
+    Completions,
+    Embeddings,
+    Images,
+    Audio,
+    Responses,
+    Files,
+    Batches,
+    Models,
+    /// Anything else under a served prefix: passed through unchanged.
+    Other,
+}
+
+impl Operation {
+    /// The name used in config (`operations = [...]`), metrics and audit lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+            Self::Images => "images",
+            Self::Audio => "audio",
+            Self::Responses => "responses",
+            Self::Files => "files",
+            Self::Batches => "batches",
+            Self::Models => "models",
+            Self::Other => "other",
+        }
+    }
+
+    /// Operations that always run against one deployment: the request must name one.
+    pub fn needs_deployment(self) -> bool {
+        matches!(
+            self,
+            Self::Chat | Self::Completions | Self::Embeddings | Self::Images | Self::Audio
+        )
+    }
+
+    fn classify(rest: &str) -> Self {
+        let first = rest.split('/').next().unwrap_or("");
+        match first {
+            "chat" => Self::Chat,
+            "completions" => Self::Completions,
+            "embeddings" => Self::Embeddings,
+            "images" => Self::Images,
+            "audio" => Self::Audio,
+            "responses" => Self::Responses,
+            "files" => Self::Files,
+            "batches" => Self::Batches,
+            "models" => Self::Models,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// What the client asked for, independent of any backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub style: Style,
+    pub operation: Operation,
+    /// Deployment named in the path (Azure data plane); v1 styles fill it from the body.
+    pub deployment: Option<String>,
+    /// The operation path after the style's prefix, e.g. `chat/completions`.
+    pub rest: String,
+    /// The client's `api-version`, if given.
+    pub api_version: Option<String>,
+    /// The client's other query parameters, raw, in their original order.
+    pub query: Vec<String>,
+}
+
+impl Route {
+    /// Whether the gateway answers this itself from its deployment table.
+    pub fn is_model_listing(&self) -> bool {
+        self.operation == Operation::Models && self.style != Style::AzureDeployments
+    }
+}
+
+/// Parse a request path and query into a route.
+pub fn parse(method: &http::Method, path: &str, query: Option<&str>) -> Result<Route, GatewayError> {
+    let not_found = || GatewayError::NotFound {
+        method: method.to_string(),
+        path: path.to_owned(),
+    };
+    let (style, deployment, rest) = if let Some(r) = path.strip_prefix("/openai/deployments/") {
+        let (d, rest) = r.split_once('/').ok_or_else(not_found)?;
+        if !valid_name(d) {
+            return Err(GatewayError::InvalidRequest(format!(
+                "invalid deployment name in path: '{}'",
+                d.escape_default()
+            )));
+        }
+        (Style::AzureDeployments, Some(d.to_owned()), rest)
+    } else if let Some(r) = path.strip_prefix("/openai/v1/") {
+        (Style::AzureV1, None, r)
+    } else if let Some(r) = path.strip_prefix("/v1/") {
+        (Style::OpenAi, None, r)
+    } else if path == "/openai/models" {
+        (Style::AzureV1, None, "models")
+    } else {
+        return Err(not_found());
+    };
+    if rest.is_empty() || rest.split('/').any(|s| s == ".." || s == ".") {
+        return Err(not_found());
+    }
+    let mut api_version = None;
+    let mut params = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("api-version=") {
+            Some(v) => api_version = Some(v.to_owned()),
+            None => params.push(pair.to_owned()),
+        }
+    }
+    Ok(Route {
+        style,
+        operation: Operation::classify(rest),
+        deployment,
+        rest: rest.to_owned(),
+        api_version,
+        query: params,
+    })
+}
+
+/// Deployment and model names: what Azure and OpenAI allow, nothing that could bend a path.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    #[test]
+    fn azure_data_plane() {
+        let r = parse(
+            &Method::POST,
+            "/openai/deployments/gpt-4o/chat/completions",
+            Some("api-version=2024-10-21&x=1"),
+        )
+        .unwrap();
+        assert_eq!(r.style, Style::AzureDeployments);
+        assert_eq!(r.operation, Operation::Chat);
+        assert_eq!(r.deployment.as_deref(), Some("gpt-4o"));
+        assert_eq!(r.rest, "chat/completions");
+        assert_eq!(r.api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(r.query, vec!["x=1".to_owned()]);
+    }
+
+    #[test]
+    fn v1_styles() {
+        let r = parse(&Method::POST, "/v1/embeddings", None).unwrap();
+        assert_eq!((r.style, r.operation), (Style::OpenAi, Operation::Embeddings));
+        let r = parse(&Method::POST, "/openai/v1/responses", None).unwrap();
+        assert_eq!((r.style, r.operation), (Style::AzureV1, Operation::Responses));
+        let r = parse(&Method::POST, "/v1/audio/transcriptions", None).unwrap();
+        assert_eq!(r.operation, Operation::Audio);
+        let r = parse(&Method::GET, "/v1/models", None).unwrap();
+        assert!(r.is_model_listing());
+        let r = parse(&Method::GET, "/openai/models", None).unwrap();
+        assert!(r.is_model_listing());
+        let r = parse(&Method::GET, "/v1/fine_tuning/jobs", None).unwrap();
+        assert_eq!(r.operation, Operation::Other);
+    }
+
+    #[test]
+    fn refuses_unknown_and_traversal() {
+        for p in ["/", "/v2/chat", "/openai/deployments/x", "/v1/", "/v1/../admin", "/health2"] {
+            assert!(
+                matches!(parse(&Method::GET, p, None), Err(GatewayError::NotFound { .. })),
+                "{p}"
+            );
+        }
+        assert!(matches!(
+            parse(&Method::POST, "/openai/deployments/a%2F..%2Fb/chat/completions", None),
+            Err(GatewayError::InvalidRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,305 @@
+//! A simulated Azure OpenAI / OpenAI-compatible backend, for `portcullis demo` and tests.
+//!
+//! Faithful where a gateway can tell the difference: Azure data-plane paths with a
+//! required `api-version`, Azure v1 and OpenAI paths, `api-key` or bearer credentials with
+//! Azure's 401 body, SSE framed exactly as Azure sends it (`data: {...}\n\n`, a
+//! `prompt_filter_results` chunk first on Azure paths, a usage chunk when
+//! `stream_options.include_usage` is true, `data: [DONE]\n\n`), `x-ratelimit-*` and
+//! `apim-request-id` headers, and Azure's 429 body with `retry-after` / `retry-after-ms`.
+//!
+//! Tests program it through [`SimHandle::set_behavior`], or per request with the
+//! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>`,
+//! `latency:<ms>`); every request it receives is recorded for assertions.
+
+mod responses;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::error::{full, Body};
+use crate::listener::{self, ServeOptions};
+
+/// How the simulator answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Behavior {
+    /// Answer normally.
+    #[default]
+    Normal,
+    /// Answer 429 with Azure's body and `retry-after`.
+    RateLimited { retry_after_ms: u64 },
+    /// Answer with this 5xx status.
+    ServerError(u16),
+    /// Start a stream, send this many chunks, then reset the connection.
+    ResetMidStream { after_chunks: usize },
+    /// Never answer.
+    Hang,
+}
+
+/// Simulator settings.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// The key it requires (as `api-key` or `Authorization: Bearer`); `None` accepts all.
+    pub api_key: Option<String>,
+    /// Delay before each streamed chunk.
+    pub token_latency: Duration,
+    /// Words in each generated answer (capped by the request's `max_tokens`).
+    pub answer_words: usize,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            token_latency: Duration::ZERO,
+            answer_words: 12,
+        }
+    }
+}
+
+/// A request the simulator received.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub method: http::Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Counters a test can wait on.
+#[derive(Debug, Default)]
+pub struct SimCounters {
+    pub requests: AtomicU64,
+    pub streams_started: AtomicU64,
+    pub streams_completed: AtomicU64,
+    /// Streams whose reader went away before the end (the gateway cancelled upstream).
+    pub streams_cancelled: AtomicU64,
+    /// Chunks written into streams.
+    pub chunks_sent: AtomicU64,
+}
+
+struct SimState {
+    opts: SimOptions,
+    behavior: Mutex<Behavior>,
+    captured: Mutex<Vec<Captured>>,
+    counters: SimCounters,
+    seq: AtomicU64,
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    state: Arc<SimState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SimHandle {
+    /// Start on an ephemeral loopback port.
+    pub async fn start(opts: SimOptions) -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse().map_err(std::io::Error::other)?, opts).await
+    }
+
+    /// Start on the given address.
+    pub async fn start_on(addr: SocketAddr, opts: SimOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SimState {
+            opts,
+            behavior: Mutex::new(Behavior::Normal),
+            captured: Mutex::new(Vec::new()),
+            counters: SimCounters::default(),
+            seq: AtomicU64::new(1),
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let st = state.clone();
+        let svc = move |req: Request<Incoming>| handle(st.clone(), req);
+        let opts = ServeOptions {
+            drain_timeout: Duration::from_millis(100),
+            ..ServeOptions::default()
+        };
+        let task = tokio::spawn(listener::serve(listener, svc, opts, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addr,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Change how every following request is answered.
+    pub fn set_behavior(&self, b: Behavior) {
+        if let Ok(mut g) = self.state.behavior.lock() {
+            *g = b;
+        }
+    }
+
+    /// Requests received so far.
+    pub fn captured(&self) -> Vec<Captured> {
+        self.state
+            .captured
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
+    /// The most recent request received.
+    pub fn last(&self) -> Option<Captured> {
+        self.state.captured.lock().ok().and_then(|g| g.last().cloned())
+    }
+
+    /// Live counters.
+    pub fn counters(&self) -> &SimCounters {
+        &self.state.counters
+    }
+
+    /// Stop accepting and close connections.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Read a counter (helper for tests).
+pub fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::SeqCst)
+}
+
+async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
+    state.counters.requests.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return responses::azure_error(StatusCode::BAD_REQUEST, "400", "could not read body"),
+    };
+    if let Ok(mut g) = state.captured.lock() {
+        g.push(Captured {
+            method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
+    if !authorized(&state.opts, &parts.headers) {
+        return responses::azure_error(
+            StatusCode::UNAUTHORIZED,
+            "401",
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+        );
+    }
+    let mut behavior = state.behavior.lock().map(|g| *g).unwrap_or_default();
+    let mut latency = state.opts.token_latency;
+    if let Some(h) = parts.headers.get("x-sim-behavior").and_then(|v| v.to_str().ok()) {
+        match parse_behavior(h) {
+            Some(Override::Behavior(b)) => behavior = b,
+            Some(Override::Latency(d)) => latency = d,
+            None => {
+                return responses::azure_error(StatusCode::BAD_REQUEST, "400", "bad x-sim-behavior")
+            }
+        }
+    }
+    match behavior {
+        Behavior::Normal | Behavior::ResetMidStream { .. } => {}
+        Behavior::RateLimited { retry_after_ms } => return responses::rate_limited(retry_after_ms),
+        Behavior::ServerError(code) => return responses::server_error(code),
+        Behavior::Hang => {
+            std::future::pending::<()>().await;
+        }
+    }
+    let reset_after = match behavior {
+        Behavior::ResetMidStream { after_chunks } => Some(after_chunks),
+        _ => None,
+    };
+    let ctx = responses::Ctx {
+        state: &state,
+        latency,
+        reset_after,
+        seq: state.seq.fetch_add(1, Ordering::Relaxed),
+    };
+    responses::dispatch(ctx, &parts.method, parts.uri.path(), parts.uri.query(), &body)
+}
+
+enum Override {
+    Behavior(Behavior),
+    Latency(Duration),
+}
+
+fn parse_behavior(h: &str) -> Option<Override> {
+    let (kind, arg) = h.split_once(':').unwrap_or((h, ""));
+    let num = || arg.parse::<u64>().ok();
+    Some(match kind {
+        "normal" => Override::Behavior(Behavior::Normal),
+        "429" => Override::Behavior(Behavior::RateLimited {
+            retry_after_ms: if arg.is_empty() { 6000 } else { num()? },
+        }),
+        "500" | "502" | "503" | "504" => Override::Behavior(Behavior::ServerError(kind.parse().ok()?)),
+        "hang" => Override::Behavior(Behavior::Hang),
+        "reset" => Override::Behavior(Behavior::ResetMidStream {
+            after_chunks: usize::try_from(num()?).ok()?,
+        }),
+        "latency" => Override::Latency(Duration::from_millis(num()?)),
+        _ => return None,
+    })
+}
+
+fn authorized(opts: &SimOptions, headers: &HeaderMap) -> bool {
+    let Some(key) = &opts.api_key else {
+        return true;
+    };
+    let api_key = headers.get("api-key").map(|v| v.as_bytes());
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::as_bytes);
+    api_key == Some(key.as_bytes()) || bearer == Some(key.as_bytes())
+}
+
+/// A tiny helper so response builders read well.
+fn respond(status: StatusCode, headers: &[(&'static str, String)], body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    for (k, v) in headers {
+        if let Ok(v) = http::HeaderValue::from_str(v) {
+            r.headers_mut().append(*k, v);
+        }
+    }
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    respond(
+        status,
+        &[("content-type", "application/json".into())],
+        full(v.to_string()),
+    )
+}
