@@ -9,7 +9,7 @@
 //!
 //! Tests program it through [`SimHandle::set_behavior`], or per request with the
 //! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>`,
-//! `latency:<ms>`); every request it receives is recorded for assertions.
+//! `latency:<ms>`, `echo`); every request it receives is recorded for assertions.
 
 mod responses;
 
@@ -42,6 +42,8 @@ pub enum Behavior {
     ResetMidStream { after_chunks: usize },
     /// Never answer.
     Hang,
+    /// Answer 200 with the request body, byte for byte, and its content type.
+    Echo,
 }
 
 /// Simulator settings.
@@ -234,6 +236,15 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         Behavior::Hang => {
             std::future::pending::<()>().await;
         }
+        Behavior::Echo => {
+            let ct = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/octet-stream")
+                .to_owned();
+            return respond(StatusCode::OK, &[("content-type", ct)], full(body));
+        }
     }
     let reset_after = match behavior {
         Behavior::ResetMidStream { after_chunks } => Some(after_chunks),
@@ -263,6 +274,7 @@ fn parse_behavior(h: &str) -> Option<Override> {
         }),
         "500" | "502" | "503" | "504" => Override::Behavior(Behavior::ServerError(kind.parse().ok()?)),
         "hang" => Override::Behavior(Behavior::Hang),
+        "echo" => Override::Behavior(Behavior::Echo),
         "reset" => Override::Behavior(Behavior::ResetMidStream {
             after_chunks: usize::try_from(num()?).ok()?,
         }),

@@ -1,0 +1,134 @@
+//! Test harness: a simulated backend and a real gateway on loopback, wired by real TOML.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use portcullis::app::{self, Running};
+use portcullis::config;
+use portcullis::sim::{SimHandle, SimOptions};
+
+/// The key every test backend requires.
+pub const BACKEND_KEY: &str = "backend-secret-key-0123456789";
+
+/// Wait until `cond` holds, failing the test after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A port nothing listens on (bound then released).
+pub fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A backend entry for a config.
+pub fn backend(name: &str, url: &str, kind: &str, extra: &str) -> String {
+    format!(
+        "[[backends]]\nname = \"{name}\"\nurl = \"{url}\"\ntype = \"{kind}\"\n{extra}\n[backends.auth]\ntype = \"api_key\"\nkey = \"{BACKEND_KEY}\"\n"
+    )
+}
+
+pub struct Gateway {
+    pub running: Running,
+    pub url: String,
+    pub admin_url: String,
+    pub audit_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Start a gateway from `[server]` extras and backend sections.
+    pub async fn start(server_extra: &str, backends: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let audit_path = dir.path().join("audit.log");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"{}\"\n{backends}",
+            audit_path.display()
+        );
+        let v = config::load_str(&text, "test", dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let running = app::start(&v).await.unwrap();
+        Gateway {
+            url: format!("http://{}", running.addr),
+            admin_url: format!("http://{}", running.admin_addr.unwrap()),
+            running,
+            audit_path,
+            _dir: dir,
+        }
+    }
+
+    /// Audit lines written so far, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Wait for the audit line of a request id.
+    pub async fn audit_for(&self, request_id: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(v) = self.audit().into_iter().find(|v| v["request_id"] == request_id) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no audit line for {request_id}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A simulator requiring [`BACKEND_KEY`].
+pub async fn sim() -> SimHandle {
+    sim_with(Duration::ZERO).await
+}
+
+pub async fn sim_with(token_latency: Duration) -> SimHandle {
+    SimHandle::start(SimOptions {
+        api_key: Some(BACKEND_KEY.to_owned()),
+        token_latency,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// One simulator behind one Azure backend named `sim` serving gpt-4o (as gpt-4o-ptu)
+/// and text-embedding-3-small.
+pub async fn azure_pair(server_extra: &str, backend_extra: &str) -> (SimHandle, Gateway) {
+    let s = sim().await;
+    let b = backend(
+        "sim",
+        &s.url(),
+        "azure",
+        &format!("api_version = \"2024-06-01\"\ndeployments = {{ \"gpt-4o\" = \"gpt-4o-ptu\", \"text-embedding-3-small\" = \"emb\" }}\n{backend_extra}"),
+    );
+    let g = Gateway::start(server_extra, &b).await;
+    (s, g)
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+pub fn chat_body(stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": "gpt-4o",
+        "stream": stream,
+        "messages": [{ "role": "user", "content": "Hello there" }]
+    })
+}
+
+/// The gateway error `code` of a response body.
+pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].is_string(), "not OpenAI-shaped: {v}");
+    assert!(v["error"]["type"].is_string(), "not OpenAI-shaped: {v}");
+    (status, v["error"]["code"].as_str().unwrap_or_default().to_owned())
+}
