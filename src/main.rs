@@ -1,5 +1,6 @@
 //! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `demo`).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,6 +47,7 @@ fn init_logs() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

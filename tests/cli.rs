@@ -1,0 +1,192 @@
+//! The real `portcullis` binary: `check`, `demo` (and the curl it prints), and `serve`
+//! draining a running stream on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// Lines of a child's pipe, readable with a deadline.
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Read lines until one satisfies `pred`, failing after `timeout`.
+fn read_until(rx: &mpsc::Receiver<String>, timeout: Duration, pred: impl Fn(&str) -> bool) -> Vec<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let done = pred(&l);
+                seen.push(l);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("timed out; output so far:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn check_reports_every_problem_with_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"127.0.0.1:8080\"\nmax_body_bytes = 0\n\n[[backends]]\nname = \"a\"\nurl = \"not a url\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n[backends.auth]\ntype = \"api_key\"\nkey_file = \"missing.key\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("3 problems"), "{err}");
+    assert!(err.contains("server.max_body_bytes (line 3)"), "{err}");
+    assert!(err.contains("backends[0].url (line 7)"), "{err}");
+    assert!(err.contains("backends[0].auth.key_file (line 11)"), "{err}");
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[server]\nlisten = \"127.0.0.1:8080\"\nheader_timout = \"5s\"\n").unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&typo).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("server.header_timout (line 3)") && err.contains("unknown field"), "{err}");
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[[backends]]\nname = \"a\"\nurl = \"https://x.openai.azure.com\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n[backends.auth]\ntype = \"api_key\"\nkey = \"${PORTCULLIS_CLI_TEST_KEY}\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .env("PORTCULLIS_CLI_TEST_KEY", "k-123")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("k-123"));
+    // The same file without the variable names the variable.
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&good).env_remove("PORTCULLIS_CLI_TEST_KEY").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PORTCULLIS_CLI_TEST_KEY is not set"));
+}
+
+#[test]
+fn demo_prints_lines_that_work_when_pasted() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--port", "0", "--token-latency-ms", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let printed = read_until(&out, Duration::from_secs(20), |l| l.contains("Ctrl-C"));
+    let exports: Vec<&String> = printed.iter().filter(|l| l.starts_with("export ")).collect();
+    for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY"] {
+        assert!(exports.iter().any(|l| l.starts_with(&format!("export {var}="))), "{var} missing");
+    }
+    let curl = printed.iter().find(|l| l.starts_with("curl ")).expect("a curl line");
+    let run = Command::new("bash").args(["-c", &format!("{curl} -sS --max-time 20")]).output().unwrap();
+    assert!(run.status.success());
+    let body = String::from_utf8(run.stdout).unwrap();
+    assert!(body.contains("\"delta\":{\"content\":\"Portcullis \"}"), "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    // The exports work for a plain non-streaming call too.
+    let script = format!(
+        "{}\ncurl -sS --max-time 20 \"$AZURE_OPENAI_ENDPOINT/openai/deployments/text-embedding-3-small/embeddings?api-version=$OPENAI_API_VERSION\" -H \"api-key: $AZURE_OPENAI_API_KEY\" -H 'content-type: application/json' -d '{{\"input\":\"hi\"}}'",
+        exports.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    );
+    let run = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(v["data"][0]["object"], "embedding");
+    // Audit lines appear on stdout, one per request, without the prompt.
+    let audit = read_until(&out, Duration::from_secs(10), |l| l.contains("\"operation\":\"embeddings\""));
+    assert!(audit.iter().any(|l| l.contains("\"operation\":\"chat\"") && l.contains("\"stream\":true")));
+    assert!(!audit.iter().any(|l| l.contains("Hello")));
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+}
+
+#[tokio::test]
+async fn serve_drains_a_stream_on_sigterm() {
+    let sim = sim_with(Duration::from_millis(80)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"10s\"\n[admin]\nlisten = \"\"\n[audit]\npath = \"audit.log\"\n{}",
+            backend("sim", &sim.url(), "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let logs = lines(child.stderr.take().unwrap());
+    let seen = read_until(&logs, Duration::from_secs(20), |l| l.contains("portcullis is listening"));
+    let line = seen.last().unwrap();
+    let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    assert!(!line.contains(BACKEND_KEY));
+
+    let resp = http()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut all = stream.next().await.unwrap().unwrap().to_vec();
+    sigterm(&child);
+    while let Some(c) = stream.next().await {
+        all.extend_from_slice(&c.unwrap());
+    }
+    assert!(String::from_utf8(all).unwrap().ends_with("data: [DONE]\n\n"));
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(rec["outcome"], "complete");
+    assert_eq!(rec["stream"], true);
+}
