@@ -36,7 +36,11 @@ impl Admin {
             (&Method::GET, "/ready") => gateway::ready(self.gateway.readiness()),
             (&Method::GET, "/metrics") => {
                 if !self.authorized(req.headers()) {
-                    let mut r = admin_error(StatusCode::UNAUTHORIZED, "missing_credentials", "admin token required");
+                    let mut r = admin_error(
+                        StatusCode::UNAUTHORIZED,
+                        "missing_credentials",
+                        "admin token required",
+                    );
                     r.headers_mut().insert(
                         header::WWW_AUTHENTICATE,
                         HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
@@ -46,7 +50,9 @@ impl Admin {
                 let mut r = Response::new(full(self.gateway.metrics.render()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 r
             }

@@ -87,13 +87,23 @@ pub fn instructions(demo: &Demo) -> String {
     let gw = format!("http://{}", demo.gateway.addr);
     let key = &demo.client_key;
     let mut s = String::new();
-    let _ = writeln!(s, "Portcullis demo: gateway on {gw}, in front of a simulated Azure OpenAI backend at {}.", demo.sim.url());
+    let _ = writeln!(
+        s,
+        "Portcullis demo: gateway on {gw}, in front of a simulated Azure OpenAI backend at {}.",
+        demo.sim.url()
+    );
     if let Some(a) = demo.gateway.admin_addr {
         let _ = writeln!(s, "Metrics: http://{a}/metrics   Health: {gw}/health");
     }
     let _ = writeln!(s, "Deployments: gpt-4o, gpt-4o-mini, text-embedding-3-small. Audit lines follow below, one per request.");
-    let _ = writeln!(s, "Note: client authentication is not enforced in this build yet; any key is accepted.");
-    let _ = writeln!(s, "\n# Paste into a shell, then use any OpenAI or Azure OpenAI SDK:");
+    let _ = writeln!(
+        s,
+        "Note: client authentication is not enforced in this build yet; any key is accepted."
+    );
+    let _ = writeln!(
+        s,
+        "\n# Paste into a shell, then use any OpenAI or Azure OpenAI SDK:"
+    );
     let _ = writeln!(s, "export OPENAI_BASE_URL={gw}/v1");
     let _ = writeln!(s, "export OPENAI_API_KEY={key}");
     let _ = writeln!(s, "export AZURE_OPENAI_ENDPOINT={gw}");

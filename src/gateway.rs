@@ -131,7 +131,10 @@ impl Gateway {
             ..AuditRecord::default()
         };
         let snap = self.snapshot.load_full();
-        let mut resp = match self.pipeline(req, &snap, &mut rec, &request_id, started).await {
+        let mut resp = match self
+            .pipeline(req, &snap, &mut rec, &request_id, started)
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => {
                 rec.status = e.status().as_u16();
@@ -200,7 +203,9 @@ impl Gateway {
         };
         if let Some(d) = &deployment {
             if !route::valid_name(d) {
-                return Err(GatewayError::UnknownDeployment(d.escape_default().to_string()));
+                return Err(GatewayError::UnknownDeployment(
+                    d.escape_default().to_string(),
+                ));
             }
         } else if route.operation.needs_deployment() {
             return Err(GatewayError::InvalidRequest(
@@ -211,7 +216,9 @@ impl Gateway {
         let candidates = snap
             .backends
             .candidates(deployment.as_deref())
-            .ok_or_else(|| GatewayError::UnknownDeployment(deployment.clone().unwrap_or_default()))?;
+            .ok_or_else(|| {
+                GatewayError::UnknownDeployment(deployment.clone().unwrap_or_default())
+            })?;
 
         let out = Outgoing {
             route: &route,
@@ -267,7 +274,11 @@ impl Gateway {
         let body = match route.rest.strip_prefix("models/") {
             None if route.rest == "models" => snap.models.clone(),
             Some(id) if snap.backends.serves(id) => Bytes::from(model_object(id).to_string()),
-            Some(id) => return Err(GatewayError::UnknownDeployment(id.escape_default().to_string())),
+            Some(id) => {
+                return Err(GatewayError::UnknownDeployment(
+                    id.escape_default().to_string(),
+                ))
+            }
             None => {
                 return Err(GatewayError::NotFound {
                     method: method.to_string(),
@@ -289,11 +300,7 @@ impl Gateway {
 
 /// Read the whole request body, refusing more than `limit` bytes (413) — early from
 /// `Content-Length` when the client sends one.
-async fn read_body<B>(
-    headers: &http::HeaderMap,
-    body: B,
-    limit: u64,
-) -> Result<Bytes, GatewayError>
+async fn read_body<B>(headers: &http::HeaderMap, body: B, limit: u64) -> Result<Bytes, GatewayError>
 where
     B: HttpBody<Data = Bytes> + Send,
     B::Error: Into<BoxError>,
@@ -323,8 +330,7 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
-            && b
-                .iter()
+            && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
         {
             return v.clone();
@@ -345,7 +351,9 @@ pub fn ready(state: Result<(), Vec<String>>) -> Response<Body> {
         Ok(()) => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#)),
         Err(reasons) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            Bytes::from(serde_json::json!({ "status": "not_ready", "reasons": reasons }).to_string()),
+            Bytes::from(
+                serde_json::json!({ "status": "not_ready", "reasons": reasons }).to_string(),
+            ),
         ),
     }
 }

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use portcullis::{app, config, demo, listener};
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "Identity-aware gateway for Azure OpenAI and OpenAI-compatible APIs")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Identity-aware gateway for Azure OpenAI and OpenAI-compatible APIs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,7 +64,11 @@ fn main() -> ExitCode {
                     "{}: OK ({} backend{})",
                     config.display(),
                     v.config.backends.len(),
-                    if v.config.backends.len() == 1 { "" } else { "s" }
+                    if v.config.backends.len() == 1 {
+                        ""
+                    } else {
+                        "s"
+                    }
                 );
                 ExitCode::SUCCESS
             }
@@ -71,7 +79,10 @@ fn main() -> ExitCode {
         };
     }
     init_logs();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

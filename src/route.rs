@@ -97,7 +97,11 @@ impl Route {
 }
 
 /// Parse a request path and query into a route.
-pub fn parse(method: &http::Method, path: &str, query: Option<&str>) -> Result<Route, GatewayError> {
+pub fn parse(
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Route, GatewayError> {
     let not_found = || GatewayError::NotFound {
         method: method.to_string(),
         path: path.to_owned(),
@@ -176,9 +180,15 @@ mod tests {
     #[test]
     fn v1_styles() {
         let r = parse(&Method::POST, "/v1/embeddings", None).unwrap();
-        assert_eq!((r.style, r.operation), (Style::OpenAi, Operation::Embeddings));
+        assert_eq!(
+            (r.style, r.operation),
+            (Style::OpenAi, Operation::Embeddings)
+        );
         let r = parse(&Method::POST, "/openai/v1/responses", None).unwrap();
-        assert_eq!((r.style, r.operation), (Style::AzureV1, Operation::Responses));
+        assert_eq!(
+            (r.style, r.operation),
+            (Style::AzureV1, Operation::Responses)
+        );
         let r = parse(&Method::POST, "/v1/audio/transcriptions", None).unwrap();
         assert_eq!(r.operation, Operation::Audio);
         let r = parse(&Method::GET, "/v1/models", None).unwrap();
@@ -191,14 +201,28 @@ mod tests {
 
     #[test]
     fn refuses_unknown_and_traversal() {
-        for p in ["/", "/v2/chat", "/openai/deployments/x", "/v1/", "/v1/../admin", "/health2"] {
+        for p in [
+            "/",
+            "/v2/chat",
+            "/openai/deployments/x",
+            "/v1/",
+            "/v1/../admin",
+            "/health2",
+        ] {
             assert!(
-                matches!(parse(&Method::GET, p, None), Err(GatewayError::NotFound { .. })),
+                matches!(
+                    parse(&Method::GET, p, None),
+                    Err(GatewayError::NotFound { .. })
+                ),
                 "{p}"
             );
         }
         assert!(matches!(
-            parse(&Method::POST, "/openai/deployments/a%2F..%2Fb/chat/completions", None),
+            parse(
+                &Method::POST,
+                "/openai/deployments/a%2F..%2Fb/chat/completions",
+                None
+            ),
             Err(GatewayError::InvalidRequest(_))
         ));
     }

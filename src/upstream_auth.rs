@@ -45,10 +45,9 @@ impl Credential {
         match (auth, secret) {
             (BackendAuthConfig::ApiKey { .. }, Some(key)) => {
                 let (header, text) = match kind {
-                    BackendKind::Azure => (
-                        HeaderName::from_static("api-key"),
-                        key.expose().to_owned(),
-                    ),
+                    BackendKind::Azure => {
+                        (HeaderName::from_static("api-key"), key.expose().to_owned())
+                    }
                     BackendKind::Openai => (
                         http::header::AUTHORIZATION,
                         format!("Bearer {}", key.expose()),

@@ -29,7 +29,11 @@ fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 }
 
 /// Read lines until one satisfies `pred`, failing after `timeout`.
-fn read_until(rx: &mpsc::Receiver<String>, timeout: Duration, pred: impl Fn(&str) -> bool) -> Vec<String> {
+fn read_until(
+    rx: &mpsc::Receiver<String>,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Vec<String> {
     let deadline = std::time::Instant::now() + timeout;
     let mut seen = Vec::new();
     loop {
@@ -48,7 +52,10 @@ fn read_until(rx: &mpsc::Receiver<String>, timeout: Duration, pred: impl Fn(&str
 }
 
 fn sigterm(child: &Child) {
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -75,7 +82,11 @@ fn check_reports_every_problem_with_key_and_line() {
         "[server]\nlisten = \"127.0.0.1:8080\"\nmax_body_bytes = 0\n\n[[backends]]\nname = \"a\"\nurl = \"not a url\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n[backends.auth]\ntype = \"api_key\"\nkey_file = \"missing.key\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("3 problems"), "{err}");
@@ -84,11 +95,22 @@ fn check_reports_every_problem_with_key_and_line() {
     assert!(err.contains("backends[0].auth.key_file (line 11)"), "{err}");
 
     let typo = dir.path().join("typo.toml");
-    std::fs::write(&typo, "[server]\nlisten = \"127.0.0.1:8080\"\nheader_timout = \"5s\"\n").unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&typo).output().unwrap();
+    std::fs::write(
+        &typo,
+        "[server]\nlisten = \"127.0.0.1:8080\"\nheader_timout = \"5s\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&typo)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("server.header_timout (line 3)") && err.contains("unknown field"), "{err}");
+    assert!(
+        err.contains("server.header_timout (line 3)") && err.contains("unknown field"),
+        "{err}"
+    );
 
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[[backends]]\nname = \"a\"\nurl = \"https://x.openai.azure.com\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n[backends.auth]\ntype = \"api_key\"\nkey = \"${PORTCULLIS_CLI_TEST_KEY}\"\n").unwrap();
@@ -98,10 +120,19 @@ fn check_reports_every_problem_with_key_and_line() {
         .env("PORTCULLIS_CLI_TEST_KEY", "k-123")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("k-123"));
     // The same file without the variable names the variable.
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&good).env_remove("PORTCULLIS_CLI_TEST_KEY").output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .env_remove("PORTCULLIS_CLI_TEST_KEY")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("PORTCULLIS_CLI_TEST_KEY is not set"));
 }
@@ -116,15 +147,37 @@ fn demo_prints_lines_that_work_when_pasted() {
         .unwrap();
     let out = lines(child.stdout.take().unwrap());
     let printed = read_until(&out, Duration::from_secs(20), |l| l.contains("Ctrl-C"));
-    let exports: Vec<&String> = printed.iter().filter(|l| l.starts_with("export ")).collect();
-    for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY"] {
-        assert!(exports.iter().any(|l| l.starts_with(&format!("export {var}="))), "{var} missing");
+    let exports: Vec<&String> = printed
+        .iter()
+        .filter(|l| l.starts_with("export "))
+        .collect();
+    for var in [
+        "OPENAI_BASE_URL",
+        "OPENAI_API_KEY",
+        "AZURE_OPENAI_ENDPOINT",
+        "AZURE_OPENAI_API_KEY",
+    ] {
+        assert!(
+            exports
+                .iter()
+                .any(|l| l.starts_with(&format!("export {var}="))),
+            "{var} missing"
+        );
     }
-    let curl = printed.iter().find(|l| l.starts_with("curl ")).expect("a curl line");
-    let run = Command::new("bash").args(["-c", &format!("{curl} -sS --max-time 20")]).output().unwrap();
+    let curl = printed
+        .iter()
+        .find(|l| l.starts_with("curl "))
+        .expect("a curl line");
+    let run = Command::new("bash")
+        .args(["-c", &format!("{curl} -sS --max-time 20")])
+        .output()
+        .unwrap();
     assert!(run.status.success());
     let body = String::from_utf8(run.stdout).unwrap();
-    assert!(body.contains("\"delta\":{\"content\":\"Portcullis \"}"), "{body}");
+    assert!(
+        body.contains("\"delta\":{\"content\":\"Portcullis \"}"),
+        "{body}"
+    );
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     // The exports work for a plain non-streaming call too.
     let script = format!(
@@ -135,8 +188,12 @@ fn demo_prints_lines_that_work_when_pasted() {
     let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(v["data"][0]["object"], "embedding");
     // Audit lines appear on stdout, one per request, without the prompt.
-    let audit = read_until(&out, Duration::from_secs(10), |l| l.contains("\"operation\":\"embeddings\""));
-    assert!(audit.iter().any(|l| l.contains("\"operation\":\"chat\"") && l.contains("\"stream\":true")));
+    let audit = read_until(&out, Duration::from_secs(10), |l| {
+        l.contains("\"operation\":\"embeddings\"")
+    });
+    assert!(audit
+        .iter()
+        .any(|l| l.contains("\"operation\":\"chat\"") && l.contains("\"stream\":true")));
     assert!(!audit.iter().any(|l| l.contains("Hello")));
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
@@ -163,9 +220,18 @@ async fn serve_drains_a_stream_on_sigterm() {
         .spawn()
         .unwrap();
     let logs = lines(child.stderr.take().unwrap());
-    let seen = read_until(&logs, Duration::from_secs(20), |l| l.contains("portcullis is listening"));
+    let seen = read_until(&logs, Duration::from_secs(20), |l| {
+        l.contains("portcullis is listening")
+    });
     let line = seen.last().unwrap();
-    let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
     assert!(!line.contains(BACKEND_KEY));
 
     let resp = http()
@@ -180,10 +246,13 @@ async fn serve_drains_a_stream_on_sigterm() {
     while let Some(c) = stream.next().await {
         all.extend_from_slice(&c.unwrap());
     }
-    assert!(String::from_utf8(all).unwrap().ends_with("data: [DONE]\n\n"));
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(15)))
-        .await
-        .unwrap();
+    assert!(String::from_utf8(all)
+        .unwrap()
+        .ends_with("data: [DONE]\n\n"));
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(15)))
+            .await
+            .unwrap();
     assert!(status.success());
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
     let rec: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();

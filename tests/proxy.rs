@@ -16,7 +16,10 @@ async fn bodies_are_byte_identical_both_ways() {
     // Odd spacing, key order, unicode escapes and raw UTF-8: nothing may be normalised.
     let body = "{ \"messages\" :[{\"role\":\"user\",\"content\":\"caf\\u00e9 — ünïcødé\"}],\n\t\"temperature\":0.70 , \"z\":1,\"a\":2}";
     let resp = http()
-        .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", gw.url))
+        .post(format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            gw.url
+        ))
         .header("content-type", "application/json")
         .header("x-sim-behavior", "echo")
         .body(body)
@@ -24,8 +27,16 @@ async fn bodies_are_byte_identical_both_ways() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.bytes().await.unwrap(), body.as_bytes(), "response body changed");
-    assert_eq!(sim.last().unwrap().body, body.as_bytes(), "request body changed");
+    assert_eq!(
+        resp.bytes().await.unwrap(),
+        body.as_bytes(),
+        "response body changed"
+    );
+    assert_eq!(
+        sim.last().unwrap().body,
+        body.as_bytes(),
+        "request body changed"
+    );
 
     // And a binary multipart upload (audio) through the OpenAI-style route.
     let mut form = b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n".to_vec();
@@ -42,7 +53,10 @@ async fn bodies_are_byte_identical_both_ways() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap(), form);
     let last = sim.last().unwrap();
-    assert_eq!(last.path, "/openai/deployments/gpt-4o-ptu/audio/transcriptions");
+    assert_eq!(
+        last.path,
+        "/openai/deployments/gpt-4o-ptu/audio/transcriptions"
+    );
     assert_eq!(last.body, form);
 }
 
@@ -69,7 +83,13 @@ async fn client_credentials_never_reach_the_backend() {
     assert_eq!(h["x-request-id"], "req-123");
     assert_eq!(h["x-custom"], "kept");
     let audit = std::fs::read_to_string(&gw.audit_path).unwrap_or_default();
-    for secret in ["client-token-abc", "client-key-xyz", "s3cr3t", BACKEND_KEY, "Hello there"] {
+    for secret in [
+        "client-token-abc",
+        "client-key-xyz",
+        "s3cr3t",
+        BACKEND_KEY,
+        "Hello there",
+    ] {
         assert!(!audit.contains(secret), "audit leaks {secret}");
     }
 }
@@ -102,7 +122,11 @@ async fn upstream_rate_limit_headers_pass_back() {
         .send()
         .await
         .unwrap();
-    for h in ["x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "apim-request-id"] {
+    for h in [
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+        "apim-request-id",
+    ] {
         assert!(resp.headers().contains_key(h), "missing {h}");
     }
     // A 429 passes through unchanged (status, retry-after, Azure's body) with one backend.
@@ -123,7 +147,12 @@ async fn upstream_rate_limit_headers_pass_back() {
 #[tokio::test]
 async fn sse_reaches_the_client_chunk_by_chunk() {
     let sim = sim_with(Duration::from_millis(80)).await;
-    let b = backend("sim", &sim.url(), "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }");
+    let b = backend(
+        "sim",
+        &sim.url(),
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
     let gw = Gateway::start("", &b).await;
     let resp = http()
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -132,14 +161,20 @@ async fn sse_reaches_the_client_chunk_by_chunk() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     assert!(resp.headers().get("content-encoding").is_none());
     let mut stream = resp.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "), "{first:?}");
     // When the first event reaches the client the backend is still far from done.
     let sent = get(&sim.counters().chunks_sent);
-    assert!(sent < 5, "first chunk arrived only after {sent} chunks were sent");
+    assert!(
+        sent < 5,
+        "first chunk arrived only after {sent} chunks were sent"
+    );
     assert_eq!(get(&sim.counters().streams_completed), 0);
     let mut all = first.to_vec();
     let mut reads = 1;
@@ -150,13 +185,21 @@ async fn sse_reaches_the_client_chunk_by_chunk() {
     assert!(reads >= 10, "stream arrived in only {reads} reads");
     let text = String::from_utf8(all).unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    assert!(text.split("\n\n").filter(|e| !e.is_empty()).all(|e| e.starts_with("data: ")));
+    assert!(text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .all(|e| e.starts_with("data: ")));
 }
 
 #[tokio::test]
 async fn client_disconnect_cancels_the_upstream_stream() {
     let sim = sim_with(Duration::from_millis(100)).await;
-    let b = backend("sim", &sim.url(), "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }");
+    let b = backend(
+        "sim",
+        &sim.url(),
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
     let gw = Gateway::start("", &b).await;
     let resp = http()
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -168,9 +211,11 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
-    wait_until("backend sees the stream cancelled", Duration::from_secs(5), || {
-        get(&sim.counters().streams_cancelled) == 1
-    })
+    wait_until(
+        "backend sees the stream cancelled",
+        Duration::from_secs(5),
+        || get(&sim.counters().streams_cancelled) == 1,
+    )
     .await;
     assert_eq!(get(&sim.counters().streams_completed), 0);
     let a = gw.audit_for("disconnect-1").await;
@@ -203,13 +248,21 @@ async fn oversized_bodies_get_413() {
         .await
         .unwrap();
     assert_eq!(error_code(resp).await, (413, "payload_too_large".into()));
-    assert_eq!(get(&sim.counters().requests), 0, "oversized request reached the backend");
+    assert_eq!(
+        get(&sim.counters().requests),
+        0,
+        "oversized request reached the backend"
+    );
 }
 
 #[tokio::test]
 async fn unknown_paths_and_deployments_get_404() {
     let (sim, gw) = azure_pair("", "").await;
-    let resp = http().get(format!("{}/admin/secrets", gw.url)).send().await.unwrap();
+    let resp = http()
+        .get(format!("{}/admin/secrets", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(resp).await, (404, "not_found".into()));
     let resp = http()
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -219,7 +272,10 @@ async fn unknown_paths_and_deployments_get_404() {
         .unwrap();
     assert_eq!(error_code(resp).await, (404, "unknown_deployment".into()));
     let resp = http()
-        .post(format!("{}/openai/deployments/nope/chat/completions?api-version=2024-10-21", gw.url))
+        .post(format!(
+            "{}/openai/deployments/nope/chat/completions?api-version=2024-10-21",
+            gw.url
+        ))
         .json(&chat_body(false))
         .send()
         .await
@@ -245,7 +301,12 @@ async fn unknown_paths_and_deployments_get_404() {
 #[tokio::test]
 async fn backend_down_is_502_and_hang_is_504() {
     let url = format!("http://127.0.0.1:{}", dead_port());
-    let b = backend("down", &url, "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }");
+    let b = backend(
+        "down",
+        &url,
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
     let gw = Gateway::start("", &b).await;
     let resp = http()
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -277,8 +338,18 @@ async fn failover_on_connect_error_and_spill_over_on_429() {
     let sim = sim().await;
     let dead = format!("http://127.0.0.1:{}", dead_port());
     let backends = [
-        backend("dead-ptu", &dead, "azure", "priority = 0\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }"),
-        backend("paygo", &sim.url(), "azure", "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }"),
+        backend(
+            "dead-ptu",
+            &dead,
+            "azure",
+            "priority = 0\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+        ),
+        backend(
+            "paygo",
+            &sim.url(),
+            "azure",
+            "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+        ),
     ]
     .concat();
     let gw = Gateway::start("", &backends).await;
@@ -301,10 +372,22 @@ async fn failover_on_connect_error_and_spill_over_on_429() {
     })
     .await
     .unwrap();
-    ptu.set_behavior(Behavior::RateLimited { retry_after_ms: 1000 });
+    ptu.set_behavior(Behavior::RateLimited {
+        retry_after_ms: 1000,
+    });
     let backends = [
-        backend("ptu", &ptu.url(), "azure", "priority = 0\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }"),
-        backend("paygo", &sim.url(), "azure", "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }"),
+        backend(
+            "ptu",
+            &ptu.url(),
+            "azure",
+            "priority = 0\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+        ),
+        backend(
+            "paygo",
+            &sim.url(),
+            "azure",
+            "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+        ),
     ]
     .concat();
     let gw = Gateway::start("", &backends).await;
@@ -337,10 +420,18 @@ async fn openai_client_to_azure_backend_and_back() {
 
     // Azure style in, OpenAI-compatible backend out: model injected, no api-version.
     let sim2 = sim_with(Duration::ZERO).await;
-    let b = backend("oai", &sim2.url(), "openai", "deployments = { \"gpt-4o\" = \"gpt-4o-2024-08-06\" }");
+    let b = backend(
+        "oai",
+        &sim2.url(),
+        "openai",
+        "deployments = { \"gpt-4o\" = \"gpt-4o-2024-08-06\" }",
+    );
     let gw2 = Gateway::start("", &b).await;
     let resp = http()
-        .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", gw2.url))
+        .post(format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            gw2.url
+        ))
         .header("api-key", "client-key")
         .json(&serde_json::json!({"messages":[{"role":"user","content":"hi"}]}))
         .send()
@@ -352,7 +443,10 @@ async fn openai_client_to_azure_backend_and_back() {
     let last = sim2.last().unwrap();
     assert_eq!(last.path, "/v1/chat/completions");
     assert_eq!(last.query, None);
-    assert_eq!(last.headers["authorization"], format!("Bearer {BACKEND_KEY}").as_str());
+    assert_eq!(
+        last.headers["authorization"],
+        format!("Bearer {BACKEND_KEY}").as_str()
+    );
     assert!(last.headers.get("api-key").is_none());
     let sent: serde_json::Value = serde_json::from_slice(&last.body).unwrap();
     assert_eq!(sent["model"], "gpt-4o-2024-08-06");
@@ -371,12 +465,25 @@ async fn models_are_listed_by_the_gateway() {
             .json()
             .await
             .unwrap();
-        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
         assert_eq!(ids, ["gpt-4o", "text-embedding-3-small"], "{path}");
     }
-    let resp = http().get(format!("{}/v1/models/gpt-4o", gw.url)).send().await.unwrap();
+    let resp = http()
+        .get(format!("{}/v1/models/gpt-4o", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let resp = http().get(format!("{}/v1/models/other", gw.url)).send().await.unwrap();
+    let resp = http()
+        .get(format!("{}/v1/models/other", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(resp).await, (404, "unknown_deployment".into()));
     assert_eq!(get(&sim.counters().requests), 0);
 }
@@ -384,7 +491,11 @@ async fn models_are_listed_by_the_gateway() {
 #[tokio::test]
 async fn h2c_clients_and_http2_backends() {
     let (_sim, gw) = azure_pair("", "http2 = true").await;
-    let client = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().unwrap();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let resp = client
         .post(format!("{}/v1/chat/completions", gw.url))
         .json(&chat_body(true))
@@ -409,7 +520,10 @@ async fn stream_reset_and_idle_timeout_end_the_client_stream() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.text().await.is_err(), "a truncated stream must not look complete");
+    assert!(
+        resp.text().await.is_err(),
+        "a truncated stream must not look complete"
+    );
     assert_eq!(gw.audit_for("reset-1").await["outcome"], "upstream_error");
 
     let resp = http()
@@ -440,22 +554,50 @@ async fn metrics_health_and_readiness() {
     for base in [&gw.url, &gw.admin_url] {
         let r = http().get(format!("{base}/health")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), r#"{"status":"ok"}"#);
-        assert_eq!(http().get(format!("{base}/ready")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            http()
+                .get(format!("{base}/ready"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
-    let m = http().get(format!("{}/metrics", gw.admin_url)).send().await.unwrap().text().await.unwrap();
+    let m = http()
+        .get(format!("{}/metrics", gw.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         m.contains(r#"portcullis_requests_total{operation="chat",status="200",backend="sim"} 1"#),
         "{m}"
     );
     assert!(m.contains("portcullis_request_duration_seconds_bucket"));
     assert!(m.contains("portcullis_streams_in_flight"));
-    assert_eq!(http().get(format!("{}/metrics", gw.url)).send().await.unwrap().status(), 404);
+    assert_eq!(
+        http()
+            .get(format!("{}/metrics", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 }
 
 #[tokio::test]
 async fn graceful_shutdown_lets_a_running_stream_finish() {
     let sim = sim_with(Duration::from_millis(60)).await;
-    let b = backend("sim", &sim.url(), "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }");
+    let b = backend(
+        "sim",
+        &sim.url(),
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
     let gw = Gateway::start("drain_timeout = \"10s\"", &b).await;
     let resp = http()
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -473,6 +615,10 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
     while let Some(c) = stream.next().await {
         all.extend_from_slice(&c.unwrap());
     }
-    assert!(String::from_utf8(all).unwrap().ends_with("data: [DONE]\n\n"));
-    tokio::time::timeout(Duration::from_secs(5), gw.running.wait()).await.unwrap();
+    assert!(String::from_utf8(all)
+        .unwrap()
+        .ends_with("data: [DONE]\n\n"));
+    tokio::time::timeout(Duration::from_secs(5), gw.running.wait())
+        .await
+        .unwrap();
 }

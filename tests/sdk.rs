@@ -32,10 +32,16 @@ async fn official_openai_python_sdk_works_through_the_gateway() {
         .env("GATEWAY_URL", &gw.url)
         .env("NO_PROXY", "127.0.0.1")
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run).await.unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("openai-sdk: all checks passed"));
     // Both clients reached the backend with the gateway's key, never the client's.
     let reqs = sim.captured();

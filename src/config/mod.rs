@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    AdminConfig, AuditConfig, BackendAuthConfig, BackendConfig, BackendKind, Config,
-    ServerConfig, Timeouts,
+    AdminConfig, AuditConfig, BackendAuthConfig, BackendConfig, BackendKind, Config, ServerConfig,
+    Timeouts,
 };
 pub use values::{expand_env, Dur, Secret, Text};
 
@@ -173,7 +173,9 @@ fn parse_addr(value: &str, path: &str, problems: &mut Vec<Problem>) -> Option<So
             problem(
                 problems,
                 path,
-                format!("'{value}' is not a socket address (expected host:port, e.g. 127.0.0.1:8080)"),
+                format!(
+                    "'{value}' is not a socket address (expected host:port, e.g. 127.0.0.1:8080)"
+                ),
             );
             None
         }
@@ -264,11 +266,19 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
         problems,
     );
     if config.audit.path.as_str().is_empty() {
-        problem(problems, "audit.path", "must be \"-\" (stdout) or a file path");
+        problem(
+            problems,
+            "audit.path",
+            "must be \"-\" (stdout) or a file path",
+        );
     }
 
     if config.backends.is_empty() {
-        problem(problems, "backends", "at least one [[backends]] entry is required");
+        problem(
+            problems,
+            "backends",
+            "at least one [[backends]] entry is required",
+        );
     }
     let mut names = std::collections::HashSet::new();
     let mut backend_secrets = Vec::with_capacity(config.backends.len());
@@ -304,8 +314,17 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
             problem(problems, format!("{path}.weight"), "must be at least 1");
         }
         if let Some(v) = &b.api_version {
-            if v.as_str().is_empty() || !v.as_str().chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                problem(problems, format!("{path}.api_version"), format!("invalid api-version '{v}'"));
+            if v.as_str().is_empty()
+                || !v
+                    .as_str()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                problem(
+                    problems,
+                    format!("{path}.api_version"),
+                    format!("invalid api-version '{v}'"),
+                );
             }
         }
         for (name, d) in [
@@ -314,7 +333,11 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
             ("idle", b.timeouts.idle),
         ] {
             if d.0.is_zero() {
-                problem(problems, format!("{path}.timeouts.{name}"), "must be greater than 0");
+                problem(
+                    problems,
+                    format!("{path}.timeouts.{name}"),
+                    "must be greater than 0",
+                );
             }
         }
         if let Some(ca) = &b.ca_file {
@@ -366,7 +389,11 @@ fn check_backend_url(url: &str, path: &str, problems: &mut Vec<Problem>) {
     match url.parse::<http::Uri>() {
         Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
             if u.query().is_some() {
-                problem(problems, path, format!("'{url}' must not carry a query string"));
+                problem(
+                    problems,
+                    path,
+                    format!("'{url}' must not carry a query string"),
+                );
             }
         }
         _ => problem(

@@ -80,7 +80,10 @@ auth = { type = "api_key" }
         "backends[1].auth (line 14)",
     ];
     for e in expect {
-        assert!(shown.iter().any(|s| s.starts_with(e)), "missing {e} in {shown:#?}");
+        assert!(
+            shown.iter().any(|s| s.starts_with(e)),
+            "missing {e} in {shown:#?}"
+        );
     }
     assert_eq!(shown.len(), expect.len(), "{shown:#?}");
 }
@@ -91,7 +94,11 @@ fn missing_env_var_is_named() {
     let err = load(&text).unwrap_err();
     let p = &err.problems[0];
     assert_eq!(p.path, "backends[0].url");
-    assert!(p.message.contains("PORTCULLIS_TEST_SURELY_UNSET is not set"), "{p}");
+    assert!(
+        p.message
+            .contains("PORTCULLIS_TEST_SURELY_UNSET is not set"),
+        "{p}"
+    );
 }
 
 #[test]

@@ -61,11 +61,7 @@ fn expand_with(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Str
                 .find('}')
                 .ok_or_else(|| "unterminated '${' in value".to_owned())?;
             let name = &body[..end];
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid environment variable name '{name}'"));
             }
             let value =
@@ -138,7 +134,10 @@ mod tests {
         assert_eq!(expand_with("x-${A}-y", env).unwrap(), "x-alpha-y");
         assert_eq!(expand_with("${A}${A}", env).unwrap(), "alphaalpha");
         assert_eq!(expand_with("${EMPTY}", env).unwrap(), "");
-        assert_eq!(expand_with("cost $5 and $$HOME", env).unwrap(), "cost $5 and $HOME");
+        assert_eq!(
+            expand_with("cost $5 and $$HOME", env).unwrap(),
+            "cost $5 and $HOME"
+        );
     }
 
     #[test]

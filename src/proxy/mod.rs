@@ -126,7 +126,13 @@ pub async fn forward(
             last_backend = Some(backend);
             continue;
         }
-        let up = match rewrite::rewrite(out.route, out.deployment, &backend, &out.body, out.content_type) {
+        let up = match rewrite::rewrite(
+            out.route,
+            out.deployment,
+            &backend,
+            &out.body,
+            out.content_type,
+        ) {
             Ok(u) => u,
             Err(error) => {
                 return Err(Failed {
@@ -146,7 +152,8 @@ pub async fn forward(
         }
         backend.credential.apply(req.headers_mut());
         attempts += 1;
-        let sent = tokio::time::timeout(backend.first_byte_timeout, backend.client.request(req)).await;
+        let sent =
+            tokio::time::timeout(backend.first_byte_timeout, backend.client.request(req)).await;
         let outcome = match sent {
             Ok(Ok(resp)) => {
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
@@ -169,7 +176,10 @@ pub async fn forward(
             Ok(Err(e)) if e.is_connect() => {
                 record(metrics, &backend, "connect_error");
                 tracing::warn!(backend = %backend.name, error = %error_chain(&e), "cannot connect to backend");
-                GatewayError::BackendUnavailable(format!("cannot connect to backend '{}'", backend.name))
+                GatewayError::BackendUnavailable(format!(
+                    "cannot connect to backend '{}'",
+                    backend.name
+                ))
             }
             Ok(Err(e)) => {
                 record(metrics, &backend, "error");
@@ -187,7 +197,9 @@ pub async fn forward(
             Err(_) => {
                 record(metrics, &backend, "timeout");
                 return Err(Failed {
-                    error: GatewayError::BackendTimeout(humantime::format_duration(backend.first_byte_timeout).to_string()),
+                    error: GatewayError::BackendTimeout(
+                        humantime::format_duration(backend.first_byte_timeout).to_string(),
+                    ),
                     backend: Some(backend),
                     attempts,
                 });
@@ -228,4 +240,3 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
-

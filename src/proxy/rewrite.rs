@@ -92,7 +92,9 @@ pub fn rewrite(
     body: &Bytes,
     content_type: Option<&str>,
 ) -> Result<Upstream, GatewayError> {
-    let mapped = public.and_then(|p| backend.deployments.get(p)).map(String::as_str);
+    let mapped = public
+        .and_then(|p| backend.deployments.get(p))
+        .map(String::as_str);
     let base = backend.base_path.as_str();
     let mut query: Vec<Cow<'_, str>> = Vec::with_capacity(route.query.len() + 1);
     let api_version = || -> Cow<'_, str> {
@@ -162,11 +164,12 @@ fn with_model(body: &Bytes, model: &str) -> Result<Bytes, GatewayError> {
             return Ok(body.clone());
         }
     }
-    let mut value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}")))?;
-    let obj = value.as_object_mut().ok_or_else(|| {
-        GatewayError::InvalidRequest("request body must be a JSON object".into())
+    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}"))
     })?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| GatewayError::InvalidRequest("request body must be a JSON object".into()))?;
     obj.insert("model".into(), serde_json::Value::String(model.to_owned()));
     serde_json::to_vec(&value)
         .map(Bytes::from)
@@ -190,14 +193,30 @@ mod tests {
     fn go(kind: &str, url: &str, path: &str, query: Option<&str>, body: &str) -> (String, String) {
         let route = parse(&Method::POST, path, query).unwrap();
         let b = backend(kind, url);
-        let up = rewrite(&route, Some("gpt-4o"), &b, &Bytes::from(body.to_owned()), None).unwrap();
-        (up.uri.to_string(), String::from_utf8(up.body.to_vec()).unwrap())
+        let up = rewrite(
+            &route,
+            Some("gpt-4o"),
+            &b,
+            &Bytes::from(body.to_owned()),
+            None,
+        )
+        .unwrap();
+        (
+            up.uri.to_string(),
+            String::from_utf8(up.body.to_vec()).unwrap(),
+        )
     }
 
     #[test]
     fn openai_client_to_azure_backend() {
         let body = r#"{"model": "gpt-4o", "messages": []}"#;
-        let (uri, out) = go("azure", "https://x.openai.azure.com", "/v1/chat/completions", None, body);
+        let (uri, out) = go(
+            "azure",
+            "https://x.openai.azure.com",
+            "/v1/chat/completions",
+            None,
+            body,
+        );
         assert_eq!(
             uri,
             "https://x.openai.azure.com/openai/deployments/gpt-4o-ptu/chat/completions?api-version=2024-06-01"
@@ -237,27 +256,48 @@ mod tests {
 
     #[test]
     fn openai_backend_with_v1_in_url() {
-        let (uri, _) = go("openai", "http://127.0.0.1:1/v1/", "/v1/embeddings", None, r#"{"model":"gpt-4o"}"#);
+        let (uri, _) = go(
+            "openai",
+            "http://127.0.0.1:1/v1/",
+            "/v1/embeddings",
+            None,
+            r#"{"model":"gpt-4o"}"#,
+        );
         assert_eq!(uri, "http://127.0.0.1:1/v1/embeddings");
     }
 
     #[test]
     fn azure_v1_route_maps_model() {
-        let (uri, out) = go("azure", "http://h:1", "/openai/v1/responses", None, r#"{"model":"gpt-4o","input":"x"}"#);
+        let (uri, out) = go(
+            "azure",
+            "http://h:1",
+            "/openai/v1/responses",
+            None,
+            r#"{"model":"gpt-4o","input":"x"}"#,
+        );
         assert_eq!(uri, "http://h:1/openai/v1/responses");
         assert!(out.contains(r#""model":"gpt-4o-ptu""#), "{out}");
     }
 
     #[tokio::test]
     async fn finds_model_in_json_and_multipart() {
-        let m = body_model(&Bytes::from_static(br#"{"messages":[],"model":"m1"}"#), Some("application/json"))
-            .await
-            .unwrap();
+        let m = body_model(
+            &Bytes::from_static(br#"{"messages":[],"model":"m1"}"#),
+            Some("application/json"),
+        )
+        .await
+        .unwrap();
         assert_eq!(m.as_deref(), Some("m1"));
         let form = "--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XX--\r\n";
-        let m = body_model(&Bytes::from(form), Some("multipart/form-data; boundary=XX")).await.unwrap();
+        let m = body_model(&Bytes::from(form), Some("multipart/form-data; boundary=XX"))
+            .await
+            .unwrap();
         assert_eq!(m.as_deref(), Some("whisper"));
-        assert!(body_model(&Bytes::from_static(b"{not json"), None).await.is_err());
-        assert!(body_model(&Bytes::from_static(br#"{"model":5}"#), None).await.is_err());
+        assert!(body_model(&Bytes::from_static(b"{not json"), None)
+            .await
+            .is_err());
+        assert!(body_model(&Bytes::from_static(br#"{"model":5}"#), None)
+            .await
+            .is_err());
     }
 }

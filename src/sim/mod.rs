@@ -163,7 +163,11 @@ impl SimHandle {
 
     /// The most recent request received.
     pub fn last(&self) -> Option<Captured> {
-        self.state.captured.lock().ok().and_then(|g| g.last().cloned())
+        self.state
+            .captured
+            .lock()
+            .ok()
+            .and_then(|g| g.last().cloned())
     }
 
     /// Live counters.
@@ -200,7 +204,9 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return responses::azure_error(StatusCode::BAD_REQUEST, "400", "could not read body"),
+        Err(_) => {
+            return responses::azure_error(StatusCode::BAD_REQUEST, "400", "could not read body")
+        }
     };
     if let Ok(mut g) = state.captured.lock() {
         g.push(Captured {
@@ -220,7 +226,11 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
     }
     let mut behavior = state.behavior.lock().map(|g| *g).unwrap_or_default();
     let mut latency = state.opts.token_latency;
-    if let Some(h) = parts.headers.get("x-sim-behavior").and_then(|v| v.to_str().ok()) {
+    if let Some(h) = parts
+        .headers
+        .get("x-sim-behavior")
+        .and_then(|v| v.to_str().ok())
+    {
         match parse_behavior(h) {
             Some(Override::Behavior(b)) => behavior = b,
             Some(Override::Latency(d)) => latency = d,
@@ -256,7 +266,13 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         reset_after,
         seq: state.seq.fetch_add(1, Ordering::Relaxed),
     };
-    responses::dispatch(ctx, &parts.method, parts.uri.path(), parts.uri.query(), &body)
+    responses::dispatch(
+        ctx,
+        &parts.method,
+        parts.uri.path(),
+        parts.uri.query(),
+        &body,
+    )
 }
 
 enum Override {
@@ -272,7 +288,9 @@ fn parse_behavior(h: &str) -> Option<Override> {
         "429" => Override::Behavior(Behavior::RateLimited {
             retry_after_ms: if arg.is_empty() { 6000 } else { num()? },
         }),
-        "500" | "502" | "503" | "504" => Override::Behavior(Behavior::ServerError(kind.parse().ok()?)),
+        "500" | "502" | "503" | "504" => {
+            Override::Behavior(Behavior::ServerError(kind.parse().ok()?))
+        }
         "hang" => Override::Behavior(Behavior::Hang),
         "echo" => Override::Behavior(Behavior::Echo),
         "reset" => Override::Behavior(Behavior::ResetMidStream {

@@ -23,8 +23,18 @@ pub(super) struct Ctx<'a> {
 }
 
 const WORDS: [&str; 12] = [
-    "Portcullis", "is", "relaying", "this", "simulated", "answer", "from", "a", "local",
-    "Azure", "OpenAI", "backend.",
+    "Portcullis",
+    "is",
+    "relaying",
+    "this",
+    "simulated",
+    "answer",
+    "from",
+    "a",
+    "local",
+    "Azure",
+    "OpenAI",
+    "backend.",
 ];
 
 fn now() -> u64 {
@@ -36,7 +46,10 @@ fn now() -> u64 {
 
 /// Azure's error body: `{"error":{"code":"...","message":"..."}}`.
 pub(super) fn azure_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(status, &json!({ "error": { "code": code, "message": message } }))
+    json(
+        status,
+        &json!({ "error": { "code": code, "message": message } }),
+    )
 }
 
 /// Azure's 429: retry-after in seconds (rounded up) and in milliseconds.
@@ -102,11 +115,7 @@ pub(super) fn dispatch(
             .split('&')
             .any(|p| p.starts_with("api-version=") && p.len() > "api-version=".len());
         if !has_version {
-            return azure_error(
-                StatusCode::NOT_FOUND,
-                "404",
-                "Resource not found",
-            );
+            return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found");
         }
         (true, Some(d.to_owned()), op)
     } else if let Some(op) = path.strip_prefix("/openai/v1/") {
@@ -116,10 +125,9 @@ pub(super) fn dispatch(
     } else {
         return not_found();
     };
-    let req: Value = if body.is_empty() {
+    let multipart = op.starts_with("audio/") || op.starts_with("images/edits");
+    let req: Value = if body.is_empty() || multipart {
         Value::Null
-    } else if op.starts_with("audio/") || op.starts_with("images/edits") {
-        Value::Null // multipart
     } else {
         match serde_json::from_slice(body) {
             Ok(v) => v,
@@ -132,8 +140,7 @@ pub(super) fn dispatch(
             }
         }
     };
-    let model = deployment
-        .or_else(|| req.get("model").and_then(Value::as_str).map(str::to_owned));
+    let model = deployment.or_else(|| req.get("model").and_then(Value::as_str).map(str::to_owned));
     let needs_model = matches!(op, "chat/completions" | "completions" | "embeddings");
     if needs_model && model.is_none() {
         return azure_error(
@@ -151,7 +158,9 @@ pub(super) fn dispatch(
             "created": now(),
             "data": [{ "b64_json": base64::engine::general_purpose::STANDARD.encode(b"\x89PNG sim"), "revised_prompt": "a simulated image" }]
         })),
-        (&Method::POST, o) if o.starts_with("audio/") => ok_json(&json!({ "text": "simulated transcription" })),
+        (&Method::POST, o) if o.starts_with("audio/") => {
+            ok_json(&json!({ "text": "simulated transcription" }))
+        }
         (&Method::POST, "responses") => ok_json(&json!({
             "id": format!("resp_sim{}", ctx.seq),
             "object": "response",
@@ -197,7 +206,13 @@ fn prompt_tokens(req: &Value, chat: bool) -> u64 {
     (chars as u64).div_ceil(4).max(1)
 }
 
-fn text_generation(ctx: Ctx<'_>, azure: bool, model: &str, req: &Value, chat: bool) -> Response<Body> {
+fn text_generation(
+    ctx: Ctx<'_>,
+    azure: bool,
+    model: &str,
+    req: &Value,
+    chat: bool,
+) -> Response<Body> {
     let words = answer_words(&ctx, req);
     let usage = {
         let p = prompt_tokens(req, chat);
@@ -222,7 +237,8 @@ fn text_generation(ctx: Ctx<'_>, azure: bool, model: &str, req: &Value, chat: bo
             "choices": [choice], "usage": usage, "system_fingerprint": "fp_sim"
         });
         if azure {
-            v["prompt_filter_results"] = json!([{ "prompt_index": 0, "content_filter_results": {} }]);
+            v["prompt_filter_results"] =
+                json!([{ "prompt_index": 0, "content_filter_results": {} }]);
         }
         return ok_json(&v);
     }
@@ -230,7 +246,11 @@ fn text_generation(ctx: Ctx<'_>, azure: bool, model: &str, req: &Value, chat: bo
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let chunk_object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk_object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let created = now();
     let base = |choices: Value| {
         json!({ "id": id, "object": chunk_object, "created": created, "model": model,
@@ -238,15 +258,21 @@ fn text_generation(ctx: Ctx<'_>, azure: bool, model: &str, req: &Value, chat: bo
     };
     let mut events: Vec<Value> = Vec::with_capacity(words.len() + 4);
     if azure && chat {
-        events.push(json!({ "id": "", "object": "", "created": 0, "model": "", "choices": [],
-            "prompt_filter_results": [{ "prompt_index": 0, "content_filter_results": {} }] }));
+        events.push(
+            json!({ "id": "", "object": "", "created": 0, "model": "", "choices": [],
+            "prompt_filter_results": [{ "prompt_index": 0, "content_filter_results": {} }] }),
+        );
     }
     if chat {
         events.push(base(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null }])));
     }
     let last = words.len().saturating_sub(1);
     for (i, w) in words.iter().enumerate() {
-        let piece = if i == last { (*w).to_owned() } else { format!("{w} ") };
+        let piece = if i == last {
+            (*w).to_owned()
+        } else {
+            format!("{w} ")
+        };
         events.push(if chat {
             base(json!([{ "index": 0, "delta": { "content": piece }, "finish_reason": null, "logprobs": null }]))
         } else {
@@ -277,7 +303,10 @@ fn sse(ctx: Ctx<'_>, frames: Vec<Bytes>) -> Response<Body> {
     let state = ctx.state.clone();
     let latency = ctx.latency;
     let reset_after = ctx.reset_after;
-    state.counters.streams_started.fetch_add(1, Ordering::SeqCst);
+    state
+        .counters
+        .streams_started
+        .fetch_add(1, Ordering::SeqCst);
     tokio::spawn(async move {
         for (i, f) in frames.into_iter().enumerate() {
             if reset_after == Some(i) {
@@ -294,12 +323,18 @@ fn sse(ctx: Ctx<'_>, frames: Vec<Bytes>) -> Response<Body> {
                 }
             }
             if tx.send(Ok(Frame::data(f))).await.is_err() {
-                state.counters.streams_cancelled.fetch_add(1, Ordering::SeqCst);
+                state
+                    .counters
+                    .streams_cancelled
+                    .fetch_add(1, Ordering::SeqCst);
                 return;
             }
             state.counters.chunks_sent.fetch_add(1, Ordering::SeqCst);
         }
-        state.counters.streams_completed.fetch_add(1, Ordering::SeqCst);
+        state
+            .counters
+            .streams_completed
+            .fetch_add(1, Ordering::SeqCst);
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -337,7 +372,10 @@ fn embeddings(model: &str, req: &Value) -> Response<Body> {
             json!({ "object": "embedding", "index": i, "embedding": embedding })
         })
         .collect();
-    let tokens: u64 = inputs.iter().map(|s| (s.len() as u64).div_ceil(4).max(1)).sum();
+    let tokens: u64 = inputs
+        .iter()
+        .map(|s| (s.len() as u64).div_ceil(4).max(1))
+        .sum();
     ok_json(&json!({
         "object": "list", "data": data, "model": model,
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens }

@@ -50,7 +50,8 @@ impl Gateway {
             "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"{}\"\n{backends}",
             audit_path.display()
         );
-        let v = config::load_str(&text, "test", dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let v =
+            config::load_str(&text, "test", dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let running = app::start(&v).await.unwrap();
         Gateway {
             url: format!("http://{}", running.addr),
@@ -74,7 +75,11 @@ impl Gateway {
     pub async fn audit_for(&self, request_id: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(v) = self.audit().into_iter().find(|v| v["request_id"] == request_id) {
+            if let Some(v) = self
+                .audit()
+                .into_iter()
+                .find(|v| v["request_id"] == request_id)
+            {
                 return v;
             }
             assert!(Instant::now() < deadline, "no audit line for {request_id}");
@@ -130,5 +135,8 @@ pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert!(v["error"]["message"].is_string(), "not OpenAI-shaped: {v}");
     assert!(v["error"]["type"].is_string(), "not OpenAI-shaped: {v}");
-    (status, v["error"]["code"].as_str().unwrap_or_default().to_owned())
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or_default().to_owned(),
+    )
 }
