@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::audit::AuditSink;
+use crate::audit::{AuditSink, AuditWriter};
 use crate::config::Validated;
 use crate::gateway::{Gateway, Snapshot};
 use crate::listener::{self, ServeOptions};
@@ -47,7 +47,7 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    audit_task: JoinHandle<()>,
+    audit_writer: AuditWriter,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -63,9 +63,8 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         "-" => "-".to_owned(),
         p => v.base_dir.join(p).display().to_string(),
     };
-    let (audit, audit_task) = AuditSink::start(&audit_path, metrics.clone())
-        .await
-        .map_err(|source| StartError::Audit {
+    let (audit, audit_writer) =
+        AuditSink::start(&audit_path, metrics.clone()).map_err(|source| StartError::Audit {
             path: audit_path.clone(),
             source,
         })?;
@@ -118,7 +117,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         gateway,
         stop,
         tasks,
-        audit_task,
+        audit_writer,
     })
 }
 
@@ -140,6 +139,6 @@ impl Running {
         }
         drop(self.gateway);
         // The writer ends once the last sink (held by finished requests) is dropped.
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_writer.join()).await;
     }
 }

@@ -19,7 +19,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Limited};
 
-use crate::audit::{now_rfc3339, AuditRecord, AuditSink};
+use crate::audit::{AuditRecord, AuditSink};
 use crate::config::Validated;
 use crate::error::{json_response, Body, BoxError, GatewayError};
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
@@ -56,6 +56,10 @@ impl Snapshot {
 fn model_object(name: &str) -> serde_json::Value {
     serde_json::json!({ "id": name, "object": "model", "created": 0, "owned_by": "portcullis" })
 }
+
+/// Metric label for requests no backend handled.
+static NO_BACKEND: std::sync::LazyLock<Arc<String>> =
+    std::sync::LazyLock::new(|| Arc::new(String::new()));
 
 /// The gateway: configuration snapshot, metrics, audit.
 pub struct Gateway {
@@ -122,14 +126,11 @@ impl Gateway {
         }
         let started = Instant::now();
         let request_id = request_id(req.headers());
-        let mut rec = AuditRecord {
-            time: now_rfc3339(),
-            request_id: request_id.to_str().unwrap_or_default().to_owned(),
-            method: req.method().to_string(),
-            path: req.uri().path().to_owned(),
-            operation: "unknown",
-            ..AuditRecord::default()
-        };
+        let mut rec = AuditRecord::new(
+            request_id.clone(),
+            req.method().clone(),
+            req.uri().path().to_owned(),
+        );
         let snap = self.snapshot.load_full();
         let mut resp = match self
             .pipeline(req, &snap, &mut rec, &request_id, started)
@@ -154,7 +155,7 @@ impl Gateway {
     }
 
     fn count(&self, rec: &AuditRecord, started: Instant) {
-        let backend = rec.backend.clone().unwrap_or_default();
+        let backend = rec.backend.clone().unwrap_or_else(|| NO_BACKEND.clone());
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -232,13 +233,13 @@ impl Gateway {
             Ok(a) => a,
             Err(failed) => {
                 rec.attempts = failed.attempts;
-                rec.backend = failed.backend.as_ref().map(|b| b.name.clone());
+                rec.backend = failed.backend.as_ref().map(|b| b.label.clone());
                 rec.backend_auth = failed.backend.as_ref().map(|b| b.credential.describe());
                 return Err(failed.error);
             }
         };
         rec.attempts = answer.attempts;
-        rec.backend = Some(answer.backend.name.clone());
+        rec.backend = Some(answer.backend.label.clone());
         rec.backend_auth = Some(answer.backend.credential.describe());
         let (mut head, upstream_body) = answer.response.into_parts();
         proxy::strip_hop_by_hop(&mut head.headers);

@@ -78,7 +78,7 @@ pub async fn serve<S, F>(
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc)
+            .serve_connection(TokioIo::new(stream), hyper_svc)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

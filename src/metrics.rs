@@ -3,6 +3,8 @@
 //! Label sets are small and bounded: operation names, status codes and configured backend
 //! names — never a request path, client-supplied string or credential.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,20 +17,21 @@ use prometheus_client::registry::Registry;
 pub struct RequestLabels {
     pub operation: &'static str,
     pub status: u16,
-    pub backend: String,
+    /// Shared with the backend: cloning a label costs a reference count, not a copy.
+    pub backend: Arc<String>,
 }
 
 /// Labels of `portcullis_request_duration_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
     pub operation: &'static str,
-    pub backend: String,
+    pub backend: Arc<String>,
 }
 
 /// Labels of `portcullis_upstream_attempts_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
-    pub backend: String,
+    pub backend: Arc<String>,
     /// `response`, `connect_error`, `timeout`, `rate_limited`.
     pub outcome: &'static str,
 }

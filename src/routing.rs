@@ -20,6 +20,8 @@ use crate::upstream_auth::Credential;
 #[derive(Debug)]
 pub struct Backend {
     pub name: String,
+    /// The name as a shared metric/audit label.
+    pub label: Arc<String>,
     pub kind: BackendKind,
     pub scheme: Scheme,
     pub authority: Authority,
@@ -89,6 +91,7 @@ impl BackendTable {
             .map_err(|e| BuildError::Client(i, e))?;
             backends.push(Arc::new(Backend {
                 name: b.name.to_string(),
+                label: Arc::new(b.name.to_string()),
                 kind: b.kind,
                 scheme,
                 authority,

@@ -50,8 +50,8 @@ pin_project! {
     pub struct Relay {
         #[pin]
         inner: Incoming,
-        #[pin]
-        idle: Sleep,
+        // Armed only when upstream first makes the client wait: most small bodies never do.
+        idle: Option<Pin<Box<Sleep>>>,
         idle_timeout: Duration,
         last_frame: Instant,
         bytes: u64,
@@ -77,7 +77,7 @@ impl Relay {
         let now = Instant::now();
         Self {
             inner,
-            idle: tokio::time::sleep(idle_timeout),
+            idle: None,
             idle_timeout,
             last_frame: now,
             bytes: 0,
@@ -123,15 +123,17 @@ impl HttpBody for Relay {
             }
             Poll::Pending => {}
         }
+        let deadline = *this.last_frame + *this.idle_timeout;
+        let idle = this
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
         loop {
-            if this.idle.as_mut().poll(cx).is_pending() {
+            if idle.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let deadline = *this.last_frame + *this.idle_timeout;
             if Instant::now() < deadline {
-                this.idle
-                    .as_mut()
-                    .reset(tokio::time::Instant::from_std(deadline));
+                idle.as_mut().reset(deadline.into());
                 continue;
             }
             if let Some(f) = this.finish.take() {

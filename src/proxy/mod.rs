@@ -223,7 +223,7 @@ fn record(metrics: &Metrics, backend: &Backend, outcome: &'static str) {
     metrics
         .upstream_attempts
         .get_or_create(&AttemptLabels {
-            backend: backend.name.clone(),
+            backend: backend.label.clone(),
             outcome,
         })
         .inc();
