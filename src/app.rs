@@ -20,6 +20,7 @@ use crate::config::Validated;
 use crate::gateway::{Gateway, Snapshot};
 use crate::listener::{self, ServeOptions};
 use crate::metrics::Metrics;
+use crate::worker;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,9 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
+    /// Worker threads serving the client listener.
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Tasks on the caller's runtime (the admin listener).
     tasks: Vec<JoinHandle<()>>,
     audit_writer: AuditWriter,
 }
@@ -71,11 +75,13 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
     let snapshot = Snapshot::build(v)?;
     let gateway = Arc::new(Gateway::new(snapshot, metrics, audit));
 
-    let listener = bind(v.listen).await?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+    let bind_err = |source| StartError::Bind {
         addr: v.listen,
         source,
-    })?;
+    };
+    let workers = worker::count(v.config.server.workers);
+    let listeners = worker::bind_shared(v.listen, workers).map_err(bind_err)?;
+    let addr = listeners[0].local_addr().map_err(bind_err)?;
     let admin_listener = match v.admin_listen {
         Some(a) => Some(bind(a).await?),
         None => None,
@@ -87,14 +93,23 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         header_timeout: v.config.server.header_timeout.0,
         drain_timeout: v.config.server.drain_timeout.0,
     };
+    let mut threads = Vec::with_capacity(workers);
+    for (i, l) in listeners.into_iter().enumerate() {
+        let gw = gateway.clone();
+        let stopped = stopped.clone();
+        let thread = worker::spawn(i, move || async move {
+            match TcpListener::from_std(l) {
+                Ok(l) => {
+                    let svc = move |req: Request<Incoming>| gw.clone().handle(req);
+                    listener::serve(l, svc, opts, wait_for(stopped)).await;
+                }
+                Err(e) => tracing::error!(worker = i, error = %e, "cannot register listener"),
+            }
+        })
+        .map_err(bind_err)?;
+        threads.push(thread);
+    }
     let mut tasks = Vec::new();
-    let gw = gateway.clone();
-    tasks.push(tokio::spawn(listener::serve(
-        listener,
-        move |req: Request<Incoming>| gw.clone().handle(req),
-        opts,
-        wait_for(stopped.clone()),
-    )));
     if let Some(l) = admin_listener {
         let admin = Admin::new(gateway.clone(), v.admin_token.clone());
         tasks.push(tokio::spawn(listener::serve(
@@ -110,12 +125,13 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
             wait_for(stopped),
         )));
     }
-    tracing::info!(%addr, admin = ?admin_addr, backends = v.config.backends.len(), "portcullis is listening");
+    tracing::info!(%addr, admin = ?admin_addr, workers, backends = v.config.backends.len(), "portcullis is listening");
     Ok(Running {
         addr,
         admin_addr,
         gateway,
         stop,
+        threads,
         tasks,
         audit_writer,
     })
@@ -134,6 +150,13 @@ impl Running {
 
     /// Wait until listeners are drained and the audit log is flushed.
     pub async fn wait(self) {
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         for t in self.tasks {
             let _ = t.await;
         }

@@ -4,7 +4,7 @@
 //! [`listener`] accepts, [`route`] recognises the call, [`routing`] picks backends,
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
 //! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
-//! [`metrics`], [`sim`], [`demo`] and [`app`] surround the path.
+//! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -23,3 +23,4 @@ pub mod route;
 pub mod routing;
 pub mod sim;
 pub mod upstream_auth;
+pub mod worker;

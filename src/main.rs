@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         };
     }
     init_logs();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -36,7 +36,15 @@ pub struct Backend {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub credential: Credential,
-    pub client: UpstreamClient,
+    /// One pooled client per worker, so a worker only uses connections it owns.
+    clients: Vec<UpstreamClient>,
+}
+
+impl Backend {
+    /// The upstream client of the calling worker.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.clients[crate::worker::index() % self.clients.len()]
+    }
 }
 
 /// Default Azure data-plane API version when neither client nor config names one.
@@ -83,12 +91,16 @@ impl BackendTable {
             let credential = Credential::new(&b.auth, b.kind, v.backend_secrets[i].as_ref())
                 .map_err(|e| BuildError::Credential(i, e))?;
             let ca = b.ca_file.as_ref().map(|f| v.base_dir.join(f.as_str()));
-            let client = client::build(client::ClientOptions {
+            let opts = client::ClientOptions {
                 connect_timeout: b.timeouts.connect.0,
                 http2: b.http2,
                 extra_ca_file: ca,
-            })
-            .map_err(|e| BuildError::Client(i, e))?;
+            };
+            let workers = crate::worker::count(v.config.server.workers);
+            let clients = (0..workers)
+                .map(|_| client::build(opts.clone()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| BuildError::Client(i, e))?;
             backends.push(Arc::new(Backend {
                 name: b.name.to_string(),
                 label: Arc::new(b.name.to_string()),
@@ -111,7 +123,7 @@ impl BackendTable {
                 first_byte_timeout: b.timeouts.first_byte.0,
                 idle_timeout: b.timeouts.idle.0,
                 credential,
-                client,
+                clients,
             }));
         }
         Ok(Self::from_backends(backends))

@@ -248,6 +248,13 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
     if config.server.max_body_bytes == 0 {
         problem(problems, "server.max_body_bytes", "must be greater than 0");
     }
+    if config.server.workers > 256 {
+        problem(
+            problems,
+            "server.workers",
+            "must be at most 256 (0 = one per core)",
+        );
+    }
     if config.server.header_timeout.0.is_zero() {
         problem(problems, "server.header_timeout", "must be greater than 0");
     }

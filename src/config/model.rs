@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub header_timeout: Dur,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// Worker threads, each with its own listener and upstream pools; 0 = one per core.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +48,7 @@ impl Default for ServerConfig {
             max_body_bytes: default_max_body(),
             header_timeout: default_header_timeout(),
             drain_timeout: default_drain_timeout(),
+            workers: 0,
         }
     }
 }

@@ -46,34 +46,57 @@ const CLIENT_CREDENTIALS: [HeaderName; 4] = [
 /// The request id header, taken from the client or generated.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Remove hop-by-hop headers, including any the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+/// Whether a header describes the connection rather than the message.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+}
+
+/// Headers named as hop-by-hop by the `Connection` header(s) (rare: parsed only when present).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
+        .collect()
+}
+
+/// Remove hop-by-hop headers, including any the `Connection` header names. Responses
+/// rarely carry any, so the common case is one pass over the names and no change.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    for n in connection_named(headers) {
         headers.remove(n);
     }
-    for h in &HOP_BY_HOP {
+    for h in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
         headers.remove(h);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// The client's headers as they may go upstream: no hop-by-hop headers, no client
 /// credentials, no `Host` (set from the backend URL), no stale `Content-Length`.
+/// Built in one pass rather than by copying everything and removing.
 pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
-    let mut h = client.clone();
-    strip_hop_by_hop(&mut h);
-    for c in &CLIENT_CREDENTIALS {
-        h.remove(c);
+    let named = if client.contains_key(header::CONNECTION) {
+        connection_named(client)
+    } else {
+        Vec::new()
+    };
+    let mut h = HeaderMap::with_capacity(client.len() + 2);
+    for (name, value) in client {
+        let drop = is_hop_by_hop(name)
+            || CLIENT_CREDENTIALS.contains(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == REQUEST_ID
+            || named.contains(name);
+        if !drop {
+            h.append(name.clone(), value.clone());
+        }
     }
-    h.remove(header::HOST);
-    h.remove(header::CONTENT_LENGTH);
     h.insert(REQUEST_ID.clone(), request_id.clone());
     h
 }
@@ -153,7 +176,7 @@ pub async fn forward(
         backend.credential.apply(req.headers_mut());
         attempts += 1;
         let sent =
-            tokio::time::timeout(backend.first_byte_timeout, backend.client.request(req)).await;
+            tokio::time::timeout(backend.first_byte_timeout, backend.client().request(req)).await;
         let outcome = match sent {
             Ok(Ok(resp)) => {
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
@@ -239,4 +262,64 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_headers_drop_credentials_and_hop_by_hop() {
+        let mut c = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer client"),
+            ("api-key", "client-key"),
+            ("cookie", "a=b"),
+            ("ocp-apim-subscription-key", "sub"),
+            ("host", "gateway"),
+            ("content-length", "10"),
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "hop"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-request-id", "old"),
+            ("accept", "application/json"),
+            ("x-ms-useragent", "sdk"),
+        ] {
+            c.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        c.append("accept", HeaderValue::from_static("text/event-stream"));
+        let h = upstream_headers(&c, &HeaderValue::from_static("rid"));
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["accept", "x-ms-useragent", "x-request-id"]);
+        assert_eq!(
+            h.get_all("accept").iter().count(),
+            2,
+            "repeated headers kept"
+        );
+        assert_eq!(h["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn strip_hop_by_hop_on_responses() {
+        let mut r = HeaderMap::new();
+        r.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
+        r.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("9"),
+        );
+        let before = r.clone();
+        strip_hop_by_hop(&mut r);
+        assert_eq!(r, before, "nothing to strip, nothing changed");
+        r.insert("connection", HeaderValue::from_static("close, x-hop"));
+        r.insert("x-hop", HeaderValue::from_static("1"));
+        r.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut r);
+        assert_eq!(r, before);
+    }
 }
