@@ -28,7 +28,7 @@ cargo build --release --locked -q
 BIN="$PWD/target/release/portcullis"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP_PORT=$(free_port); NGX_PORT=$(free_port); PCL_PORT=$(free_port)
+UP_PORT=$(free_port); NGX_PORT=$(free_port); PCL_PORT=$(free_port); PCL1_PORT=$(free_port)
 
 BODY='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Portcullis benchmark answer."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}'
 
@@ -88,6 +88,10 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["api-key"] = "bench-client-key"
 wrk.body = '{"model":"gpt-4o","messages":[{"role":"user","content":"Say something short."}],"max_tokens":16}'
 LUA
+# The same gateway with one worker thread: on this 2-core box the load generator and the
+# upstream share the cores, so fewer, busier threads batch more work per wake-up.
+sed -e "s/127.0.0.1:$PCL_PORT/127.0.0.1:$PCL1_PORT/" -e 's/^\[server\]$/[server]\nworkers = 1/' \
+  "$OUT/portcullis.toml" > "$OUT/portcullis-w1.toml"
 mkdir -p "$OUT/tmp"; : > "$OUT/audit.log"
 
 PIDS=()
@@ -102,9 +106,11 @@ trap cleanup EXIT
 "$NGINX" -c "$OUT/proxy.conf"
 "$BIN" serve --config "$OUT/portcullis.toml" 2>"$OUT/portcullis.log" &
 PCL_PID=$!; PIDS+=("$PCL_PID")
+"$BIN" serve --config "$OUT/portcullis-w1.toml" 2>"$OUT/portcullis-w1.log" &
+PCL1_PID=$!; PIDS+=("$PCL1_PID")
 
 PATH_Q="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-for port in $UP_PORT $NGX_PORT $PCL_PORT; do
+for port in $UP_PORT $NGX_PORT $PCL_PORT $PCL1_PORT; do
   for _ in $(seq 1 100); do
     curl -fsS -o /dev/null -X POST "http://127.0.0.1:$port$PATH_Q" -d '{"model":"gpt-4o"}' && break
     sleep 0.1
@@ -122,6 +128,7 @@ for c in 1 64; do
   run direct "$UP_PORT" "$c"
   run nginx "$NGX_PORT" "$c"
   run portcullis "$PCL_PORT" "$c"
+  run portcullis-w1 "$PCL1_PORT" "$c"
   [ "$c" = 64 ] && RSS_LOAD=$(rss "$PCL_PID")
 done
 RSS_PEAK=$(awk '/^VmHWM/ {print $2}' "/proc/$PCL_PID/status")
@@ -144,17 +151,20 @@ print("| target | conns | req/s | p50 ms | p99 ms | non-2xx |")
 print("|---|---|---|---|---|---|")
 r = {}
 for c in (1, 64):
-    for n in ("direct", "nginx", "portcullis"):
+    for n in ("direct", "nginx", "portcullis", "portcullis-w1"):
         r[(n, c)] = parse(n, c)
         rps, p50, p99, e, s = r[(n, c)]
         print(f"| {n} | {c} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {e}{' ' + s if s else ''} |")
 print()
 for c in (1, 64):
-    d, n, p = r[("direct", c)], r[("nginx", c)], r[("portcullis", c)]
-    add_n, add_p = n[1] - d[1], p[1] - d[1]
-    ratio = add_p / add_n if add_n > 0 else float("inf")
-    print(f"- {c} conn: throughput portcullis/nginx = {p[0]/n[0]:.2f}x; "
-          f"added p50 over direct: nginx {add_n*1000:.0f} us, portcullis {add_p*1000:.0f} us "
-          f"(portcullis/nginx = {ratio:.2f}x); p99 portcullis/nginx = {p[2]/n[2]:.2f}x")
+    d, n = r[("direct", c)], r[("nginx", c)]
+    add_n = n[1] - d[1]
+    for name in ("portcullis", "portcullis-w1"):
+        p = r[(name, c)]
+        add_p = p[1] - d[1]
+        ratio = add_p / add_n if add_n > 0 else float("inf")
+        print(f"- {c} conn, {name}: throughput vs nginx = {p[0]/n[0]:.2f}x; "
+              f"added p50 over direct: nginx {add_n*1000:.0f} us, {name} {add_p*1000:.0f} us "
+              f"(= {ratio:.2f}x nginx's); p99 vs nginx = {p[2]/n[2]:.2f}x")
 print(f"- portcullis RSS: idle {idle/1024:.1f} MB, after load {load/1024:.1f} MB, peak {peak/1024:.1f} MB")
 PY
