@@ -1,0 +1,168 @@
+//! Transport edges: slow clients are cut off by the header timeout, and TLS to a backend is
+//! verified against the webpki roots plus the backend's own `ca_file`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_by_the_header_timeout() {
+    let (sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
+    let mut s = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .unwrap();
+    // Half a request line, then silence.
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 5 s");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed too early: {waited:?}"
+    );
+    assert_eq!(sim::get(&sim.counters().requests), 0);
+    // A normal client on another connection is unaffected.
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+use portcullis::sim;
+
+/// A throwaway CA and a server certificate for `localhost` signed by it.
+struct TestPki {
+    ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki() -> TestPki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "portcullis test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    TestPki {
+        ca_pem: ca_cert.pem(),
+        server: Arc::new(server),
+    }
+}
+
+/// Terminate TLS on a loopback port and pass the bytes to `target`.
+async fn tls_front(config: Arc<rustls::ServerConfig>, target: std::net::SocketAddr) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn tls_backend_is_verified_against_its_ca_file() {
+    let pki = pki();
+    let sim = sim().await;
+    let port = tls_front(pki.server.clone(), sim.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let url = format!("https://localhost:{port}");
+
+    // Trusted through ca_file: works, over TLS, streaming included.
+    let b = backend(
+        "tls",
+        &url,
+        "azure",
+        &format!(
+            "ca_file = \"{}\"\ndeployments = {{ \"gpt-4o\" = \"gpt-4o\" }}",
+            ca.display()
+        ),
+    );
+    let gw = Gateway::start("", &b).await;
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    assert_eq!(sim.last().unwrap().headers["api-key"], BACKEND_KEY);
+
+    // Without the CA the certificate is not trusted: nothing is sent, 502.
+    let before = sim::get(&sim.counters().requests);
+    let b = backend(
+        "tls",
+        &url,
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
+    let gw = Gateway::start("", &b).await;
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (502, "backend_unavailable".into()));
+    assert_eq!(
+        sim::get(&sim.counters().requests),
+        before,
+        "request sent over an untrusted connection"
+    );
+}
+
+#[test]
+fn a_ca_file_without_certificates_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+    let text = backend(
+        "tls",
+        "https://localhost:1",
+        "azure",
+        "ca_file = \"ca.pem\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
+    let err = portcullis::config::load_str(&text, "t", dir.path()).unwrap_err();
+    assert_eq!(err.problems[0].path, "backends[0].ca_file", "{err}");
+}
