@@ -13,4 +13,10 @@ fi
 export PORTCULLIS_PYTHON="$PWD/.venv/bin/python"
 
 echo "==> cargo test"
-cargo test --all-targets --locked "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets --locked "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -38,9 +38,6 @@ pub enum GatewayError {
     /// The backend did not answer in time.
     #[error("the backend did not respond within {0}")]
     BackendTimeout(String),
-    /// The gateway is shutting down and takes no new requests.
-    #[error("the gateway is shutting down")]
-    ShuttingDown,
     /// The gateway cannot hold the credential it needs for any backend that could serve.
     #[error("the gateway cannot authenticate to the backend: {0}")]
     BackendAuthUnavailable(String),
@@ -56,7 +53,7 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::ShuttingDown | Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -70,7 +67,6 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BackendUnavailable(_) => "backend_unavailable",
             Self::BackendTimeout(_) => "backend_timeout",
-            Self::ShuttingDown => "shutting_down",
             Self::BackendAuthUnavailable(_) => "backend_auth_unavailable",
         }
     }
@@ -85,7 +81,6 @@ impl GatewayError {
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::BackendUnavailable(_)
             | Self::BackendTimeout(_)
-            | Self::ShuttingDown
             | Self::BackendAuthUnavailable(_) => "api_error",
         }
     }

@@ -127,6 +127,14 @@ pub fn parse(
     if rest.is_empty() || rest.split('/').any(|s| s == ".." || s == ".") {
         return Err(not_found());
     }
+    // Policy decisions key on the operation, so the path must mean exactly what it says:
+    // no percent-encoding (`chat%2Fcompletions`), empty segments or backslashes that a
+    // backend might normalise into a different operation than the one checked here.
+    if rest.contains(['%', '\\']) || rest.split('/').any(str::is_empty) {
+        return Err(GatewayError::InvalidRequest(
+            "the path must not contain percent-encoding, backslashes or empty segments".into(),
+        ));
+    }
     let mut api_version = None;
     let mut params = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -217,13 +225,21 @@ mod tests {
                 "{p}"
             );
         }
-        assert!(matches!(
-            parse(
-                &Method::POST,
-                "/openai/deployments/a%2F..%2Fb/chat/completions",
-                None
-            ),
-            Err(GatewayError::InvalidRequest(_))
-        ));
+        for p in [
+            "/openai/deployments/a%2F..%2Fb/chat/completions",
+            "/v1/chat%2Fcompletions",
+            "/v1//chat/completions",
+            "/v1/chat/completions/",
+            "/openai/deployments/gpt-4o/chat%2fcompletions",
+            "/v1/chat\\completions",
+        ] {
+            assert!(
+                matches!(
+                    parse(&Method::POST, p, None),
+                    Err(GatewayError::InvalidRequest(_))
+                ),
+                "{p}"
+            );
+        }
     }
 }

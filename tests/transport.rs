@@ -166,3 +166,54 @@ fn a_ca_file_without_certificates_is_a_config_error() {
     let err = portcullis::config::load_str(&text, "t", dir.path()).unwrap_err();
     assert_eq!(err.problems[0].path, "backends[0].ca_file", "{err}");
 }
+
+#[tokio::test]
+async fn metrics_need_the_admin_token_when_one_is_set() {
+    let s = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"adm-0123456789\"\n[audit]\npath = \"{}\"\n{}",
+        dir.path().join("a.log").display(),
+        backend("sim", &s.url(), "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }")
+    );
+    let v = portcullis::config::load_str(&text, "t", dir.path()).unwrap();
+    let running = portcullis::app::start(&v).await.unwrap();
+    let admin = format!("http://{}", running.admin_addr.unwrap());
+    let r = http().get(format!("{admin}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    let r = http()
+        .get(format!("{admin}/metrics"))
+        .bearer_auth("adm-0123456788")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http()
+        .get(format!("{admin}/metrics"))
+        .bearer_auth("adm-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("portcullis_streams_in_flight"));
+    // Probes stay open.
+    assert_eq!(
+        http()
+            .get(format!("{admin}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    running.shutdown();
+    running.wait().await;
+}
