@@ -49,6 +49,22 @@ pub fn bind_shared(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::
     Ok(out)
 }
 
+/// Keeps one timer always due within [`SENTINEL_PERIOD`].
+///
+/// Tokio's timer driver unparks itself (an eventfd write and an extra epoll round) whenever
+/// a new timer is due earlier than the wake-up it last planned, which with no timers pending
+/// is every time. Per-request timers (header read, first byte) would then cost a self-wake
+/// per request at low concurrency. With this sentinel pending, the planned wake-up is never
+/// more than half a second away, so longer per-request timers register silently.
+async fn timer_sentinel() {
+    loop {
+        tokio::time::sleep(SENTINEL_PERIOD).await;
+    }
+}
+
+/// Period of the timer sentinel: shorter than any per-request timer in practice.
+const SENTINEL_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Start worker `index` on its own thread, running `task` to completion on a
 /// single-threaded runtime.
 pub fn spawn<F, Fut>(index: usize, task: F) -> std::io::Result<std::thread::JoinHandle<()>>
@@ -64,7 +80,11 @@ where
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(task()),
+                Ok(rt) => rt.block_on(async move {
+                    let sentinel = tokio::spawn(timer_sentinel());
+                    task().await;
+                    sentinel.abort();
+                }),
                 Err(e) => {
                     tracing::error!(worker = index, error = %e, "cannot start worker runtime")
                 }
