@@ -63,17 +63,18 @@ async fn bodies_are_byte_identical_both_ways() {
 #[tokio::test]
 async fn client_credentials_never_reach_the_backend() {
     let (sim, gw) = azure_pair("", "").await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("authorization", "Bearer client-token-abc")
-        .header("api-key", "client-key-xyz")
-        .header("cookie", "session=s3cr3t")
-        .header("x-request-id", "req-123")
-        .header("x-custom", "kept")
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .chat(
+            false,
+            &[
+                ("authorization", "Bearer client-token-abc"),
+                ("api-key", "client-key-xyz"),
+                ("cookie", "session=s3cr3t"),
+                ("x-request-id", "req-123"),
+                ("x-custom", "kept"),
+            ],
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-request-id"], "req-123");
     let h = sim.last().unwrap().headers;
@@ -116,12 +117,7 @@ async fn request_id_is_generated_when_absent_or_unsafe() {
 #[tokio::test]
 async fn upstream_rate_limit_headers_pass_back() {
     let (_sim, gw) = azure_pair("", "").await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[]).await;
     for h in [
         "x-ratelimit-remaining-requests",
         "x-ratelimit-remaining-tokens",
@@ -130,13 +126,7 @@ async fn upstream_rate_limit_headers_pass_back() {
         assert!(resp.headers().contains_key(h), "missing {h}");
     }
     // A 429 passes through unchanged (status, retry-after, Azure's body) with one backend.
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-sim-behavior", "429:2500")
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[("x-sim-behavior", "429:2500")]).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "3");
     assert_eq!(resp.headers()["retry-after-ms"], "2500");
@@ -154,12 +144,7 @@ async fn sse_reaches_the_client_chunk_by_chunk() {
         "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
     );
     let gw = Gateway::start("", &b).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(true, &[]).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"]
         .to_str()
@@ -201,13 +186,7 @@ async fn client_disconnect_cancels_the_upstream_stream() {
         "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
     );
     let gw = Gateway::start("", &b).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-request-id", "disconnect-1")
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(true, &[("x-request-id", "disconnect-1")]).await;
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
@@ -308,13 +287,7 @@ async fn backend_down_is_502_and_hang_is_504() {
         "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
     );
     let gw = Gateway::start("", &b).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-request-id", "down-1")
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[("x-request-id", "down-1")]).await;
     assert_eq!(error_code(resp).await, (502, "backend_unavailable".into()));
     let a = gw.audit_for("down-1").await;
     assert_eq!(a["error_code"], "backend_unavailable");
@@ -322,13 +295,7 @@ async fn backend_down_is_502_and_hang_is_504() {
 
     let (_sim, gw) = azure_pair("", "timeouts = { first_byte = \"300ms\" }").await;
     let started = std::time::Instant::now();
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-sim-behavior", "hang")
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[("x-sim-behavior", "hang")]).await;
     assert_eq!(error_code(resp).await, (504, "backend_timeout".into()));
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -353,13 +320,7 @@ async fn failover_on_connect_error_and_spill_over_on_429() {
     ]
     .concat();
     let gw = Gateway::start("", &backends).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-request-id", "fo-1")
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[("x-request-id", "fo-1")]).await;
     assert_eq!(resp.status(), 200);
     let a = gw.audit_for("fo-1").await;
     assert_eq!(a["backend"], "paygo");
@@ -391,13 +352,7 @@ async fn failover_on_connect_error_and_spill_over_on_429() {
     ]
     .concat();
     let gw = Gateway::start("", &backends).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-request-id", "spill-1")
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[("x-request-id", "spill-1")]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(gw.audit_for("spill-1").await["backend"], "paygo");
     assert_eq!(get(&ptu.counters().requests), 1);
@@ -407,12 +362,7 @@ async fn failover_on_connect_error_and_spill_over_on_429() {
 async fn openai_client_to_azure_backend_and_back() {
     // OpenAI style in, Azure data plane out.
     let (sim, gw) = azure_pair("", "").await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[]).await;
     assert_eq!(resp.status(), 200);
     let last = sim.last().unwrap();
     assert_eq!(last.path, "/openai/deployments/gpt-4o-ptu/chat/completions");
@@ -511,14 +461,12 @@ async fn h2c_clients_and_http2_backends() {
 #[tokio::test]
 async fn stream_reset_and_idle_timeout_end_the_client_stream() {
     let (_sim, gw) = azure_pair("", "timeouts = { idle = \"300ms\" }").await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-sim-behavior", "reset:3")
-        .header("x-request-id", "reset-1")
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .chat(
+            true,
+            &[("x-sim-behavior", "reset:3"), ("x-request-id", "reset-1")],
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     assert!(
         resp.text().await.is_err(),
@@ -526,14 +474,15 @@ async fn stream_reset_and_idle_timeout_end_the_client_stream() {
     );
     assert_eq!(gw.audit_for("reset-1").await["outcome"], "upstream_error");
 
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("x-sim-behavior", "latency:2000")
-        .header("x-request-id", "idle-1")
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .chat(
+            true,
+            &[
+                ("x-sim-behavior", "latency:2000"),
+                ("x-request-id", "idle-1"),
+            ],
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.is_err());
     assert_eq!(gw.audit_for("idle-1").await["outcome"], "idle_timeout");
@@ -542,15 +491,7 @@ async fn stream_reset_and_idle_timeout_end_the_client_stream() {
 #[tokio::test]
 async fn metrics_health_and_readiness() {
     let (_sim, gw) = azure_pair("", "").await;
-    http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    gw.chat(false, &[]).await.bytes().await.unwrap();
     for base in [&gw.url, &gw.admin_url] {
         let r = http().get(format!("{base}/health")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), r#"{"status":"ok"}"#);
@@ -599,12 +540,7 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
         "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
     );
     let gw = Gateway::start("drain_timeout = \"10s\"", &b).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(true, &[]).await;
     let mut stream = resp.bytes_stream();
     let mut all = stream.next().await.unwrap().unwrap().to_vec();
     gw.running.shutdown();

@@ -31,12 +31,7 @@ async fn slow_clients_are_cut_off_by_the_header_timeout() {
     );
     assert_eq!(sim::get(&sim.counters().requests), 0);
     // A normal client on another connection is unaffected.
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[]).await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -120,12 +115,7 @@ async fn tls_backend_is_verified_against_its_ca_file() {
         ),
     );
     let gw = Gateway::start("", &b).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(true, &[]).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
     assert_eq!(sim.last().unwrap().headers["api-key"], BACKEND_KEY);
@@ -139,12 +129,7 @@ async fn tls_backend_is_verified_against_its_ca_file() {
         "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
     );
     let gw = Gateway::start("", &b).await;
-    let resp = http()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(false, &[]).await;
     assert_eq!(error_code(resp).await, (502, "backend_unavailable".into()));
     assert_eq!(
         sim::get(&sim.counters().requests),

@@ -62,6 +62,16 @@ impl Gateway {
         }
     }
 
+    /// POST the standard chat request (see [`chat_body`]) in the OpenAI style, with extra
+    /// headers.
+    pub async fn chat(&self, stream: bool, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = http().post(format!("{}/v1/chat/completions", self.url));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.json(&chat_body(stream)).send().await.unwrap()
+    }
+
     /// Audit lines written so far, parsed.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.audit_path)
