@@ -558,3 +558,103 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn every_operation_works_in_both_client_styles() {
+    let (sim, gw) = azure_pair("", "").await;
+    let cases: [(&str, &str, serde_json::Value, &str); 5] = [
+        (
+            "completions",
+            "gpt-4o",
+            serde_json::json!({"prompt": "Say hi"}),
+            "text_completion",
+        ),
+        (
+            "embeddings",
+            "text-embedding-3-small",
+            serde_json::json!({"input": "hi"}),
+            "list",
+        ),
+        (
+            "responses",
+            "gpt-4o",
+            serde_json::json!({"input": "hi"}),
+            "response",
+        ),
+        (
+            "images/generations",
+            "gpt-4o",
+            serde_json::json!({"prompt": "a cat"}),
+            "",
+        ),
+        (
+            "chat/completions",
+            "gpt-4o",
+            serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+            "chat.completion",
+        ),
+    ];
+    for (op, model, body, object) in cases {
+        // OpenAI style: model in the body.
+        let mut v1 = body.clone();
+        v1["model"] = model.into();
+        let resp = http()
+            .post(format!("{}/v1/{op}", gw.url))
+            .json(&v1)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "/v1/{op}");
+        let got: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            got["object"].as_str().unwrap_or(""),
+            object,
+            "/v1/{op}: {got}"
+        );
+        if op == "images/generations" {
+            assert!(got["data"][0]["b64_json"].is_string(), "{got}");
+        }
+        let up = sim.last().unwrap();
+        if op == "responses" {
+            // Not deployment-scoped on Azure: /openai/responses with the mapped model.
+            assert_eq!(up.path, "/openai/responses");
+            let sent: serde_json::Value = serde_json::from_slice(&up.body).unwrap();
+            assert_eq!(sent["model"], "gpt-4o-ptu");
+        } else {
+            let mapped = if model == "gpt-4o" {
+                "gpt-4o-ptu"
+            } else {
+                "emb"
+            };
+            assert_eq!(up.path, format!("/openai/deployments/{mapped}/{op}"));
+        }
+        assert!(up.query.unwrap().contains("api-version=2024-06-01"));
+
+        // Azure style: deployment in the path (responses has no deployment form).
+        if op != "responses" {
+            let url = format!(
+                "{}/openai/deployments/{model}/{op}?api-version=2024-10-21",
+                gw.url
+            );
+            let resp = http().post(url).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "azure {op}");
+            assert_eq!(
+                sim.last().unwrap().query.as_deref(),
+                Some("api-version=2024-10-21")
+            );
+        }
+    }
+    // Operations the gateway does not interpret pass through unchanged.
+    let resp = http()
+        .get(format!("{}/v1/files?purpose=batch", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let up = sim.last().unwrap();
+    assert_eq!(up.path, "/openai/files");
+    assert_eq!(
+        up.query.as_deref(),
+        Some("api-version=2024-06-01&purpose=batch")
+    );
+}

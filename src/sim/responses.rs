@@ -110,15 +110,17 @@ pub(super) fn dispatch(
         let Some((d, op)) = r.split_once('/') else {
             return not_found();
         };
-        let has_version = query
-            .unwrap_or("")
-            .split('&')
-            .any(|p| p.starts_with("api-version=") && p.len() > "api-version=".len());
-        if !has_version {
+        if !has_api_version(query) {
             return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found");
         }
         (true, Some(d.to_owned()), op)
     } else if let Some(op) = path.strip_prefix("/openai/v1/") {
+        (true, None, op)
+    } else if let Some(op) = path.strip_prefix("/openai/") {
+        // Resource-level operations (responses, files, batches) also need an api-version.
+        if !has_api_version(query) {
+            return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found");
+        }
         (true, None, op)
     } else if let Some(op) = path.strip_prefix("/v1/") {
         (false, None, op)
@@ -173,6 +175,13 @@ pub(super) fn dispatch(
         })),
         _ => ok_json(&json!({ "object": "sim.echo", "method": method.as_str(), "path": path })),
     }
+}
+
+fn has_api_version(query: Option<&str>) -> bool {
+    query
+        .unwrap_or("")
+        .split('&')
+        .any(|p| p.starts_with("api-version=") && p.len() > "api-version=".len())
 }
 
 fn not_found() -> Response<Body> {
