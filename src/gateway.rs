@@ -200,7 +200,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok());
         let deployment = match &route.deployment {
             Some(d) => Some(d.clone()),
-            None => proxy::rewrite::body_model(&body, content_type).await?,
+            None => proxy::rewrite::body_model(&body, content_type)?,
         };
         if let Some(d) = &deployment {
             if !route::valid_name(d) {

@@ -135,9 +135,27 @@ pub fn parse(
             "the path must not contain percent-encoding, backslashes or empty segments".into(),
         ));
     }
+    // The operation segment is matched exactly: `CHAT/completions` would otherwise become
+    // an uninterpreted pass-through that a case-insensitive backend runs as chat.
+    let first = rest.split('/').next().unwrap_or("");
+    if first.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(not_found());
+    }
+    // A v1-style path must not name a deployment itself: `/v1/deployments/X/...` would be
+    // forwarded as `/openai/deployments/X/...` without X ever being checked.
+    if style != Style::AzureDeployments && first == "deployments" {
+        return Err(not_found());
+    }
     let mut api_version = None;
     let mut params = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split('=').next().unwrap_or("");
+        if CREDENTIAL_PARAMS
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(name))
+        {
+            continue; // a client credential in the URL never goes upstream
+        }
         match pair.strip_prefix("api-version=") {
             Some(v) => api_version = Some(v.to_owned()),
             None => params.push(pair.to_owned()),
@@ -152,6 +170,10 @@ pub fn parse(
         query: params,
     })
 }
+
+/// Query parameters that carry credentials (APIM subscription keys, API keys, function
+/// keys): dropped, never forwarded.
+const CREDENTIAL_PARAMS: [&str; 5] = ["subscription-key", "api-key", "key", "code", "sig"];
 
 /// Deployment and model names: what Azure and OpenAI allow, nothing that could bend a path.
 pub fn valid_name(name: &str) -> bool {
@@ -183,6 +205,17 @@ mod tests {
         assert_eq!(r.rest, "chat/completions");
         assert_eq!(r.api_version.as_deref(), Some("2024-10-21"));
         assert_eq!(r.query, vec!["x=1".to_owned()]);
+        let r = parse(
+            &Method::POST,
+            "/v1/embeddings",
+            Some("subscription-key=s&API-KEY=k&key=x&code=c&keep=1"),
+        )
+        .unwrap();
+        assert_eq!(
+            r.query,
+            vec!["keep=1".to_owned()],
+            "credentials dropped from the query"
+        );
     }
 
     #[test]
@@ -216,6 +249,11 @@ mod tests {
             "/v1/",
             "/v1/../admin",
             "/health2",
+            "/v1/deployments/o1-internal/chat/completions",
+            "/openai/v1/deployments/x/embeddings",
+            "/v1/deployments",
+            "/v1/CHAT/completions",
+            "/openai/deployments/gpt-4o/Chat/completions",
         ] {
             assert!(
                 matches!(

@@ -164,13 +164,21 @@ impl BackendTable {
     }
 
     /// Candidate backends in the order to try them: by priority, weighted-random within
-    /// one priority. `None` deployment means "any backend" (files, batches, ...).
-    /// Returns `None` when no backend serves the deployment.
+    /// one priority. Returns `None` when no backend serves the deployment.
+    ///
+    /// With no deployment (files, batches, stored responses) the order is fixed — priority,
+    /// then configuration order — because the ids those calls create and use exist only on
+    /// the backend that made them.
     pub fn candidates(&self, deployment: Option<&str>) -> Option<Vec<Arc<Backend>>> {
-        let order = match deployment {
-            Some(d) => self.by_deployment.get(d)?,
-            None => &self.default_order,
+        let Some(d) = deployment else {
+            return Some(
+                self.default_order
+                    .iter()
+                    .map(|&i| self.backends[i].clone())
+                    .collect(),
+            );
         };
+        let order = self.by_deployment.get(d)?;
         let mut out: Vec<Arc<Backend>> = order.iter().map(|&i| self.backends[i].clone()).collect();
         let mut start = 0;
         while start < out.len() {
@@ -253,6 +261,13 @@ deployments = { "gpt-4o" = "gpt-4o-ptu" }
         assert!((1300..1700).contains(&first_a), "{first_a}");
         assert_eq!(names(&t.candidates(Some("emb")).unwrap()), ["paygo"]);
         assert!(t.candidates(Some("nope")).is_none());
+        for _ in 0..50 {
+            assert_eq!(
+                names(&t.candidates(None).unwrap()),
+                ["ptu-a", "ptu-b", "paygo"],
+                "no deployment: one fixed order"
+            );
+        }
         assert_eq!(t.public_names(), ["emb", "gpt-4o"]);
         assert_eq!(t.backends()[1].base_path, "/prefix");
     }

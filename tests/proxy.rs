@@ -658,3 +658,45 @@ async fn every_operation_works_in_both_client_styles() {
         Some("api-version=2024-06-01&purpose=batch")
     );
 }
+
+#[tokio::test]
+async fn multipart_model_is_mapped_and_duplicates_refused() {
+    let sim = sim().await;
+    let b = backend(
+        "oai",
+        &sim.url(),
+        "openai",
+        "deployments = { \"whisper\" = \"whisper-large-v3\" }",
+    );
+    let gw = Gateway::start("", &b).await;
+    let form = |models: &[&str]| {
+        let mut f = String::new();
+        for m in models {
+            f.push_str(&format!(
+                "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{m}\r\n"
+            ));
+        }
+        f.push_str("--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--B--\r\n");
+        f
+    };
+    let send = |body: String| {
+        http()
+            .post(format!("{}/v1/audio/transcriptions", gw.url))
+            .header("content-type", "multipart/form-data; boundary=B")
+            .body(body)
+            .send()
+    };
+    let resp = send(form(&["whisper"])).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = String::from_utf8(sim.last().unwrap().body.to_vec()).unwrap();
+    assert_eq!(
+        sent,
+        form(&["whisper-large-v3"]),
+        "model mapped, nothing else changed"
+    );
+
+    let before = get(&sim.counters().requests);
+    let resp = send(form(&["whisper", "gpt-4o-transcribe"])).await.unwrap();
+    assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
+    assert_eq!(get(&sim.counters().requests), before);
+}

@@ -8,6 +8,7 @@
 
 pub mod body;
 pub mod client;
+pub mod multipart;
 pub mod rewrite;
 
 use std::sync::Arc;
@@ -35,12 +36,17 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Client headers that carry the client's credentials: never sent upstream.
-const CLIENT_CREDENTIALS: [HeaderName; 4] = [
+/// Client headers that carry the client's credentials, or choose which account the
+/// gateway's credential bills (`OpenAI-Organization`, `OpenAI-Project`): never sent upstream.
+const CLIENT_CREDENTIALS: [HeaderName; 8] = [
     header::AUTHORIZATION,
     HeaderName::from_static("api-key"),
     header::COOKIE,
     HeaderName::from_static("ocp-apim-subscription-key"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
 ];
 
 /// The request id header, taken from the client or generated.
@@ -276,6 +282,9 @@ mod tests {
             ("api-key", "client-key"),
             ("cookie", "a=b"),
             ("ocp-apim-subscription-key", "sub"),
+            ("x-api-key", "k"),
+            ("openai-organization", "org-other"),
+            ("openai-project", "proj-other"),
             ("host", "gateway"),
             ("content-length", "10"),
             ("connection", "keep-alive, x-private"),

@@ -29,48 +29,34 @@ struct ModelOnly<'a> {
     model: Option<Cow<'a, str>>,
 }
 
-/// Whether a body is to be read as JSON: a JSON content type, or a body that starts like
-/// a JSON object whatever the label (`curl -d` sends form content types).
-pub fn is_json(content_type: Option<&str>, body: &[u8]) -> bool {
-    let labelled = content_type.is_some_and(|ct| {
-        let mime = ct.split(';').next().unwrap_or("").trim();
-        mime.eq_ignore_ascii_case("application/json") || mime.ends_with("+json")
-    });
-    labelled || body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+/// The boundary of a `multipart/form-data` body, if that is what it is.
+pub fn multipart_boundary(content_type: Option<&str>) -> Option<String> {
+    let ct = content_type?;
+    let (mime, params) = ct.split_once(';').unwrap_or((ct, ""));
+    if !mime.trim().eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_owned())
+            .filter(|b| !b.is_empty())
+    })
 }
 
-/// The `model` named in a request body: the `model` member of a JSON object, or the
-/// `model` field of a multipart form (audio, image edits). `Ok(None)` when there is none.
-pub async fn body_model(
+/// The `model` named in a request body: the `model` field of a multipart form, or the
+/// `model` member of a JSON object. Any other non-empty body is refused: a body the gateway
+/// cannot read could name a model the gateway never checked. `Ok(None)` when none is named.
+pub fn body_model(
     body: &Bytes,
     content_type: Option<&str>,
 ) -> Result<Option<String>, GatewayError> {
     if body.is_empty() {
         return Ok(None);
     }
-    if let Some(boundary) = content_type.and_then(|ct| multer::parse_boundary(ct).ok()) {
-        let data = body.clone();
-        let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(data) });
-        let mut form = multer::Multipart::new(stream, boundary);
-        loop {
-            match form.next_field().await {
-                Ok(Some(field)) if field.name() == Some("model") => {
-                    return field.text().await.map(Some).map_err(|e| {
-                        GatewayError::InvalidRequest(format!("invalid multipart body: {e}"))
-                    });
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(None),
-                Err(e) => {
-                    return Err(GatewayError::InvalidRequest(format!(
-                        "invalid multipart body: {e}"
-                    )))
-                }
-            }
-        }
-    }
-    if !is_json(content_type, body) {
-        return Ok(None);
+    if let Some(boundary) = multipart_boundary(content_type) {
+        return super::multipart::model(body, &boundary);
     }
     match serde_json::from_slice::<ModelOnly<'_>>(body) {
         Ok(m) => Ok(m.model.map(Cow::into_owned)),
@@ -149,9 +135,10 @@ pub fn rewrite(
         .build()
         .map_err(|e| GatewayError::InvalidRequest(format!("cannot build upstream URL: {e}")))?;
     let body = match mapped {
-        Some(m) if set_model && !body.is_empty() && is_json(content_type, body) => {
-            with_model(body, m)?
-        }
+        Some(m) if set_model && !body.is_empty() => match multipart_boundary(content_type) {
+            Some(boundary) => super::multipart::with_model(body, &boundary, m)?,
+            None => with_model(body, m)?,
+        },
         _ => body.clone(),
     };
     Ok(Upstream { uri, body })
@@ -279,25 +266,34 @@ mod tests {
         assert!(out.contains(r#""model":"gpt-4o-ptu""#), "{out}");
     }
 
-    #[tokio::test]
-    async fn finds_model_in_json_and_multipart() {
-        let m = body_model(
-            &Bytes::from_static(br#"{"messages":[],"model":"m1"}"#),
-            Some("application/json"),
-        )
-        .await
-        .unwrap();
-        assert_eq!(m.as_deref(), Some("m1"));
+    #[test]
+    fn finds_model_in_json_and_multipart() {
+        let json = Bytes::from_static(br#"{"messages":[],"model":"m1"}"#);
+        assert_eq!(
+            body_model(&json, Some("application/json"))
+                .unwrap()
+                .as_deref(),
+            Some("m1")
+        );
+        // curl -d labels JSON as a form: the body decides.
+        let ct = Some("application/x-www-form-urlencoded");
+        assert_eq!(body_model(&json, ct).unwrap().as_deref(), Some("m1"));
         let form = "--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XX--\r\n";
-        let m = body_model(&Bytes::from(form), Some("multipart/form-data; boundary=XX"))
-            .await
-            .unwrap();
-        assert_eq!(m.as_deref(), Some("whisper"));
-        assert!(body_model(&Bytes::from_static(b"{not json"), None)
-            .await
-            .is_err());
-        assert!(body_model(&Bytes::from_static(br#"{"model":5}"#), None)
-            .await
-            .is_err());
+        let ct = Some("multipart/form-data; boundary=\"XX\"");
+        assert_eq!(
+            body_model(&Bytes::from(form), ct).unwrap().as_deref(),
+            Some("whisper")
+        );
+        for bad in [
+            &b"{not json"[..],
+            br#"{"model":5}"#,
+            b"\xef\xbb\xbf{\"model\":\"x\"}",
+            b"model=x",
+        ] {
+            assert!(
+                body_model(&Bytes::from_static(bad), None).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }
