@@ -29,6 +29,9 @@ pub enum GatewayError {
     /// The method is not allowed on this path.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
+    /// The client did not send its body within `server.body_timeout`.
+    #[error("the request body did not arrive within {0}")]
+    RequestTimeout(String),
     /// The request body is over `server.max_body_bytes`.
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
@@ -50,6 +53,7 @@ impl GatewayError {
             Self::NotFound { .. } | Self::UnknownDeployment(_) => StatusCode::NOT_FOUND,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -64,6 +68,7 @@ impl GatewayError {
             Self::UnknownDeployment(_) => "unknown_deployment",
             Self::InvalidRequest(_) => "invalid_request",
             Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BackendUnavailable(_) => "backend_unavailable",
             Self::BackendTimeout(_) => "backend_timeout",
@@ -78,6 +83,7 @@ impl GatewayError {
             | Self::UnknownDeployment(_)
             | Self::InvalidRequest(_)
             | Self::MethodNotAllowed(_)
+            | Self::RequestTimeout(_)
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::BackendUnavailable(_)
             | Self::BackendTimeout(_)

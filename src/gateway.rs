@@ -31,6 +31,7 @@ use crate::routing::{BackendTable, BuildError};
 pub struct Snapshot {
     pub backends: BackendTable,
     pub max_body_bytes: u64,
+    pub body_timeout: std::time::Duration,
     /// Pre-rendered `GET /v1/models` body.
     models: Bytes,
 }
@@ -48,6 +49,7 @@ impl Snapshot {
         Ok(Self {
             backends,
             max_body_bytes: v.config.server.max_body_bytes,
+            body_timeout: v.config.server.body_timeout.0,
             models: Bytes::from(models),
         })
     }
@@ -126,18 +128,25 @@ impl Gateway {
         }
         let started = Instant::now();
         let request_id = request_id(req.headers());
-        let mut rec = AuditRecord::new(
-            request_id.clone(),
-            req.method().clone(),
-            req.uri().path().to_owned(),
-        );
+        let mut guard = Unanswered {
+            rec: AuditRecord::new(
+                request_id.clone(),
+                req.method().clone(),
+                req.uri().path().to_owned(),
+            ),
+            gateway: &self,
+            started,
+            armed: true,
+        };
         let snap = self.snapshot.load_full();
-        let mut resp = match self
-            .pipeline(req, &snap, &mut rec, &request_id, started)
-            .await
-        {
+        let result = self
+            .pipeline(req, &snap, &mut guard.rec, &request_id, started)
+            .await;
+        guard.armed = false;
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
+                let mut rec = std::mem::take(&mut guard.rec);
                 rec.status = e.status().as_u16();
                 rec.error_code = Some(e.code());
                 rec.outcome = "refused";
@@ -192,7 +201,14 @@ impl Gateway {
             return self.models(&parts.method, &route, snap, rec, started);
         }
 
-        let body = read_body(&parts.headers, body, snap.max_body_bytes).await?;
+        let body = tokio::time::timeout(
+            snap.body_timeout,
+            read_body(&parts.headers, body, snap.max_body_bytes),
+        )
+        .await
+        .map_err(|_| {
+            GatewayError::RequestTimeout(humantime::format_duration(snap.body_timeout).to_string())
+        })??;
         rec.bytes_in = body.len() as u64;
         let content_type = parts
             .headers
@@ -204,9 +220,7 @@ impl Gateway {
         };
         if let Some(d) = &deployment {
             if !route::valid_name(d) {
-                return Err(GatewayError::UnknownDeployment(
-                    d.escape_default().to_string(),
-                ));
+                return Err(GatewayError::UnknownDeployment(shown(d)));
             }
         } else if route.operation.needs_deployment() {
             return Err(GatewayError::InvalidRequest(
@@ -275,11 +289,7 @@ impl Gateway {
         let body = match route.rest.strip_prefix("models/") {
             None if route.rest == "models" => snap.models.clone(),
             Some(id) if snap.backends.serves(id) => Bytes::from(model_object(id).to_string()),
-            Some(id) => {
-                return Err(GatewayError::UnknownDeployment(
-                    id.escape_default().to_string(),
-                ))
-            }
+            Some(id) => return Err(GatewayError::UnknownDeployment(shown(id))),
             None => {
                 return Err(GatewayError::NotFound {
                     method: method.to_string(),
@@ -296,6 +306,33 @@ impl Gateway {
         self.count(rec, started);
         self.audit.emit(std::mem::take(rec));
         Ok(json_response(StatusCode::OK, body))
+    }
+}
+
+/// Owns a request's audit record until the pipeline hands it on. If the request is
+/// dropped before a response head exists — the client went away while the backend was
+/// still thinking, or the drain timeout ended it — the record is still written and
+/// counted, as status 499 (client closed request).
+struct Unanswered<'a> {
+    rec: AuditRecord,
+    gateway: &'a Gateway,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut rec = std::mem::take(&mut self.rec);
+        rec.status = 499;
+        rec.outcome = "client_disconnected";
+        let elapsed = self.started.elapsed().as_secs_f64() * 1000.0;
+        rec.latency_ms = elapsed;
+        rec.duration_ms = elapsed;
+        self.gateway.count(&rec, self.started);
+        self.gateway.audit.emit(rec);
     }
 }
 
@@ -323,6 +360,15 @@ where
             "could not read the request body: {e}"
         ))),
     }
+}
+
+/// A client-supplied name as it may appear in an error message: escaped, at most 64 chars.
+fn shown(name: &str) -> String {
+    let mut s: String = name.escape_default().take(64).collect();
+    if name.escape_default().count() > 64 {
+        s.push('…');
+    }
+    s
 }
 
 /// The client's `x-request-id` when it is a sane token, else a fresh UUID.

@@ -293,7 +293,11 @@ async fn backend_down_is_502_and_hang_is_504() {
     assert_eq!(a["error_code"], "backend_unavailable");
     assert_eq!(a["backend"], "down");
 
-    let (_sim, gw) = azure_pair("", "timeouts = { first_byte = \"300ms\" }").await;
+    let (_sim, gw) = azure_pair(
+        "",
+        "timeouts = { connect = \"100ms\", first_byte = \"300ms\" }",
+    )
+    .await;
     let started = std::time::Instant::now();
     let resp = gw.chat(false, &[("x-sim-behavior", "hang")]).await;
     assert_eq!(error_code(resp).await, (504, "backend_timeout".into()));
@@ -699,4 +703,32 @@ async fn multipart_model_is_mapped_and_duplicates_refused() {
     let resp = send(form(&["whisper", "gpt-4o-transcribe"])).await.unwrap();
     assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
     assert_eq!(get(&sim.counters().requests), before);
+}
+
+#[tokio::test]
+async fn a_request_abandoned_before_the_answer_is_still_audited() {
+    let (sim, gw) = azure_pair("", "").await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let err = client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("x-sim-behavior", "hang")
+        .header("x-request-id", "gave-up-1")
+        .json(&chat_body(false))
+        .send()
+        .await;
+    assert!(err.is_err(), "the client should have timed out");
+    assert_eq!(
+        get(&sim.counters().requests),
+        1,
+        "the backend had the request"
+    );
+    let a = gw.audit_for("gave-up-1").await;
+    assert_eq!(a["status"], 499);
+    assert_eq!(a["outcome"], "client_disconnected");
+    assert_eq!(a["operation"], "chat");
+    assert_eq!(a["deployment"], "gpt-4o");
 }

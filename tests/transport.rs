@@ -202,3 +202,21 @@ async fn metrics_need_the_admin_token_when_one_is_set() {
     running.shutdown();
     running.wait().await;
 }
+
+#[tokio::test]
+async fn a_trickled_body_is_cut_off_by_the_body_timeout() {
+    let (sim, gw) = azure_pair("body_timeout = \"300ms\"", "").await;
+    let mut s = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "no answer within 5 s");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert_eq!(sim::get(&sim.counters().requests), 0);
+}

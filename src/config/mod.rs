@@ -255,9 +255,17 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
             "must be at most 256 (0 = one per core)",
         );
     }
-    if config.server.header_timeout.0.is_zero() {
-        problem(problems, "server.header_timeout", "must be greater than 0");
-    }
+    check_duration(
+        config.server.header_timeout,
+        "server.header_timeout",
+        problems,
+    );
+    check_duration(config.server.body_timeout, "server.body_timeout", problems);
+    check_duration(
+        config.server.drain_timeout,
+        "server.drain_timeout",
+        problems,
+    );
     let admin_listen = if config.admin.listen.as_str().is_empty() {
         None
     } else {
@@ -309,12 +317,17 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
             );
         }
         for (public, backend) in &b.deployments {
-            if public.is_empty() || backend.as_str().is_empty() || backend.as_str().contains('/') {
-                problem(
-                    problems,
-                    format!("{path}.deployments"),
-                    format!("invalid mapping '{public}' = '{backend}'"),
-                );
+            for name in [public.as_str(), backend.as_str()] {
+                if !crate::route::valid_name(name) {
+                    problem(
+                        problems,
+                        format!("{path}.deployments"),
+                        format!(
+                            "invalid deployment name '{}': use letters, digits, '-', '_', '.' or ':'",
+                            name.escape_default()
+                        ),
+                    );
+                }
             }
         }
         if b.weight == 0 {
@@ -339,13 +352,14 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
             ("first_byte", b.timeouts.first_byte),
             ("idle", b.timeouts.idle),
         ] {
-            if d.0.is_zero() {
-                problem(
-                    problems,
-                    format!("{path}.timeouts.{name}"),
-                    "must be greater than 0",
-                );
-            }
+            check_duration(d, &format!("{path}.timeouts.{name}"), problems);
+        }
+        if b.timeouts.connect.0 >= b.timeouts.first_byte.0 {
+            problem(
+                problems,
+                format!("{path}.timeouts.connect"),
+                "must be shorter than timeouts.first_byte (or a slow connect is never failed over)",
+            );
         }
         if let Some(ca) = &b.ca_file {
             let p = base_dir.join(ca.as_str());
@@ -379,6 +393,16 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
             ),
             BackendAuthConfig::None => None,
         };
+        if let Some(s) = &secret {
+            // It is sent as a header value: refuse what cannot be one (a two-line key file).
+            if !s.expose().bytes().all(|c| c.is_ascii_graphic()) {
+                problem(
+                    problems,
+                    format!("{path}.auth"),
+                    "the key may only contain printable ASCII without spaces",
+                );
+            }
+        }
         backend_secrets.push(secret);
     }
 
@@ -390,6 +414,18 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
         base_dir: base_dir.to_path_buf(),
         config,
     })
+}
+
+/// Longest duration accepted anywhere: longer values are typos or attempts to disable a
+/// timeout, and would overflow deadline arithmetic.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn check_duration(d: Dur, path: &str, problems: &mut Vec<Problem>) {
+    if d.0.is_zero() {
+        problem(problems, path, "must be greater than 0");
+    } else if d.0 > MAX_DURATION {
+        problem(problems, path, "must be at most 24h");
+    }
 }
 
 fn check_backend_url(url: &str, path: &str, problems: &mut Vec<Problem>) {

@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub header_timeout: Dur,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// Time a client has to send its whole request body once its headers are in.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: Dur,
     /// Worker threads, each with its own listener and upstream pools; 0 = one per core.
     #[serde(default)]
     pub workers: usize,
@@ -48,6 +51,7 @@ impl Default for ServerConfig {
             max_body_bytes: default_max_body(),
             header_timeout: default_header_timeout(),
             drain_timeout: default_drain_timeout(),
+            body_timeout: default_body_timeout(),
             workers: 0,
         }
     }
@@ -61,6 +65,9 @@ fn default_max_body() -> u64 {
 }
 fn default_header_timeout() -> Dur {
     Dur(Duration::from_secs(10))
+}
+fn default_body_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 fn default_drain_timeout() -> Dur {
     Dur(Duration::from_secs(30))

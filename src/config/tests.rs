@@ -125,3 +125,36 @@ fn syntax_error_has_line() {
     let err = load("[server\nlisten = 1").unwrap_err();
     assert_eq!(err.problems[0].line, Some(1));
 }
+
+#[test]
+fn refuses_unsafe_names_keys_and_durations() {
+    let text = r#"
+[server]
+body_timeout = "300000000000y"
+
+[[backends]]
+name = "a"
+url = "http://127.0.0.1:9"
+deployments = { "gpt 4o" = "x?api-version=1" }
+timeouts = { connect = "90s", first_byte = "60s" }
+auth = { type = "api_key", key = "two\nlines" }
+"#;
+    let err = load(text).unwrap_err();
+    let shown: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+    for e in [
+        "server.body_timeout (line 3): must be at most 24h",
+        "backends[0].deployments (line 8): invalid deployment name 'gpt 4o'",
+        "backends[0].deployments (line 8): invalid deployment name 'x?api-version=1'",
+        "backends[0].timeouts.connect (line 9): must be shorter",
+        "backends[0].auth (line 10): the key may only contain printable ASCII",
+    ] {
+        assert!(
+            shown.iter().any(|s| s.starts_with(e)),
+            "missing {e} in {shown:#?}"
+        );
+    }
+    assert!(
+        !err.to_string().contains("two\nlines"),
+        "secret echoed: {err}"
+    );
+}
