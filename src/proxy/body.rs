@@ -167,3 +167,65 @@ impl HttpBody for Relay {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use http::{HeaderValue, Method};
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::proxy::pool::tests::{chat, pool_for};
+    use crate::sim::{SimHandle, SimOptions};
+
+    fn finish(dir: &tempfile::TempDir) -> Finish {
+        let metrics = Arc::new(Metrics::new());
+        let path = dir.path().join("audit.log");
+        let (audit, _writer) = AuditSink::start(&path.to_string_lossy(), metrics.clone()).unwrap();
+        Finish {
+            record: AuditRecord::new(HeaderValue::from_static("t"), Method::POST, "/".into()),
+            started: Instant::now(),
+            audit,
+            metrics,
+        }
+    }
+
+    #[tokio::test]
+    async fn relay_returns_the_connection_only_after_a_clean_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimHandle::start(SimOptions {
+            token_latency: Duration::from_millis(20),
+            ..SimOptions::default()
+        })
+        .await
+        .unwrap();
+        let pool = pool_for(&sim.url(), false);
+        let idle = Duration::from_secs(5);
+
+        // Read to the end (streamed and not): the connection goes back.
+        for stream in [true, false] {
+            let (resp, lease) = pool.send(chat(&sim.url(), stream, None)).await.unwrap();
+            let relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+            relay.collect().await.unwrap();
+            assert_eq!(pool.idle_count(0), 1, "stream = {stream}");
+        }
+
+        // Dropped after the first event (the client went away): it does not.
+        let (resp, lease) = pool.send(chat(&sim.url(), true, None)).await.unwrap();
+        assert_eq!(pool.idle_count(0), 0, "the idle one is in use");
+        let mut relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+        relay.frame().await.unwrap().unwrap();
+        drop(relay);
+        assert_eq!(pool.idle_count(0), 0);
+
+        // A body that failed midway: not either.
+        let (resp, lease) = pool
+            .send(chat(&sim.url(), true, Some("reset:2")))
+            .await
+            .unwrap();
+        let relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+        assert!(relay.collect().await.is_err());
+        assert_eq!(pool.idle_count(0), 0);
+    }
+}

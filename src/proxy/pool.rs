@@ -24,11 +24,13 @@
 //! on a fresh connection; nothing that may have been sent is ever resent.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
@@ -380,107 +382,149 @@ impl Pool {
 
     /// Send `req` (absolute URI on this backend) on the calling worker's connections.
     /// The [`Lease`] must live as long as the response body is read.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: the returned future is exactly the HTTP/1.1 or HTTP/2 one, so it
+    /// stays small (it is moved into the request's future on every request).
+    pub fn send(
         &self,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), PoolError> {
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), PoolError>> + Send + '_ {
         let worker = crate::worker::index() % self.inner.slots.len();
         if self.inner.target.http2 {
-            self.send_h2(worker, req).await
+            Either::Right(self.send_h2(worker, req))
         } else {
-            self.send_h1(worker, req).await
+            Either::Left(self.send_h1(worker, req))
         }
     }
 
-    async fn send_h1(
+    // Not an `async fn`: the body's block owns `req` once (an `async fn` would keep the
+    // argument and its moved copy side by side in the future).
+    fn send_h1(
         &self,
         worker: usize,
         mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), PoolError> {
-        let t = &self.inner.target;
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), PoolError>> + Send + '_ {
         req.headers_mut()
-            .insert(header::HOST, t.host_header.clone());
+            .insert(header::HOST, self.inner.target.host_header.clone());
         origin_form(req.uri_mut());
-        loop {
-            let Some(mut conn) = self.inner.slot(worker).idle.pop(Instant::now()) else {
-                break;
-            };
-            // Returned connections are normally ready at once; briefly wait otherwise.
-            if !conn.is_ready() && !ready_within(&mut conn, t.connect_timeout).await {
-                continue;
+        async move {
+            let mut use_idle = true;
+            loop {
+                let idle = if use_idle {
+                    self.checkout_h1(worker).await
+                } else {
+                    None
+                };
+                let reused = idle.is_some();
+                let mut conn = match idle {
+                    Some(c) => c,
+                    // Connecting is the cold path and its future is large (TLS state): boxed,
+                    // so the per-request future that is moved around stays small.
+                    None => Box::pin(self.connect_h1()).await?,
+                };
+                match conn.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, self.lease(worker, conn))),
+                    Err(mut e) => match (e.take_message(), reused) {
+                        // Never written: the backend had closed this idle connection. Once,
+                        // on a fresh connection (not another idle one that may be as stale).
+                        (Some(unsent), true) => {
+                            tracing::debug!(error = %e.error(), "idle upstream connection was closed; retrying on a new one");
+                            req = unsent;
+                            use_idle = false;
+                        }
+                        (Some(_), false) => {
+                            return Err(PoolError::Connect(ConnectError::Unsent(e.into_error())))
+                        }
+                        (None, _) => return Err(PoolError::Request(e.into_error())),
+                    },
+                }
             }
-            match conn.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.lease(worker, conn))),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the backend had closed this idle connection. Once,
-                    // on a fresh connection (not another idle one that may be as stale).
-                    Some(unsent) => {
-                        tracing::debug!(error = %e.error(), "idle upstream connection was closed; retrying on a new one");
-                        req = unsent;
-                        break;
-                    }
-                    None => return Err(PoolError::Request(e.into_error())),
-                },
-            }
-        }
-        let mut conn = self.connect_h1().await?;
-        match conn.try_send_request(req).await {
-            Ok(resp) => Ok((resp, self.lease(worker, conn))),
-            Err(mut e) => Err(match e.take_message() {
-                Some(_) => PoolError::Connect(ConnectError::Unsent(e.into_error())),
-                None => PoolError::Request(e.into_error()),
-            }),
         }
     }
 
-    async fn send_h2(
+    /// The calling worker's most recent idle connection that can take a request now.
+    async fn checkout_h1(&self, worker: usize) -> Option<H1> {
+        loop {
+            let mut conn = self.inner.slot(worker).idle.pop(Instant::now())?;
+            // Returned connections are normally ready at once; briefly wait otherwise.
+            if conn.is_ready() || ready_within(&mut conn, self.inner.target.connect_timeout).await {
+                return Some(conn);
+            }
+        }
+    }
+
+    // Not an `async fn`, for the same reason as `send_h1`.
+    #[allow(clippy::manual_async_fn)]
+    fn send_h2(
         &self,
         worker: usize,
-        req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), PoolError> {
-        let shared = {
-            let mut slot = self.inner.slot(worker);
-            match &mut slot.h2 {
-                Some((tx, used)) if !tx.is_closed() => {
-                    *used = Instant::now();
-                    Some(tx.clone())
-                }
-                _ => {
-                    slot.h2 = None;
+        mut req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), PoolError>> + Send + '_ {
+        async move {
+            let mut use_shared = true;
+            loop {
+                let shared = if use_shared {
+                    self.checkout_h2(worker)
+                } else {
                     None
+                };
+                let reused = shared.is_some();
+                let mut tx = match shared {
+                    Some(tx) => tx,
+                    None => {
+                        let tx = Box::pin(self.connect_h2()).await?;
+                        self.keep_h2(worker, &tx);
+                        tx
+                    }
+                };
+                match tx.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, Lease::none())),
+                    Err(mut e) => match (e.take_message(), reused) {
+                        (Some(unsent), true) => {
+                            tracing::debug!(error = %e.error(), "HTTP/2 upstream connection was closed; retrying on a new one");
+                            req = unsent;
+                            use_shared = false;
+                        }
+                        (Some(_), false) => {
+                            return Err(PoolError::Connect(ConnectError::Unsent(e.into_error())))
+                        }
+                        (None, _) => return Err(PoolError::Request(e.into_error())),
+                    },
                 }
             }
-        };
-        let req = match shared {
-            Some(mut tx) => match tx.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lease::none())),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => {
-                        tracing::debug!(error = %e.error(), "HTTP/2 upstream connection was closed; retrying on a new one");
-                        unsent
-                    }
-                    None => return Err(PoolError::Request(e.into_error())),
-                },
-            },
-            None => req,
-        };
-        let mut tx = self.connect_h2().await?;
-        {
-            let mut slot = self.inner.slot(worker);
-            // Concurrent first requests may each connect; the first one kept wins and
-            // the others' connections close when their streams end.
-            if !matches!(&slot.h2, Some((cur, _)) if !cur.is_closed()) {
-                slot.h2 = Some((tx.clone(), Instant::now()));
-                self.inner.ensure_sweeper(worker, &mut slot);
+        }
+    }
+
+    /// The calling worker's HTTP/2 connection, if it has an open one.
+    fn checkout_h2(&self, worker: usize) -> Option<H2> {
+        let mut slot = self.inner.slot(worker);
+        match &mut slot.h2 {
+            Some((tx, used)) if !tx.is_closed() => {
+                *used = Instant::now();
+                Some(tx.clone())
+            }
+            _ => {
+                slot.h2 = None;
+                None
             }
         }
-        match tx.try_send_request(req).await {
-            Ok(resp) => Ok((resp, Lease::none())),
-            Err(mut e) => Err(match e.take_message() {
-                Some(_) => PoolError::Connect(ConnectError::Unsent(e.into_error())),
-                None => PoolError::Request(e.into_error()),
-            }),
+    }
+
+    /// Share a new HTTP/2 connection with the worker's next requests. Concurrent first
+    /// requests may each connect; the first one kept wins and the others' connections
+    /// close when their streams end.
+    fn keep_h2(&self, worker: usize, tx: &H2) {
+        let mut slot = self.inner.slot(worker);
+        if !matches!(&slot.h2, Some((cur, _)) if !cur.is_closed()) {
+            slot.h2 = Some((tx.clone(), Instant::now()));
+            self.inner.ensure_sweeper(worker, &mut slot);
         }
+    }
+
+    /// Idle HTTP/1.1 connections of a worker (for tests).
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self, worker: usize) -> usize {
+        self.inner.slot(worker).idle.len()
     }
 
     fn lease(&self, worker: usize, conn: H1) -> Lease {
@@ -589,13 +633,14 @@ where
 }
 
 /// `scheme://authority/path?q` → `/path?q`, as HTTP/1.1 requests to an origin are sent.
+/// Moves the path out rather than copying it.
 fn origin_form(uri: &mut Uri) {
     if uri.scheme().is_none() && uri.authority().is_none() {
         return;
     }
-    let pq = uri
-        .path_and_query()
-        .cloned()
+    let pq = std::mem::take(uri)
+        .into_parts()
+        .path_and_query
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *uri = Uri::from(pq);
 }
@@ -635,3 +680,259 @@ const _: fn() = || {
     fn send<T: Send>() {}
     send::<Lease>();
 };
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::sim::{get, SimHandle, SimOptions};
+
+    /// A stand-in connection whose closed flag a test flips.
+    #[derive(Clone)]
+    struct Fake(u32, Rc<Cell<bool>>);
+
+    impl Fake {
+        fn new(id: u32) -> Self {
+            Self(id, Rc::new(Cell::new(false)))
+        }
+    }
+
+    impl Liveness for Fake {
+        fn is_closed(&self) -> bool {
+            self.1.get()
+        }
+    }
+
+    fn ids(l: &mut IdleList<Fake>, now: Instant) -> Vec<u32> {
+        std::iter::from_fn(|| l.pop(now)).map(|c| c.0).collect()
+    }
+
+    #[test]
+    fn idle_list_is_lifo_and_skips_closed() {
+        let t0 = Instant::now();
+        let mut l = IdleList::new();
+        let (a, b, c) = (Fake::new(1), Fake::new(2), Fake::new(3));
+        for f in [&a, &b, &c] {
+            l.push(f.clone(), t0, 8);
+        }
+        b.1.set(true);
+        assert_eq!(
+            ids(&mut l, t0),
+            [3, 1],
+            "most recent first; closed one dropped"
+        );
+        let closed = Fake::new(4);
+        closed.1.set(true);
+        l.push(closed, t0, 8);
+        assert_eq!(l.len(), 0, "a closed connection is never kept");
+    }
+
+    #[test]
+    fn idle_list_expires_and_caps() {
+        let t0 = Instant::now();
+        let mut l = IdleList::new();
+        l.push(Fake::new(1), t0, 8);
+        l.push(Fake::new(2), t0 + Duration::from_secs(60), 8);
+        let later = t0 + IDLE_TIMEOUT + Duration::from_secs(1);
+        l.sweep(later);
+        assert_eq!(ids(&mut l, later), [2], "the older one expired");
+
+        l.push(Fake::new(1), t0, 8);
+        l.push(Fake::new(2), t0 + Duration::from_secs(60), 8);
+        assert!(l.pop(t0 + Duration::from_secs(200)).is_none());
+        assert_eq!(
+            l.len(),
+            0,
+            "popping an expired one clears the older ones too"
+        );
+
+        for i in 0..5 {
+            l.push(Fake::new(i), t0, 3);
+        }
+        assert_eq!(
+            ids(&mut l, t0),
+            [4, 3, 2],
+            "the oldest are evicted beyond the cap"
+        );
+    }
+
+    #[test]
+    fn origin_form_keeps_path_and_query() {
+        let mut u: Uri = "http://h:1/openai/x?api-version=1&a=b".parse().unwrap();
+        origin_form(&mut u);
+        assert_eq!(u, "/openai/x?api-version=1&a=b");
+        let mut u: Uri = "https://h".parse().unwrap();
+        origin_form(&mut u);
+        assert_eq!(u, "/");
+    }
+
+    pub(crate) fn pool_for(url: &str, http2: bool) -> Pool {
+        let uri: Uri = url.parse().unwrap();
+        let opts = PoolOptions {
+            connect_timeout: Duration::from_secs(2),
+            http2,
+            extra_ca_file: None,
+            workers: 1,
+        };
+        Pool::new(uri.scheme().unwrap(), uri.authority().unwrap(), &opts).unwrap()
+    }
+
+    pub(crate) fn chat(base: &str, stream: bool, behavior: Option<&str>) -> Request<UpstreamBody> {
+        let body =
+            format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"stream":{stream}}}"#);
+        let mut b = Request::post(format!(
+            "{base}/openai/deployments/d/chat/completions?api-version=2024-10-21"
+        ))
+        .header("content-type", "application/json");
+        if let Some(x) = behavior {
+            b = b.header("x-sim-behavior", x);
+        }
+        b.body(Full::new(Bytes::from(body))).unwrap()
+    }
+
+    /// Read a whole response body, then release its connection as `Relay` does.
+    async fn finish(resp: Response<Incoming>, mut lease: Lease) -> Bytes {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        lease.release();
+        body
+    }
+
+    #[tokio::test]
+    async fn keep_alive_connections_are_reused() {
+        let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+        let pool = pool_for(&sim.url(), false);
+        for i in 0..10 {
+            let (resp, lease) = pool.send(chat(&sim.url(), i % 2 == 0, None)).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert!(!finish(resp, lease).await.is_empty());
+        }
+        assert_eq!(get(&sim.counters().requests), 10);
+        assert_eq!(
+            get(&sim.counters().connections),
+            1,
+            "one connection for all"
+        );
+        assert_eq!(pool.inner.slot(0).idle.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_body_was_abandoned_is_not_reused() {
+        let sim = SimHandle::start(SimOptions {
+            token_latency: Duration::from_millis(30),
+            ..SimOptions::default()
+        })
+        .await
+        .unwrap();
+        let pool = pool_for(&sim.url(), false);
+        let (resp, lease) = pool.send(chat(&sim.url(), true, None)).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop(body);
+        drop(lease);
+        assert_eq!(pool.inner.slot(0).idle.len(), 0);
+        let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        finish(resp, lease).await;
+        assert_eq!(get(&sim.counters().connections), 2);
+        // And the clean one is reused.
+        let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+        finish(resp, lease).await;
+        assert_eq!(get(&sim.counters().connections), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_backend_closed_is_replaced() {
+        let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+        let addr = sim.addr;
+        let url = sim.url();
+        let pool = pool_for(&url, false);
+        let (resp, lease) = pool.send(chat(&url, false, None)).await.unwrap();
+        finish(resp, lease).await;
+        assert_eq!(pool.inner.slot(0).idle.len(), 1);
+        sim.stop().await;
+        let sim = SimHandle::start_on(addr, SimOptions::default())
+            .await
+            .unwrap();
+        let (resp, lease) = pool.send(chat(&url, false, None)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        finish(resp, lease).await;
+        assert_eq!(get(&sim.counters().connections), 1);
+    }
+
+    #[tokio::test]
+    async fn errors_tell_connect_failures_from_failed_requests() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let err = pool_for(&url, false)
+            .send(chat(&url, false, None))
+            .await
+            .unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        let err = pool_for(&url, true)
+            .send(chat(&url, false, None))
+            .await
+            .unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+
+        // The backend resets the stream mid-body: the body fails, the lease is dropped.
+        let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+        let pool = pool_for(&sim.url(), false);
+        let (resp, lease) = pool
+            .send(chat(&sim.url(), true, Some("reset:2")))
+            .await
+            .unwrap();
+        assert!(resp.into_body().collect().await.is_err());
+        drop(lease);
+        assert_eq!(pool.inner.slot(0).idle.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+        let pool = pool_for(&sim.url(), true);
+        let sends = (0..8).map(|i| pool.send(chat(&sim.url(), i % 2 == 0, None)));
+        for r in futures_util::future::join_all(sends).await {
+            let (resp, lease) = r.unwrap();
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            finish(resp, lease).await;
+        }
+        let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+        finish(resp, lease).await;
+        assert!(
+            get(&sim.counters().connections) <= 8,
+            "concurrent first requests may each connect"
+        );
+        let before = get(&sim.counters().connections);
+        for _ in 0..5 {
+            let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+            finish(resp, lease).await;
+        }
+        assert_eq!(
+            get(&sim.counters().connections),
+            before,
+            "then one is shared"
+        );
+    }
+
+    #[test]
+    fn the_per_request_future_stays_small() {
+        let pool = pool_for("http://127.0.0.1:1", false);
+        let f = pool.send(Request::new(UpstreamBody::default()));
+        // It is moved into every request's future; connecting (large, TLS) is boxed.
+        assert!(
+            std::mem::size_of_val(&f) <= 1024,
+            "{}",
+            std::mem::size_of_val(&f)
+        );
+    }
+}
