@@ -271,7 +271,12 @@ impl Gateway {
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
         };
-        let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish);
+        let relay = Relay::new(
+            upstream_body,
+            answer.backend.idle_timeout,
+            finish,
+            answer.lease,
+        );
         Ok(Response::from_parts(head, relay.boxed_unsync()))
     }
 

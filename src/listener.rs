@@ -46,6 +46,20 @@ pub async fn serve<S, F>(
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with(listener, service, opts, shutdown, || {}).await;
+}
+
+/// [`serve`], calling `on_accept` for every accepted connection (the simulator counts them).
+pub async fn serve_with<S, F>(
+    listener: TcpListener,
+    service: S,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+    mut on_accept: impl FnMut(),
+) where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -71,6 +85,7 @@ pub async fn serve<S, F>(
             },
             () = &mut shutdown => break,
         };
+        on_accept();
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
         let hyper_svc = hyper::service::service_fn(move |req| {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 use crate::config::{BackendKind, Validated};
-use crate::proxy::client::{self, UpstreamClient};
+use crate::proxy::pool::{self, Pool};
 use crate::upstream_auth::Credential;
 
 /// One backend, ready to receive requests.
@@ -36,15 +36,8 @@ pub struct Backend {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub credential: Credential,
-    /// One pooled client per worker, so a worker only uses connections it owns.
-    clients: Vec<UpstreamClient>,
-}
-
-impl Backend {
-    /// The upstream client of the calling worker.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.clients[crate::worker::index() % self.clients.len()]
-    }
+    /// Upstream connections, one slot per worker, so a worker only uses connections it owns.
+    pub pool: Pool,
 }
 
 /// Default Azure data-plane API version when neither client nor config names one.
@@ -56,7 +49,7 @@ pub enum BuildError {
     #[error("backends[{0}].auth: {1}")]
     Credential(usize, crate::upstream_auth::InvalidCredential),
     #[error("backends[{0}]: {1}")]
-    Client(usize, client::ClientError),
+    Client(usize, pool::SetupError),
     #[error("backends[{0}].url: {1}")]
     Url(usize, String),
 }
@@ -73,7 +66,7 @@ pub struct BackendTable {
 }
 
 impl BackendTable {
-    /// Build the table, creating one pooled upstream client per backend.
+    /// Build the table, creating one upstream connection pool per backend.
     pub fn build(v: &Validated) -> Result<Self, BuildError> {
         let mut backends = Vec::with_capacity(v.config.backends.len());
         for (i, b) in v.config.backends.iter().enumerate() {
@@ -91,16 +84,14 @@ impl BackendTable {
             let credential = Credential::new(&b.auth, b.kind, v.backend_secrets[i].as_ref())
                 .map_err(|e| BuildError::Credential(i, e))?;
             let ca = b.ca_file.as_ref().map(|f| v.base_dir.join(f.as_str()));
-            let opts = client::ClientOptions {
+            let opts = pool::PoolOptions {
                 connect_timeout: b.timeouts.connect.0,
                 http2: b.http2,
                 extra_ca_file: ca,
+                workers: crate::worker::count(v.config.server.workers),
             };
-            let workers = crate::worker::count(v.config.server.workers);
-            let clients = (0..workers)
-                .map(|_| client::build(opts.clone()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| BuildError::Client(i, e))?;
+            let pool =
+                Pool::new(&scheme, &authority, &opts).map_err(|e| BuildError::Client(i, e))?;
             backends.push(Arc::new(Backend {
                 name: b.name.to_string(),
                 label: Arc::new(b.name.to_string()),
@@ -123,7 +114,7 @@ impl BackendTable {
                 first_byte_timeout: b.timeouts.first_byte.0,
                 idle_timeout: b.timeouts.idle.0,
                 credential,
-                clients,
+                pool,
             }));
         }
         Ok(Self::from_backends(backends))

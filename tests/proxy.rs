@@ -732,3 +732,67 @@ async fn a_request_abandoned_before_the_answer_is_still_audited() {
     assert_eq!(a["operation"], "chat");
     assert_eq!(a["deployment"], "gpt-4o");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let (sim, gw) = azure_pair("workers = 1", "").await;
+    for i in 0..20 {
+        let resp = http()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .json(&chat_body(i % 2 == 0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(!resp.bytes().await.unwrap().is_empty());
+    }
+    assert_eq!(get(&sim.counters().requests), 20);
+    assert_eq!(
+        get(&sim.counters().connections),
+        1,
+        "sequential requests share one keep-alive connection"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_whose_stream_the_client_abandoned_is_not_reused() {
+    let sim = sim_with(Duration::from_millis(50)).await;
+    let b = backend(
+        "sim",
+        &sim.url(),
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
+    let gw = Gateway::start("workers = 1", &b).await;
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    wait_until(
+        "backend sees the stream cancelled",
+        Duration::from_secs(5),
+        || get(&sim.counters().streams_cancelled) == 1,
+    )
+    .await;
+    for _ in 0..3 {
+        let resp = http()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .json(&chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["object"], "chat.completion");
+    }
+    assert_eq!(
+        get(&sim.counters().connections),
+        2,
+        "the abandoned connection was closed; the next one is then reused"
+    );
+}

@@ -3,8 +3,9 @@
 //! [`Relay`] passes frames through as they arrive — no buffering, no re-chunking, so
 //! Server-Sent Events reach the client event by event. It counts bytes, enforces the
 //! backend's idle timeout between frames, and when the body ends or is dropped (the client
-//! went away) it finishes the request's audit record exactly once. Dropping it drops the
-//! upstream body, which closes that upstream connection and so cancels the backend's work.
+//! went away) it finishes the request's audit record exactly once. A body read to its end
+//! releases its upstream connection back to the pool ([`Lease`]); dropping it earlier drops
+//! the upstream body and the connection, which closes it and so cancels the backend's work.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +21,7 @@ use tokio::time::Sleep;
 use crate::audit::{AuditRecord, AuditSink};
 use crate::error::BoxError;
 use crate::metrics::Metrics;
+use crate::proxy::pool::Lease;
 use std::sync::Arc;
 
 /// The upstream went silent for longer than the backend's idle timeout.
@@ -56,14 +58,21 @@ pin_project! {
         last_frame: Instant,
         bytes: u64,
         finish: Option<Finish>,
+        // The upstream connection, released to the pool only at a clean end of the body.
+        lease: Lease,
     }
 
     impl PinnedDrop for Relay {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
+            // A body of known length may be dropped right after its last byte (or never
+            // polled at all when it is empty): that is still a clean end.
+            let ended = this.inner.is_end_stream();
+            if ended {
+                this.lease.release();
+            }
             if let Some(f) = this.finish.take() {
-                // A body of known length may be dropped right after its last byte.
-                let outcome = if this.inner.is_end_stream() { "complete" } else { "client_disconnected" };
+                let outcome = if ended { "complete" } else { "client_disconnected" };
                 f.done(*this.bytes, outcome);
             }
         }
@@ -71,8 +80,9 @@ pin_project! {
 }
 
 impl Relay {
-    /// Wrap an upstream body. `finish` is completed when the body ends.
-    pub fn new(inner: Incoming, idle_timeout: Duration, finish: Finish) -> Self {
+    /// Wrap an upstream body. `finish` is completed when the body ends; `lease` is
+    /// released when it ends cleanly.
+    pub fn new(inner: Incoming, idle_timeout: Duration, finish: Finish, lease: Lease) -> Self {
         finish.metrics.streams_in_flight.inc();
         let now = Instant::now();
         Self {
@@ -82,6 +92,7 @@ impl Relay {
             last_frame: now,
             bytes: 0,
             finish: Some(finish),
+            lease,
         }
     }
 }
@@ -103,6 +114,7 @@ impl HttpBody for Relay {
                 // Cheap per-frame bookkeeping; the timer is only re-armed when it fires.
                 *this.last_frame = Instant::now();
                 if this.inner.is_end_stream() {
+                    this.lease.release();
                     if let Some(f) = this.finish.take() {
                         f.done(*this.bytes, "complete");
                     }
@@ -110,12 +122,15 @@ impl HttpBody for Relay {
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
+                // Never reuse a connection whose body failed, whatever is polled later.
+                *this.lease = Lease::none();
                 if let Some(f) = this.finish.take() {
                     f.done(*this.bytes, "upstream_error");
                 }
                 return Poll::Ready(Some(Err(Box::new(e))));
             }
             Poll::Ready(None) => {
+                this.lease.release();
                 if let Some(f) = this.finish.take() {
                     f.done(*this.bytes, "complete");
                 }
@@ -136,6 +151,7 @@ impl HttpBody for Relay {
                 idle.as_mut().reset(deadline.into());
                 continue;
             }
+            *this.lease = Lease::none();
             if let Some(f) = this.finish.take() {
                 f.done(*this.bytes, "idle_timeout");
             }
@@ -149,5 +165,67 @@ impl HttpBody for Relay {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use http::{HeaderValue, Method};
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::proxy::pool::tests::{chat, pool_for};
+    use crate::sim::{SimHandle, SimOptions};
+
+    fn finish(dir: &tempfile::TempDir) -> Finish {
+        let metrics = Arc::new(Metrics::new());
+        let path = dir.path().join("audit.log");
+        let (audit, _writer) = AuditSink::start(&path.to_string_lossy(), metrics.clone()).unwrap();
+        Finish {
+            record: AuditRecord::new(HeaderValue::from_static("t"), Method::POST, "/".into()),
+            started: Instant::now(),
+            audit,
+            metrics,
+        }
+    }
+
+    #[tokio::test]
+    async fn relay_returns_the_connection_only_after_a_clean_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimHandle::start(SimOptions {
+            token_latency: Duration::from_millis(20),
+            ..SimOptions::default()
+        })
+        .await
+        .unwrap();
+        let pool = pool_for(&sim.url(), false);
+        let idle = Duration::from_secs(5);
+
+        // Read to the end (streamed and not): the connection goes back.
+        for stream in [true, false] {
+            let (resp, lease) = pool.send(chat(&sim.url(), stream, None)).await.unwrap();
+            let relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+            relay.collect().await.unwrap();
+            assert_eq!(pool.idle_count(0), 1, "stream = {stream}");
+        }
+
+        // Dropped after the first event (the client went away): it does not.
+        let (resp, lease) = pool.send(chat(&sim.url(), true, None)).await.unwrap();
+        assert_eq!(pool.idle_count(0), 0, "the idle one is in use");
+        let mut relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+        relay.frame().await.unwrap().unwrap();
+        drop(relay);
+        assert_eq!(pool.idle_count(0), 0);
+
+        // A body that failed midway: not either.
+        let (resp, lease) = pool
+            .send(chat(&sim.url(), true, Some("reset:2")))
+            .await
+            .unwrap();
+        let relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+        assert!(relay.collect().await.is_err());
+        assert_eq!(pool.idle_count(0), 0);
     }
 }

@@ -7,8 +7,8 @@
 //! The response body is relayed by [`body::Relay`] without buffering.
 
 pub mod body;
-pub mod client;
 pub mod multipart;
+pub mod pool;
 pub mod rewrite;
 
 use std::sync::Arc;
@@ -122,6 +122,8 @@ pub struct Outgoing<'a> {
 /// A backend's answer and who gave it.
 pub struct Answer {
     pub response: Response<Incoming>,
+    /// Holds the upstream connection until the body has been read; see [`pool::Lease`].
+    pub lease: pool::Lease,
     pub backend: Arc<Backend>,
     pub attempts: u32,
 }
@@ -181,15 +183,15 @@ pub async fn forward(
         }
         backend.credential.apply(req.headers_mut());
         attempts += 1;
-        let sent =
-            tokio::time::timeout(backend.first_byte_timeout, backend.client().request(req)).await;
+        let sent = tokio::time::timeout(backend.first_byte_timeout, backend.pool.send(req)).await;
         let outcome = match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, lease))) => {
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
                     record(metrics, &backend, "rate_limited");
                     tracing::info!(backend = %backend.name, "backend answered 429; trying the next one");
                     rate_limited = Some(Answer {
                         response: resp,
+                        lease,
                         backend,
                         attempts,
                     });
@@ -198,6 +200,7 @@ pub async fn forward(
                 record(metrics, &backend, "response");
                 return Ok(Answer {
                     response: resp,
+                    lease,
                     backend,
                     attempts,
                 });

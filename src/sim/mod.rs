@@ -80,6 +80,8 @@ pub struct Captured {
 /// Counters a test can wait on.
 #[derive(Debug, Default)]
 pub struct SimCounters {
+    /// TCP connections accepted (a pooling client opens few).
+    pub connections: AtomicU64,
     pub requests: AtomicU64,
     pub streams_started: AtomicU64,
     pub streams_completed: AtomicU64,
@@ -129,9 +131,18 @@ impl SimHandle {
             drain_timeout: Duration::from_millis(100),
             ..ServeOptions::default()
         };
-        let task = tokio::spawn(listener::serve(listener, svc, opts, async {
-            let _ = stopped.await;
-        }));
+        let counted = state.clone();
+        let task = tokio::spawn(listener::serve_with(
+            listener,
+            svc,
+            opts,
+            async {
+                let _ = stopped.await;
+            },
+            move || {
+                counted.counters.connections.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
         Ok(Self {
             addr,
             state,
