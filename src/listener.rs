@@ -1,12 +1,15 @@
 //! Listener: the accept loop shared by the gateway, the admin endpoint and the simulator.
 //!
 //! HTTP/1.1 and h2c on one port (hyper-util `auto`), TCP_NODELAY on every accepted
-//! socket, a header read timeout against slow clients, and graceful shutdown: when the
+//! socket, a header read timeout against slow clients (which also closes connections that
+//! send no first request at all), and graceful shutdown: when the
 //! shutdown future resolves the listener closes, idle connections close, and in-flight
 //! requests (including long streams) get up to `drain_timeout` to finish.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -88,7 +91,10 @@ pub async fn serve_with<S, F>(
         on_accept();
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
+        let first_request = Arc::new(AtomicBool::new(false));
+        let seen = first_request.clone();
         let hyper_svc = hyper::service::service_fn(move |req| {
+            seen.store(true, Ordering::Relaxed);
             let fut = svc(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
@@ -96,8 +102,25 @@ pub async fn serve_with<S, F>(
             .serve_connection(TokioIo::new(stream), hyper_svc)
             .into_owned();
         let conn = graceful.watch(conn);
+        let first_deadline = opts.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper's header timeout starts only once bytes arrive (and hyper-util reads the
+            // HTTP/2 preface with no timer at all): a connection that never sends a complete
+            // first request is closed here, so idle sockets cannot exhaust file descriptors.
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = &mut conn => Some(r),
+                () = tokio::time::sleep(first_deadline) => None,
+            };
+            let result = match ended {
+                Some(r) => r,
+                None if first_request.load(Ordering::Relaxed) => conn.await,
+                None => {
+                    tracing::debug!("closing a connection that sent no request in time");
+                    return;
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

@@ -220,3 +220,26 @@ async fn a_trickled_body_is_cut_off_by_the_body_timeout() {
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     assert_eq!(sim::get(&sim.counters().requests), 0);
 }
+
+#[tokio::test]
+async fn connections_that_send_no_request_are_closed() {
+    let (_sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] {
+        let mut s = tokio::net::TcpStream::connect(gw.running.addr)
+            .await
+            .unwrap();
+        s.write_all(opening).await.unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "idle connection still open after 5 s ({opening:?})"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+    // A first request that takes longer than the header timeout to answer is not cut.
+    let resp = gw.chat(true, &[("x-sim-behavior", "latency:60")]).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+}
