@@ -47,6 +47,10 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
+    /// Stops the admin listener, after the workers have drained.
+    admin_stop: watch::Sender<bool>,
+    /// Time between reporting not-ready and closing the listeners.
+    shutdown_delay: Duration,
     /// Worker threads serving the client listener.
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Tasks on the caller's runtime (the admin listener).
@@ -89,6 +93,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let (stop, stopped) = watch::channel(false);
+    let (admin_stop, admin_stopped) = watch::channel(false);
     let opts = ServeOptions {
         header_timeout: v.config.server.header_timeout.0,
         drain_timeout: v.config.server.drain_timeout.0,
@@ -122,7 +127,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
                 drain_timeout: Duration::from_secs(1),
                 ..opts
             },
-            wait_for(stopped),
+            wait_for(admin_stopped),
         )));
     }
     tracing::info!(%addr, admin = ?admin_addr, workers, backends = v.config.backends.len(), "portcullis is listening");
@@ -131,6 +136,8 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         admin_addr,
         gateway,
         stop,
+        admin_stop,
+        shutdown_delay: v.config.server.shutdown_delay.0,
         threads,
         tasks,
         audit_writer,
@@ -142,10 +149,21 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
 }
 
 impl Running {
-    /// Begin graceful shutdown: stop accepting, report not ready, drain.
+    /// Begin graceful shutdown: report not ready at once, keep serving for
+    /// `server.shutdown_delay` (so load balancers see the 503 and stop sending), then stop
+    /// accepting and drain. Call from within the runtime.
     pub fn shutdown(&self) {
         self.gateway.begin_drain();
-        let _ = self.stop.send(true);
+        if self.shutdown_delay.is_zero() {
+            let _ = self.stop.send(true);
+            return;
+        }
+        let stop = self.stop.clone();
+        let delay = self.shutdown_delay;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = stop.send(true);
+        });
     }
 
     /// Wait until listeners are drained and the audit log is flushed.
@@ -157,6 +175,8 @@ impl Running {
             }
         })
         .await;
+        // The admin listener (readiness, metrics) outlives the drain.
+        let _ = self.admin_stop.send(true);
         for t in self.tasks {
             let _ = t.await;
         }

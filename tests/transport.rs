@@ -243,3 +243,23 @@ async fn connections_that_send_no_request_are_closed() {
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 }
+
+#[tokio::test]
+async fn shutdown_reports_not_ready_before_it_stops_serving() {
+    let (_sim, gw) = azure_pair("shutdown_delay = \"600ms\"", "").await;
+    gw.running.shutdown();
+    // At once: not ready, on both listeners...
+    for base in [&gw.url, &gw.admin_url] {
+        let r = http().get(format!("{base}/ready")).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{base}");
+        assert!(r.text().await.unwrap().contains("shutting down"));
+    }
+    // ...yet still serving during the delay.
+    let resp = gw.chat(false, &[]).await;
+    assert_eq!(resp.status(), 200);
+    // Then the client listener closes.
+    wait_until("listener closed", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(gw.running.addr).is_err()
+    })
+    .await;
+}

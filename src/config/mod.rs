@@ -266,6 +266,9 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
         "server.drain_timeout",
         problems,
     );
+    if config.server.shutdown_delay.0 > MAX_DURATION {
+        problem(problems, "server.shutdown_delay", "must be at most 24h");
+    }
     let admin_listen = if config.admin.listen.as_str().is_empty() {
         None
     } else {

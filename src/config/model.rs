@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub header_timeout: Dur,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// On SIGTERM, time between reporting not-ready and closing the listeners.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay: Dur,
     /// Time a client has to send its whole request body once its headers are in.
     #[serde(default = "default_body_timeout")]
     pub body_timeout: Dur,
@@ -52,6 +55,7 @@ impl Default for ServerConfig {
             header_timeout: default_header_timeout(),
             drain_timeout: default_drain_timeout(),
             body_timeout: default_body_timeout(),
+            shutdown_delay: default_shutdown_delay(),
             workers: 0,
         }
     }
@@ -65,6 +69,9 @@ fn default_max_body() -> u64 {
 }
 fn default_header_timeout() -> Dur {
     Dur(Duration::from_secs(10))
+}
+fn default_shutdown_delay() -> Dur {
+    Dur(Duration::ZERO)
 }
 fn default_body_timeout() -> Dur {
     Dur(Duration::from_secs(60))
