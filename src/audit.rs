@@ -160,6 +160,15 @@ impl AuditRecord {
     }
 }
 
+impl AuditRecord {
+    /// Record which backend answered (or was tried last) and how many were tried.
+    pub fn note_backend(&mut self, backend: Option<&crate::routing::Backend>, attempts: u32) {
+        self.attempts = attempts;
+        self.backend = backend.map(|b| b.label.clone());
+        self.backend_auth = backend.map(|b| b.credential.describe());
+    }
+}
+
 impl Default for AuditRecord {
     /// An empty record (allocates nothing); used to move a record out of a `&mut`.
     fn default() -> Self {

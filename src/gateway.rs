@@ -24,7 +24,7 @@ use crate::config::Validated;
 use crate::error::{json_response, Body, BoxError, GatewayError};
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
-use crate::route::{self, Operation, Route};
+use crate::route::{self, Route};
 use crate::routing::{BackendTable, BuildError};
 
 /// Everything a request needs from the configuration, immutable once built.
@@ -246,15 +246,11 @@ impl Gateway {
         let answer = match proxy::forward(out, candidates, &self.metrics).await {
             Ok(a) => a,
             Err(failed) => {
-                rec.attempts = failed.attempts;
-                rec.backend = failed.backend.as_ref().map(|b| b.label.clone());
-                rec.backend_auth = failed.backend.as_ref().map(|b| b.credential.describe());
+                rec.note_backend(failed.backend.as_deref(), failed.attempts);
                 return Err(failed.error);
             }
         };
-        rec.attempts = answer.attempts;
-        rec.backend = Some(answer.backend.label.clone());
-        rec.backend_auth = Some(answer.backend.credential.describe());
+        rec.note_backend(Some(&answer.backend), answer.attempts);
         let (mut head, upstream_body) = answer.response.into_parts();
         proxy::strip_hop_by_hop(&mut head.headers);
         rec.status = head.status.as_u16();
@@ -302,7 +298,6 @@ impl Gateway {
                 })
             }
         };
-        debug_assert_eq!(route.operation, Operation::Models);
         rec.status = 200;
         rec.outcome = "complete";
         rec.bytes_out = body.len() as u64;

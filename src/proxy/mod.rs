@@ -137,7 +137,7 @@ pub struct Failed {
 
 /// Try `candidates` in order until one answers.
 pub async fn forward(
-    out: Outgoing<'_>,
+    mut out: Outgoing<'_>,
     candidates: Vec<Arc<Backend>>,
     metrics: &Metrics,
 ) -> Result<Answer, Failed> {
@@ -176,7 +176,12 @@ pub async fn forward(
         let mut req = Request::new(Full::new(up.body.clone()));
         *req.method_mut() = out.method.clone();
         *req.uri_mut() = up.uri;
-        *req.headers_mut() = out.headers.clone();
+        // Only a failover needs the headers again: the last candidate takes them.
+        *req.headers_mut() = if is_last {
+            std::mem::take(&mut out.headers)
+        } else {
+            out.headers.clone()
+        };
         if !up.body.is_empty() || out.method == Method::POST || out.method == Method::PUT {
             req.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));

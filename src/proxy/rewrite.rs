@@ -134,11 +134,16 @@ pub fn rewrite(
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| GatewayError::InvalidRequest(format!("cannot build upstream URL: {e}")))?;
+    // v1-style routes took `public` from this very body: when it is already the backend's
+    // name, the body is right as it is and need not be parsed again.
+    let body_names_it = route.deployment.is_none() && public == mapped;
     let body = match mapped {
-        Some(m) if set_model && !body.is_empty() => match multipart_boundary(content_type) {
-            Some(boundary) => super::multipart::with_model(body, &boundary, m)?,
-            None => with_model(body, m)?,
-        },
+        Some(m) if set_model && !body_names_it && !body.is_empty() => {
+            match multipart_boundary(content_type) {
+                Some(boundary) => super::multipart::with_model(body, &boundary, m)?,
+                None => with_model(body, m)?,
+            }
+        }
         _ => body.clone(),
     };
     Ok(Upstream { uri, body })
