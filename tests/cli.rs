@@ -73,6 +73,18 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Run `portcullis check`, with one extra environment variable or none; the check test's
+/// variable is removed otherwise so the outcome never depends on the caller's environment.
+fn check(config: &std::path::Path, var: Option<(&str, &str)>) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "--config"]).arg(config);
+    match var {
+        Some((k, v)) => cmd.env(k, v),
+        None => cmd.env_remove("PORTCULLIS_CLI_TEST_KEY"),
+    };
+    cmd.output().unwrap()
+}
+
 #[test]
 fn check_reports_every_problem_with_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,11 +94,7 @@ fn check_reports_every_problem_with_key_and_line() {
         "[server]\nlisten = \"127.0.0.1:8080\"\nmax_body_bytes = 0\n\n[[backends]]\nname = \"a\"\nurl = \"not a url\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n[backends.auth]\ntype = \"api_key\"\nkey_file = \"missing.key\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check(&bad, None);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("3 problems"), "{err}");
@@ -100,11 +108,7 @@ fn check_reports_every_problem_with_key_and_line() {
         "[server]\nlisten = \"127.0.0.1:8080\"\nheader_timout = \"5s\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&typo)
-        .output()
-        .unwrap();
+    let out = check(&typo, None);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -114,12 +118,7 @@ fn check_reports_every_problem_with_key_and_line() {
 
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[[backends]]\nname = \"a\"\nurl = \"https://x.openai.azure.com\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n[backends.auth]\ntype = \"api_key\"\nkey = \"${PORTCULLIS_CLI_TEST_KEY}\"\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&good)
-        .env("PORTCULLIS_CLI_TEST_KEY", "k-123")
-        .output()
-        .unwrap();
+    let out = check(&good, Some(("PORTCULLIS_CLI_TEST_KEY", "k-123")));
     assert!(
         out.status.success(),
         "{}",
@@ -127,12 +126,7 @@ fn check_reports_every_problem_with_key_and_line() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("k-123"));
     // The same file without the variable names the variable.
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&good)
-        .env_remove("PORTCULLIS_CLI_TEST_KEY")
-        .output()
-        .unwrap();
+    let out = check(&good, None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("PORTCULLIS_CLI_TEST_KEY is not set"));
 }

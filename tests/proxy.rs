@@ -308,21 +308,7 @@ async fn backend_down_is_502_and_hang_is_504() {
 async fn failover_on_connect_error_and_spill_over_on_429() {
     let sim = sim().await;
     let dead = format!("http://127.0.0.1:{}", dead_port());
-    let backends = [
-        backend(
-            "dead-ptu",
-            &dead,
-            "azure",
-            "priority = 0\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
-        ),
-        backend(
-            "paygo",
-            &sim.url(),
-            "azure",
-            "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
-        ),
-    ]
-    .concat();
+    let backends = ptu_then_paygo("dead-ptu", &dead, &sim.url());
     let gw = Gateway::start("", &backends).await;
     let resp = gw.chat(false, &[("x-request-id", "fo-1")]).await;
     assert_eq!(resp.status(), 200);
@@ -331,30 +317,11 @@ async fn failover_on_connect_error_and_spill_over_on_429() {
     assert_eq!(a["attempts"], 2);
 
     // PTU answers 429 → the request spills over to pay-as-you-go.
-    let ptu = portcullis::sim::SimHandle::start(portcullis::sim::SimOptions {
-        api_key: Some(BACKEND_KEY.into()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let ptu = common::sim().await;
     ptu.set_behavior(Behavior::RateLimited {
         retry_after_ms: 1000,
     });
-    let backends = [
-        backend(
-            "ptu",
-            &ptu.url(),
-            "azure",
-            "priority = 0\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
-        ),
-        backend(
-            "paygo",
-            &sim.url(),
-            "azure",
-            "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
-        ),
-    ]
-    .concat();
+    let backends = ptu_then_paygo("ptu", &ptu.url(), &sim.url());
     let gw = Gateway::start("", &backends).await;
     let resp = gw.chat(false, &[("x-request-id", "spill-1")]).await;
     assert_eq!(resp.status(), 200);
@@ -548,10 +515,7 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
     let mut stream = resp.bytes_stream();
     let mut all = stream.next().await.unwrap().unwrap().to_vec();
     gw.running.shutdown();
-    wait_until("listener closed", Duration::from_secs(5), || {
-        std::net::TcpStream::connect(gw.running.addr).is_err()
-    })
-    .await;
+    gw.wait_listener_closed().await;
     while let Some(c) = stream.next().await {
         all.extend_from_slice(&c.unwrap());
     }

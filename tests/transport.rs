@@ -5,26 +5,18 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn slow_clients_are_cut_off_by_the_header_timeout() {
     let (sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
-    let mut s = tokio::net::TcpStream::connect(gw.running.addr)
-        .await
-        .unwrap();
     // Half a request line, then silence.
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "connection still open after 5 s");
-    let waited = started.elapsed();
+    let closed = gw
+        .raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await;
+    let (_, waited) = closed.expect("connection still open after 5 s");
     assert!(
         waited >= Duration::from_millis(250),
         "closed too early: {waited:?}"
@@ -206,15 +198,10 @@ async fn metrics_need_the_admin_token_when_one_is_set() {
 #[tokio::test]
 async fn a_trickled_body_is_cut_off_by_the_body_timeout() {
     let (sim, gw) = azure_pair("body_timeout = \"300ms\"", "").await;
-    let mut s = tokio::net::TcpStream::connect(gw.running.addr)
-        .await
-        .unwrap();
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "no answer within 5 s");
+    let answer = gw
+        .raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        .await;
+    let (buf, _) = answer.expect("no answer within 5 s");
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
@@ -225,18 +212,10 @@ async fn a_trickled_body_is_cut_off_by_the_body_timeout() {
 async fn connections_that_send_no_request_are_closed() {
     let (_sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
     for opening in [&b""[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] {
-        let mut s = tokio::net::TcpStream::connect(gw.running.addr)
-            .await
-            .unwrap();
-        s.write_all(opening).await.unwrap();
-        let started = Instant::now();
-        let mut buf = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-        assert!(
-            read.is_ok(),
-            "idle connection still open after 5 s ({opening:?})"
-        );
-        assert!(started.elapsed() >= Duration::from_millis(250));
+        let closed = gw.raw(opening).await;
+        let (_, waited) =
+            closed.unwrap_or_else(|| panic!("idle connection still open after 5 s ({opening:?})"));
+        assert!(waited >= Duration::from_millis(250));
     }
     // A first request that takes longer than the header timeout to answer is not cut.
     let resp = gw.chat(true, &[("x-sim-behavior", "latency:60")]).await;
@@ -258,8 +237,5 @@ async fn shutdown_reports_not_ready_before_it_stops_serving() {
     let resp = gw.chat(false, &[]).await;
     assert_eq!(resp.status(), 200);
     // Then the client listener closes.
-    wait_until("listener closed", Duration::from_secs(5), || {
-        std::net::TcpStream::connect(gw.running.addr).is_err()
-    })
-    .await;
+    gw.wait_listener_closed().await;
 }

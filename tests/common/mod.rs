@@ -72,6 +72,30 @@ impl Gateway {
         req.json(&chat_body(stream)).send().await.unwrap()
     }
 
+    /// Wait until the client listener refuses new connections.
+    pub async fn wait_listener_closed(&self) {
+        let addr = self.running.addr;
+        wait_until("listener closed", Duration::from_secs(5), || {
+            std::net::TcpStream::connect(addr).is_err()
+        })
+        .await;
+    }
+
+    /// Send raw bytes on a new connection and read until the gateway closes it. Returns
+    /// what came back and how long after sending the close came; `None` if the
+    /// connection was still open after 5 s.
+    pub async fn raw(&self, bytes: &[u8]) -> Option<(Vec<u8>, Duration)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.running.addr)
+            .await
+            .unwrap();
+        s.write_all(bytes).await.unwrap();
+        let sent = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        read.ok().map(|_| (buf, sent.elapsed()))
+    }
+
     /// Audit lines written so far, parsed.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.audit_path)
@@ -111,6 +135,25 @@ pub async fn sim_with(token_latency: Duration) -> SimHandle {
     })
     .await
     .unwrap()
+}
+
+/// Two Azure backends serving gpt-4o: `ptu` at priority 0, `paygo` at priority 1.
+pub fn ptu_then_paygo(ptu_name: &str, ptu_url: &str, paygo_url: &str) -> String {
+    [
+        backend(
+            ptu_name,
+            ptu_url,
+            "azure",
+            "priority = 0\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+        ),
+        backend(
+            "paygo",
+            paygo_url,
+            "azure",
+            "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+        ),
+    ]
+    .concat()
 }
 
 /// One simulator behind one Azure backend named `sim` serving gpt-4o (as gpt-4o-ptu)
