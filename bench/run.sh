@@ -32,44 +32,36 @@ UP_PORT=$(free_port); NGX_PORT=$(free_port); PCL_PORT=$(free_port); PCL1_PORT=$(
 
 BODY='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Portcullis benchmark answer."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}'
 
-cat > "$OUT/upstream.conf" <<NGX
+# An nginx config: NAME, then the http-block body. Both nginx instances share the rest.
+nginx_conf() {
+  cat > "$OUT/$1.conf" <<NGX
 worker_processes auto;
-pid $OUT/upstream.pid;
-error_log $OUT/upstream.err warn;
+pid $OUT/$1.pid;
+error_log $OUT/$1.err warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
   client_body_temp_path $OUT/tmp; proxy_temp_path $OUT/tmp; fastcgi_temp_path $OUT/tmp;
   uwsgi_temp_path $OUT/tmp; scgi_temp_path $OUT/tmp;
-  server {
-    listen 127.0.0.1:$UP_PORT;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }
+$2
 }
 NGX
-cat > "$OUT/proxy.conf" <<NGX
-worker_processes auto;
-pid $OUT/proxy.pid;
-error_log $OUT/proxy.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $OUT/tmp; proxy_temp_path $OUT/tmp; fastcgi_temp_path $OUT/tmp;
-  uwsgi_temp_path $OUT/tmp; scgi_temp_path $OUT/tmp;
-  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
+}
+nginx_conf upstream "  server {
+    listen 127.0.0.1:$UP_PORT;
+    location / { default_type application/json; return 200 '$BODY'; }
+  }"
+nginx_conf proxy "  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
   server {
     listen 127.0.0.1:$NGX_PORT;
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      proxy_set_header Connection \"\";
       proxy_buffering off;
     }
-  }
-}
-NGX
+  }"
 cat > "$OUT/portcullis.toml" <<TOML
 [server]
 listen = "127.0.0.1:$PCL_PORT"
