@@ -4,6 +4,7 @@
 //! [`load_str`] is the single entry point: it either returns a [`Validated`] configuration
 //! (every secret resolved, every address parsed) or a [`ConfigErrors`] listing all problems.
 
+pub mod identity;
 mod model;
 mod values;
 
@@ -12,7 +13,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    AdminConfig, AuditConfig, BackendAuthConfig, BackendConfig, BackendKind, Config, ServerConfig,
+    AdminConfig, AuditConfig, AuthConfig, BackendAuthConfig, BackendConfig, BackendKind,
+    ClaimMatch, ClientConfig, Config, IssuerConfig, JwtBinding, ServerConfig, StoreConfig,
     Timeouts,
 };
 pub use values::{expand_env, Dur, Secret, Text};
@@ -71,6 +73,10 @@ pub struct Validated {
     pub admin_token: Option<Secret>,
     /// Resolved backend credentials, index-aligned with `config.backends`.
     pub backend_secrets: Vec<Option<Secret>>,
+    /// `store.key_hmac_secret`, resolved; API keys are disabled without it.
+    pub key_hmac_secret: Option<Secret>,
+    /// Resolved `hmac_secret` per issuer, index-aligned with `config.issuers`.
+    pub issuer_secrets: Vec<Option<Secret>>,
     /// Directory relative paths are resolved against.
     pub base_dir: PathBuf,
 }
@@ -158,7 +164,11 @@ fn line_of(doc: &toml_edit::Document<String>, text: &str, path: &str) -> Option<
     best.map(|s| line_at(text, s.start))
 }
 
-fn problem(problems: &mut Vec<Problem>, path: impl Into<String>, message: impl Into<String>) {
+pub(crate) fn problem(
+    problems: &mut Vec<Problem>,
+    path: impl Into<String>,
+    message: impl Into<String>,
+) {
     problems.push(Problem {
         path: path.into(),
         line: None,
@@ -184,7 +194,7 @@ fn parse_addr(value: &str, path: &str, problems: &mut Vec<Problem>) -> Option<So
 
 /// Read a secret given either inline or as a `_file`; exactly one of them is required
 /// when `required`.
-fn resolve_secret(
+pub(crate) fn resolve_secret(
     inline: &Option<Secret>,
     file: &Option<Text>,
     path: &str,
@@ -409,7 +419,10 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
         backend_secrets.push(secret);
     }
 
+    let ids = identity::validate(&config, base_dir, problems);
     Some(Validated {
+        key_hmac_secret: ids.key_hmac_secret,
+        issuer_secrets: ids.issuer_secrets,
         listen: listen?,
         admin_listen,
         admin_token,
@@ -423,7 +436,7 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
 /// timeout, and would overflow deadline arithmetic.
 const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-fn check_duration(d: Dur, path: &str, problems: &mut Vec<Problem>) {
+pub(crate) fn check_duration(d: Dur, path: &str, problems: &mut Vec<Problem>) {
     if d.0.is_zero() {
         problem(problems, path, "must be greater than 0");
     } else if d.0 > MAX_DURATION {

@@ -21,6 +21,14 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+    #[serde(default)]
     pub backends: Vec<BackendConfig>,
 }
 
@@ -220,4 +228,178 @@ pub enum BackendAuthConfig {
     /// No credential (a local model server, a test backend).
     #[default]
     None,
+}
+
+/// `[store]`: where gateway-issued API keys (and later usage records) live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://file.db` (created on first start), `sqlite::memory:`, or `postgres://...`.
+    #[serde(default = "default_store_url")]
+    pub url: Text,
+    /// Key for the HMAC-SHA256 under which API keys are stored; API keys are disabled
+    /// without it.
+    #[serde(default)]
+    pub key_hmac_secret: Option<Secret>,
+    #[serde(default)]
+    pub key_hmac_secret_file: Option<Text>,
+    /// How often a running gateway looks for created, revoked or rotated keys.
+    #[serde(default = "default_store_refresh")]
+    pub refresh_interval: Dur,
+    /// How often `last_used` times are written back (batched, off the request path).
+    #[serde(default = "default_last_used_flush")]
+    pub last_used_flush: Dur,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: default_store_url(),
+            key_hmac_secret: None,
+            key_hmac_secret_file: None,
+            refresh_interval: default_store_refresh(),
+            last_used_flush: default_last_used_flush(),
+        }
+    }
+}
+
+fn default_store_url() -> Text {
+    Text::from("sqlite://portcullis.db")
+}
+fn default_store_refresh() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_last_used_flush() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+/// `[auth]`: how the gateway presents itself to callers (RFC 9728) and token limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// This gateway's URL as clients reach it (the RFC 9728 `resource`). When unset, it
+    /// is derived from the request's `Host` header.
+    #[serde(default)]
+    pub resource: Option<Text>,
+    /// `scopes_supported` in the protected resource metadata.
+    #[serde(default)]
+    pub scopes_supported: Vec<Text>,
+    /// Tokens longer than this are refused unread.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Verified tokens remembered until they expire (entries).
+    #[serde(default = "default_token_cache")]
+    pub token_cache_size: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            resource: None,
+            scopes_supported: Vec::new(),
+            max_token_bytes: default_max_token_bytes(),
+            token_cache_size: default_token_cache(),
+        }
+    }
+}
+
+fn default_max_token_bytes() -> usize {
+    16 * 1024
+}
+fn default_token_cache() -> usize {
+    10_000
+}
+
+/// One `[[issuers]]` entry: an OIDC provider whose JWTs identify callers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Name clients' `jwt` bindings refer to.
+    pub name: Text,
+    /// Exact `iss` value. May contain `{tenantid}` (Entra multi-tenant) together with
+    /// `allowed_tenants`.
+    pub issuer: Text,
+    /// Where the signing keys are; default: `jwks_uri` from
+    /// `{issuer}/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub jwks_uri: Option<Text>,
+    /// `aud` must be one of these.
+    pub audiences: Vec<Text>,
+    /// Accepted `alg` values; never `none`; HS* only with `hmac_secret`.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Text>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway: Dur,
+    /// Claims every token must carry.
+    #[serde(default)]
+    pub required_claims: Vec<Text>,
+    /// Tenants accepted when `issuer` contains `{tenantid}` (the token's `tid`).
+    #[serde(default)]
+    pub allowed_tenants: Vec<Text>,
+    /// Shared secret for HS256/384/512 tokens.
+    #[serde(default)]
+    pub hmac_secret: Option<Secret>,
+    #[serde(default)]
+    pub hmac_secret_file: Option<Text>,
+    /// Background refresh of the key set when the IdP sends no `Cache-Control: max-age`.
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_interval: Dur,
+}
+
+fn default_algorithms() -> Vec<Text> {
+    ["RS256", "PS256", "ES256"]
+        .into_iter()
+        .map(Text::from)
+        .collect()
+}
+fn default_leeway() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_jwks_refresh() -> Dur {
+    Dur(Duration::from_secs(3600))
+}
+
+/// A claim value in a `jwt` binding: one string, or several that must all be present.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ClaimMatch {
+    One(Text),
+    All(Vec<Text>),
+}
+
+/// `{ issuer = "entra", claims = { azp = "..." } }`: tokens that are this client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtBinding {
+    /// An `[[issuers]]` name.
+    pub issuer: Text,
+    /// Claims the token must carry; array claims (`roles`, `groups`) and the
+    /// space-separated `scp`/`scope` match by containment.
+    #[serde(default)]
+    pub claims: BTreeMap<String, ClaimMatch>,
+}
+
+/// One `[[clients]]` entry: who a caller is and what it may call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub id: Text,
+    /// JWT identities that are this client (any one matches).
+    #[serde(default)]
+    pub jwt: Vec<JwtBinding>,
+    /// Requests with no credential at all are this client. Explicit opt-out of
+    /// authentication, for trusted networks only; at most one client.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Deployments it may call (globs: `*`, `?`); deny by default.
+    #[serde(default)]
+    pub deployments: Vec<Text>,
+    /// Operations it may call (`chat`, `embeddings`, ... or `*`).
+    #[serde(default)]
+    pub operations: Vec<Text>,
+    /// Deployment glob → scopes or roles the caller's token must carry (in `scp`,
+    /// `scope` or `roles`) to call it.
+    #[serde(default)]
+    pub deployment_scopes: BTreeMap<String, Vec<Text>>,
 }
