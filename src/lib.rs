@@ -22,5 +22,6 @@ pub mod proxy;
 pub mod route;
 pub mod routing;
 pub mod sim;
+pub mod store;
 pub mod upstream_auth;
 pub mod worker;
