@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod gateway;
+pub mod identify;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
