@@ -1,6 +1,8 @@
 //! Test harness: a simulated backend and a real gateway on loopback, wired by real TOML.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod pg;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
