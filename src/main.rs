@@ -1,4 +1,4 @@
-//! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `demo`).
+//! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `demo`, `keys`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use portcullis::identify::api_key::{self, KeyAdmin};
+use portcullis::store::{self, KeyRecord};
 use portcullis::{app, config, demo, listener};
 
 /// mimalloc: measurably cheaper than glibc malloc for the many small, short-lived
@@ -47,11 +49,88 @@ enum Command {
         #[arg(long, default_value_t = 40)]
         token_latency_ms: u64,
     },
+    /// Manage gateway-issued API keys, in the store named by the configuration's [store].
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
 }
 
-fn init_logs() {
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Issue a key for a client. The key is printed once, alone, on standard output.
+    Create {
+        #[arg(long, short, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// A [[clients]] id.
+        #[arg(long)]
+        client: String,
+        /// Lifetime, e.g. 90d (default: the key never expires).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// A label shown by `keys list`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[arg(long, short, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// Only this client's keys.
+        #[arg(long)]
+        client: Option<String>,
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id; running gateways refuse it at their next poll.
+    Revoke {
+        #[arg(long, short, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// The key's id, as printed by `keys create` and `keys list`.
+        id: String,
+    },
+    /// Issue a new key for a client; its other keys keep working until the grace ends.
+    Rotate {
+        #[arg(long, short, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// A [[clients]] id.
+        #[arg(long)]
+        client: String,
+        /// How long the client's older keys keep working.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        /// Lifetime of the new key, e.g. 90d (default: never expires).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// A label for the new key.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+impl KeysCommand {
+    fn config(&self) -> &PathBuf {
+        match self {
+            KeysCommand::Create { config, .. }
+            | KeysCommand::List { config, .. }
+            | KeysCommand::Revoke { config, .. }
+            | KeysCommand::Rotate { config, .. } => config,
+        }
+    }
+
+    /// The client a key is issued to, which must be in `[[clients]]`.
+    fn issued_to(&self) -> Option<&str> {
+        match self {
+            KeysCommand::Create { client, .. } | KeysCommand::Rotate { client, .. } => Some(client),
+            KeysCommand::List { .. } | KeysCommand::Revoke { .. } => None,
+        }
+    }
+}
+
+fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -83,7 +162,12 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logs();
+    // `keys` prints for people and scripts: only warnings and errors go to the log.
+    init_logs(if matches!(cli.command, Command::Keys { .. }) {
+        "warn"
+    } else {
+        "info"
+    });
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -101,6 +185,13 @@ fn main() -> ExitCode {
                 port,
                 token_latency_ms,
             } => run_demo(port, token_latency_ms).await,
+            Command::Keys { command } => match keys(command).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    eprint!("{message}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Check { .. } => ExitCode::SUCCESS,
         }
     })
@@ -148,4 +239,205 @@ async fn run_demo(port: u16, token_latency_ms: u64) -> ExitCode {
     d.gateway.wait().await;
     d.sim.stop().await;
     ExitCode::SUCCESS
+}
+
+/// `portcullis keys ...`. Errors come back as the text to print (ending in a newline).
+async fn keys(command: KeysCommand) -> Result<(), String> {
+    let path = command.config().clone();
+    let validated = config::load_file(&path).map_err(|e| e.to_string())?;
+    let Some(secret) = validated.key_hmac_secret.clone() else {
+        return Err(format!(
+            "error: {}: store.key_hmac_secret (or store.key_hmac_secret_file) is not set; \
+             API keys are stored as an HMAC under it (e.g. `openssl rand -hex 32`)\n",
+            path.display()
+        ));
+    };
+    if let Some(client) = command.issued_to() {
+        if !validated
+            .config
+            .clients
+            .iter()
+            .any(|c| c.id.as_str() == client)
+        {
+            return Err(format!(
+                "error: {}: no [[clients]] entry has the id '{}'\n",
+                path.display(),
+                client.escape_default()
+            ));
+        }
+    }
+    let store = store::open(validated.config.store.url.as_str(), &validated.base_dir)
+        .await
+        .map_err(|e| format!("error: {e}\n"))?;
+    let admin = KeyAdmin::new(store.clone(), &secret);
+    let result = run_keys(&admin, command).await;
+    store.close().await;
+    result.map_err(|e| format!("error: {e}\n"))
+}
+
+async fn run_keys(admin: &KeyAdmin, command: KeysCommand) -> Result<(), store::StoreError> {
+    match command {
+        KeysCommand::Create {
+            client,
+            expires,
+            name,
+            ..
+        } => {
+            let (record, key) = admin.create(&client, name.as_deref(), expires).await?;
+            println!("{}", key.expose());
+            eprintln!(
+                "created API key {} for client {}{}, {}. This is the only time the key is shown: store it now.",
+                record.id,
+                record.client,
+                shown_name(&record),
+                expiry(&record)
+            );
+        }
+        KeysCommand::Rotate {
+            client,
+            grace,
+            expires,
+            name,
+            ..
+        } => {
+            let rotation = admin
+                .rotate(&client, grace, expires, name.as_deref())
+                .await?;
+            println!("{}", rotation.key.expose());
+            let record = &rotation.record;
+            eprintln!(
+                "created API key {} for client {}{}, {}. This is the only time the key is shown: store it now.",
+                record.id,
+                record.client,
+                shown_name(record),
+                expiry(record)
+            );
+            for old in &rotation.rolled {
+                eprintln!(
+                    "older key {} of client {} keeps working until {}",
+                    old.id,
+                    old.client,
+                    old.expires_at.map(rfc3339).unwrap_or_default()
+                );
+            }
+        }
+        KeysCommand::List { client, json, .. } => {
+            let keys = admin.list(client.as_deref()).await?;
+            if json {
+                println!("{}", keys_json(&keys));
+            } else {
+                print!("{}", keys_table(&keys, api_key::unix_now()));
+            }
+        }
+        KeysCommand::Revoke { id, .. } => {
+            let before = api_key::unix_now();
+            let record = admin.revoke(&id).await?;
+            let at = record.revoked_at.map(rfc3339).unwrap_or_default();
+            if record.revoked_at.is_some_and(|t| t < before) {
+                eprintln!(
+                    "API key {} of client {} was already revoked at {at}",
+                    record.id, record.client
+                );
+            } else {
+                eprintln!(
+                    "revoked API key {} of client {}; running gateways refuse it at their next poll",
+                    record.id, record.client
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn shown_name(k: &KeyRecord) -> String {
+    k.name
+        .as_deref()
+        .map(|n| format!(" (name {n})"))
+        .unwrap_or_default()
+}
+
+fn expiry(k: &KeyRecord) -> String {
+    match k.expires_at {
+        Some(t) => format!("expires {}", rfc3339(t)),
+        None => "never expires".into(),
+    }
+}
+
+/// Unix seconds as RFC 3339 UTC (`2026-01-31T12:00:00Z`).
+fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// `keys list --json`: an array of objects; times are RFC 3339 strings or null.
+fn keys_json(keys: &[KeyRecord]) -> String {
+    let list: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "id": k.id,
+                "client": k.client,
+                "name": k.name,
+                "created": rfc3339(k.created_at),
+                "expires": k.expires_at.map(rfc3339),
+                "last_used": k.last_used_at.map(rfc3339),
+                "revoked": k.revoked_at.map(rfc3339),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into())
+}
+
+/// `keys list`: aligned columns, one key per line.
+fn keys_table(keys: &[KeyRecord], now: i64) -> String {
+    let header = [
+        "ID",
+        "CLIENT",
+        "NAME",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+        "STATUS",
+    ];
+    let rows: Vec<[String; 7]> = keys
+        .iter()
+        .map(|k| {
+            [
+                k.id.clone(),
+                k.client.clone(),
+                k.name.clone().unwrap_or_else(|| "-".into()),
+                rfc3339(k.created_at),
+                k.expires_at.map(rfc3339).unwrap_or_else(|| "never".into()),
+                k.last_used_at
+                    .map(rfc3339)
+                    .unwrap_or_else(|| "never".into()),
+                k.status(now).as_str().to_owned(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (cell, w) in cells.zip(widths) {
+            l.push_str(&format!("{cell:<w$}  "));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in &rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
 }
