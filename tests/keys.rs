@@ -516,6 +516,42 @@ async fn keys_keep_working_while_the_store_is_down() {
     .await;
 }
 
+/// `sslmode=require` connects through rustls (the server on this machine has TLS on).
+#[tokio::test]
+async fn postgres_over_tls() {
+    let db = TestDb::create().await;
+    let mut admin = db.admin().await;
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    if ssl != "on" {
+        eprintln!("skipped: the PostgreSQL server under test has ssl = {ssl}");
+        return;
+    }
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let store = store::open(&format!("{}{sep}sslmode=require", db.url), ".".as_ref())
+        .await
+        .unwrap();
+    let (_, key) = KeyAdmin::new(store.clone(), &secret())
+        .create("team-a", None, None)
+        .await
+        .unwrap();
+    let keys = ApiKeys::start(store, &secret(), NEVER, NEVER)
+        .await
+        .unwrap();
+    assert!(keys.verify(key.expose()).is_ok());
+    let all_tls: Option<bool> = sqlx::query_scalar(
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = $1 AND a.application_name = 'portcullis'",
+    )
+    .bind(&db.name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(all_tls, Some(true), "the store's connections use TLS");
+}
+
 #[tokio::test]
 async fn sqlite_file_is_created_beside_the_config_and_kept() {
     let dir = tempfile::tempdir().unwrap();

@@ -47,9 +47,14 @@ impl TestDb {
         }
     }
 
+    /// A connection to the server's admin database.
+    pub async fn admin(&self) -> PgConnection {
+        PgConnection::connect(&self.admin).await.unwrap()
+    }
+
     /// Run one statement on the server's admin database (e.g. to cut this database off).
     pub async fn admin_sql(&self, sql: &str) {
-        let mut conn = PgConnection::connect(&self.admin).await.unwrap();
+        let mut conn = self.admin().await;
         sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
             .execute(&mut conn)
             .await
