@@ -263,9 +263,9 @@ async fn running_gateway_sees_new_and_revoked_keys(f: &Fixture) {
         keys.verify(key) == Err(KeyRejection::Revoked)
     })
     .await;
-    // Seen at the next poll, not eventually.
+    // Seen at the next poll (50 ms), not eventually; the bound leaves room for slow CI.
     assert!(
-        started.elapsed() < FAST * 20,
+        started.elapsed() < FAST * 40,
         "took {:?}",
         started.elapsed()
     );

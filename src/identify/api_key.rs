@@ -553,6 +553,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shared_across_worker_threads() {
+        fn is<T: Send + Sync>() {}
+        is::<ApiKeys>();
+        is::<KeyAdmin>();
+        is::<KeyIdentity>();
+    }
+
+    #[test]
     fn base32_matches_rfc4648() {
         // RFC 4648 section 10 vectors, lowercase and unpadded.
         for (input, want) in [
