@@ -12,10 +12,12 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod authorize;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod gateway;
+pub mod identify;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
