@@ -135,6 +135,12 @@ impl Gateway {
         self.snapshot.store(Arc::new(snapshot));
     }
 
+    /// Wait (bounded) until every issuer's first key fetch was attempted.
+    pub async fn wait_issuer_keys(&self, deadline: std::time::Duration) {
+        let snap = self.snapshot.load_full();
+        snap.identity.wait_keys(deadline).await;
+    }
+
     /// Stop reporting ready (shutdown has begun).
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
@@ -254,13 +260,18 @@ impl Gateway {
         B::Error: Into<BoxError>,
     {
         let (parts, body) = req.into_parts();
+        // Parsed first so refusals are audited with their operation; a bad route is only
+        // reported to callers who proved who they are.
+        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query());
+        if let Ok(r) = &route {
+            rec.operation = r.operation.as_str();
+        }
         let caller = snap.identity.identify(&parts.headers).await.map_err(|r| {
             rec.auth_method = r.method;
             r.error
         })?;
         rec.note_caller(&caller);
-        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query())?;
-        rec.operation = route.operation.as_str();
+        let route = route?;
         authorize::operation(&caller, route.operation)?;
         if route.is_model_listing() {
             rec.decision = Some("allow");
