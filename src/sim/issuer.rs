@@ -44,8 +44,9 @@ pub struct DemoIssuer {
 impl DemoIssuer {
     /// Generate a key and serve discovery and JWKS on 127.0.0.1.
     pub async fn start() -> Result<Self, IssuerError> {
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-            .map_err(|_| IssuerError::Key)?;
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .map_err(|_| IssuerError::Key)?;
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
             .map_err(|_| IssuerError::Key)?;
         // Uncompressed point: 0x04 || x (32) || y (32).
@@ -142,4 +143,3 @@ impl Drop for DemoIssuer {
         self.stop();
     }
 }
-
