@@ -158,24 +158,27 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 const NEGATIVE_CAPACITY: usize = 1024;
 const MAX_KID_LEN: usize = 256;
 
-/// Forced refreshes allowed across all issuers in the current minute.
-static GLOBAL_BUDGET: Mutex<(Option<Instant>, u32)> = Mutex::new((None, 0));
+/// Early (unknown-kid) refreshes allowed per minute across all issuers of one gateway.
+#[derive(Default)]
+pub struct RefreshBudget(Mutex<(Option<Instant>, u32)>);
 
-fn take_global_budget() -> bool {
-    let Ok(mut g) = GLOBAL_BUDGET.lock() else {
-        return false;
-    };
-    let now = Instant::now();
-    match g.0 {
-        Some(start) if now.duration_since(start) < Duration::from_secs(60) => {
-            if g.1 >= GLOBAL_FORCED_PER_MINUTE {
-                return false;
+impl RefreshBudget {
+    fn take(&self) -> bool {
+        let Ok(mut g) = self.0.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        match g.0 {
+            Some(start) if now.duration_since(start) < Duration::from_secs(60) => {
+                if g.1 >= GLOBAL_FORCED_PER_MINUTE {
+                    return false;
+                }
+                g.1 += 1;
             }
-            g.1 += 1;
+            _ => *g = (Some(now), 1),
         }
-        _ => *g = (Some(now), 1),
+        true
     }
-    true
 }
 
 /// The cached key set of one issuer plus its refresh machinery.
@@ -190,6 +193,7 @@ pub struct Jwks {
     last_forced: Mutex<Option<Instant>>,
     negative: quick_cache::sync::Cache<String, Instant>,
     loaded: AtomicBool,
+    budget: Arc<RefreshBudget>,
 }
 
 /// Outcome of looking a key up.
@@ -207,6 +211,7 @@ impl Jwks {
         issuer: &str,
         source: KeySource,
         refresh_interval: Duration,
+        budget: Arc<RefreshBudget>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (generation, _) = watch::channel(0);
@@ -219,6 +224,7 @@ impl Jwks {
             last_forced: Mutex::new(None),
             negative: quick_cache::sync::Cache::new(NEGATIVE_CAPACITY),
             loaded: AtomicBool::new(false),
+            budget,
         });
         let fetcher = Fetcher::new(source, metrics, issuer);
         tokio::spawn(refresh_loop(
@@ -292,7 +298,7 @@ impl Jwks {
         if last.is_some_and(|t| t.elapsed() < MIN_FORCED_INTERVAL) {
             return false;
         }
-        if !take_global_budget() {
+        if !self.budget.take() {
             return false;
         }
         *last = Some(Instant::now());

@@ -111,6 +111,7 @@ impl Identifier {
         metrics: Arc<Metrics>,
     ) -> Self {
         let c = &v.config;
+        let budget = Arc::new(jwks::RefreshBudget::default());
         let list = c
             .issuers
             .iter()
@@ -126,6 +127,7 @@ impl Identifier {
                     i.name.as_str(),
                     source,
                     i.refresh_interval.0,
+                    budget.clone(),
                     metrics.clone(),
                 );
                 let strings = |v: &[crate::config::Text]| -> Vec<String> {
