@@ -1,5 +1,8 @@
-//! Test harness: a simulated backend and a real gateway on loopback, wired by real TOML.
+//! Test harness: a simulated backend and a real gateway on loopback, wired by real TOML, and
+//! a real OpenID provider ([`idp`]).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod idp;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
