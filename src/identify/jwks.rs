@@ -265,6 +265,21 @@ impl Jwks {
         if kid.len() > MAX_KID_LEN {
             return Lookup::Unknown;
         }
+        if !self.is_loaded() {
+            // The first fetch is still under way (or failing): wait for it rather than
+            // spend the early-refresh budget a later rotation may need.
+            self.wait_first_attempt(Duration::from_secs(10)).await;
+            if let Some(k) = self.snapshot().get(kid) {
+                return if k.fits(alg) {
+                    Lookup::Found(k.clone())
+                } else {
+                    Lookup::Unknown
+                };
+            }
+            if !self.is_loaded() {
+                return Lookup::Unavailable;
+            }
+        }
         if self
             .negative
             .get(kid)
