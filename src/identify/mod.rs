@@ -503,6 +503,51 @@ mod tests {
         assert!(!claim_has(&c, "missing", &w(&["x"])));
     }
 
+    #[tokio::test]
+    async fn rs256_and_es256_tokens_from_a_live_issuer_resolve_to_their_client() {
+        use crate::sim::issuer::{DemoIssuer, SigningAlg};
+        let issuer = DemoIssuer::start().await.unwrap();
+        let text = format!(
+            r#"
+[[issuers]]
+name = "demo"
+issuer = "{}"
+audiences = ["api://x"]
+algorithms = ["RS256", "ES256"]
+[[clients]]
+id = "c1"
+jwt = [{{ issuer = "demo", claims = {{ azp = "app-1" }} }}]
+deployments = ["*"]
+operations = ["chat"]
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+deployments = {{ "m" = "m" }}
+"#,
+            issuer.issuer()
+        );
+        let v = crate::config::load_str(&text, "t", std::path::Path::new(".")).unwrap();
+        let id = Identifier::build(&v, None, Arc::new(Metrics::new()));
+        for alg in [SigningAlg::Rs256, SigningAlg::Es256] {
+            let t = issuer
+                .sign_with(
+                    alg,
+                    "api://x",
+                    std::time::Duration::from_secs(60),
+                    serde_json::json!({"azp": "app-1", "sub": "u"}),
+                )
+                .unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            let caller = id.identify(&h).await.ok().unwrap();
+            assert_eq!(&*caller.client.id, "c1");
+            assert_eq!(caller.subject.as_deref(), Some("u"));
+            // Second time from the verified-token cache: the same caller.
+            let again = id.identify(&h).await.ok().unwrap();
+            assert!(Arc::ptr_eq(&caller, &again));
+        }
+    }
+
     #[test]
     fn one_credential_per_request() {
         let h = |pairs: &[(&str, &str)]| {

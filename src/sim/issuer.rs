@@ -1,5 +1,6 @@
-//! A minimal embedded token issuer for `portcullis demo`: an ES256 key generated at start,
-//! an OpenID discovery document and a JWKS on loopback, and a way to sign access tokens.
+//! A minimal embedded token issuer for `portcullis demo` and the micro-benchmarks: an ES256
+//! and an RS256 key generated at start, an OpenID discovery document and a JWKS on loopback,
+//! and a way to sign access tokens with either.
 //!
 //! The gateway validates its tokens exactly as it validates Entra ID's or Okta's: it
 //! discovers the JWKS, fetches it and checks every claim. (The test suite uses a real
@@ -10,12 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
+};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -29,15 +32,24 @@ pub enum IssuerError {
     Key,
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
-    #[error("cannot sign: {0}")]
-    Sign(#[from] jsonwebtoken::errors::Error),
+    #[error("cannot sign")]
+    Sign,
+}
+
+/// Which of the issuer's keys signs a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningAlg {
+    Es256,
+    Rs256,
 }
 
 /// A running demo issuer.
 pub struct DemoIssuer {
     pub addr: SocketAddr,
-    kid: String,
-    key: EncodingKey,
+    ec_kid: String,
+    ec: EcdsaKeyPair,
+    rsa_kid: String,
+    rsa: RsaKeyPair,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -47,19 +59,30 @@ impl DemoIssuer {
         let pkcs8 =
             EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
                 .map_err(|_| IssuerError::Key)?;
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+        let ec = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
             .map_err(|_| IssuerError::Key)?;
+        let rsa = RsaKeyPair::generate(KeySize::Rsa2048).map_err(|_| IssuerError::Key)?;
         // Uncompressed point: 0x04 || x (32) || y (32).
-        let point = pair.public_key().as_ref();
+        let point = ec.public_key().as_ref();
         if point.len() != 65 {
             return Err(IssuerError::Key);
         }
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let kid = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let jwks = serde_json::json!({ "keys": [{
-            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
-        }]});
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let ec_kid = format!("demo-ec-{}", &tag[..8]);
+        let rsa_kid = format!("demo-rsa-{}", &tag[..8]);
+        let public = rsa.public_key();
+        let jwks = serde_json::json!({ "keys": [
+            {
+                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": ec_kid,
+                "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+            },
+            {
+                "kty": "RSA", "use": "sig", "alg": "RS256", "kid": rsa_kid,
+                "n": b64(public.modulus().big_endian_without_leading_zero()),
+                "e": b64(public.exponent().big_endian_without_leading_zero()),
+            },
+        ]});
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let issuer = format!("http://{addr}");
@@ -94,8 +117,10 @@ impl DemoIssuer {
         }));
         Ok(Self {
             addr,
-            kid,
-            key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+            ec_kid,
+            ec,
+            rsa_kid,
+            rsa,
             stop: Some(stop),
         })
     }
@@ -113,6 +138,17 @@ impl DemoIssuer {
         lifetime: Duration,
         claims: serde_json::Value,
     ) -> Result<String, IssuerError> {
+        self.sign_with(SigningAlg::Es256, audience, lifetime, claims)
+    }
+
+    /// [`DemoIssuer::sign`] with the chosen key.
+    pub fn sign_with(
+        &self,
+        alg: SigningAlg,
+        audience: &str,
+        lifetime: Duration,
+        claims: serde_json::Value,
+    ) -> Result<String, IssuerError> {
         let now = jsonwebtoken::get_current_timestamp();
         let mut body = serde_json::json!({
             "iss": self.issuer(),
@@ -124,10 +160,34 @@ impl DemoIssuer {
         if let (Some(b), serde_json::Value::Object(extra)) = (body.as_object_mut(), claims) {
             b.extend(extra);
         }
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.kid.clone());
-        header.typ = Some("at+jwt".into());
-        Ok(jsonwebtoken::encode(&header, &body, &self.key)?)
+        let (name, kid) = match alg {
+            SigningAlg::Es256 => ("ES256", &self.ec_kid),
+            SigningAlg::Rs256 => ("RS256", &self.rsa_kid),
+        };
+        let header = serde_json::json!({ "alg": name, "typ": "at+jwt", "kid": kid });
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(body.to_string().as_bytes())
+        );
+        let rng = SystemRandom::new();
+        let signature = match alg {
+            SigningAlg::Es256 => self
+                .ec
+                .sign(&rng, input.as_bytes())
+                .map_err(|_| IssuerError::Sign)?
+                .as_ref()
+                .to_vec(),
+            SigningAlg::Rs256 => {
+                let mut sig = vec![0; self.rsa.public_modulus_len()];
+                self.rsa
+                    .sign(&RSA_PKCS1_SHA256, &rng, input.as_bytes(), &mut sig)
+                    .map_err(|_| IssuerError::Sign)?;
+                sig
+            }
+        };
+        Ok(format!("{input}.{}", b64(&signature)))
     }
 
     /// Stop serving.
