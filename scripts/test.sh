@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need, then runs them.
 #   - a Python venv (.venv) with the official `openai` SDK, for tests/sdk.rs
+#   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
+#     lock file), for the tests that use tests/common/idp.rs
 #   - cargo test (unit, end-to-end, binary-level and SDK tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +13,17 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/nul
   .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40'
 fi
 export PORTCULLIS_PYTHON="$PWD/.venv/bin/python"
+
+# `npm ci` only when node_modules was not installed from this exact lock file.
+if ! command -v "${PORTCULLIS_TEST_NODE:-node}" >/dev/null || ! command -v npm >/dev/null; then
+  echo "error: node and npm are needed for the test IdP (tests/idp)" >&2
+  exit 1
+fi
+if ! cmp -s tests/idp/package-lock.json tests/idp/node_modules/.installed-lock.json 2>/dev/null; then
+  echo "==> npm ci (tests/idp)"
+  npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
+  cp tests/idp/package-lock.json tests/idp/node_modules/.installed-lock.json
+fi
 
 echo "==> cargo test"
 log="$(mktemp)"

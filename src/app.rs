@@ -18,6 +18,7 @@ use crate::admin::Admin;
 use crate::audit::{AuditSink, AuditWriter};
 use crate::config::Validated;
 use crate::gateway::{Gateway, Snapshot};
+use crate::identify::Identifier;
 use crate::listener::{self, ServeOptions};
 use crate::metrics::Metrics;
 use crate::worker;
@@ -76,7 +77,8 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
             path: audit_path.clone(),
             source,
         })?;
-    let snapshot = Snapshot::build(v)?;
+    let identity = Identifier::build(v, None, metrics.clone());
+    let snapshot = Snapshot::build(v, identity)?;
     let gateway = Arc::new(Gateway::new(snapshot, metrics, audit));
 
     let bind_err = |source| StartError::Bind {

@@ -17,6 +17,7 @@ use http::{HeaderValue, Method};
 use serde::{Serialize, Serializer};
 use tokio::sync::mpsc;
 
+use crate::identify::Caller;
 use crate::metrics::Metrics;
 
 /// What happened to one request.
@@ -32,6 +33,20 @@ pub struct AuditRecord {
     /// Path without the query string.
     pub path: String,
     pub operation: &'static str,
+    /// The `[[clients]]` id the caller was identified as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<Arc<str>>,
+    /// `jwt`, `api_key`, `anonymous`, or `none` when no usable credential was presented.
+    pub auth_method: &'static str,
+    /// Who exactly: subject, application, tenant, key id, issuer (never the credential).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "identity")]
+    pub identity: Option<Arc<Caller>>,
+    /// `allow` or `deny` once an access decision was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<&'static str>,
+    /// Why access was denied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,6 +159,11 @@ impl AuditRecord {
             method,
             path,
             operation: "unknown",
+            client: None,
+            auth_method: "none",
+            identity: None,
+            decision: None,
+            reason: None,
             deployment: None,
             backend: None,
             backend_auth: None,
@@ -161,6 +181,13 @@ impl AuditRecord {
 }
 
 impl AuditRecord {
+    /// Record who the caller is.
+    pub fn note_caller(&mut self, caller: &Arc<Caller>) {
+        self.client = Some(caller.client.id.clone());
+        self.auth_method = caller.method.as_str();
+        self.identity = Some(caller.clone());
+    }
+
     /// Record which backend answered (or was tried last) and how many were tried.
     pub fn note_backend(&mut self, backend: Option<&crate::routing::Backend>, attempts: u32) {
         self.attempts = attempts;
@@ -183,6 +210,26 @@ fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     s.serialize_str(&text)
+}
+
+fn identity<S: Serializer>(c: &Option<Arc<Caller>>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(None)?;
+    if let Some(c) = c {
+        let fields: [(&str, Option<&str>); 5] = [
+            ("subject", c.subject.as_deref()),
+            ("application", c.application.as_deref()),
+            ("tenant", c.tenant.as_deref()),
+            ("key_id", c.key_id.as_deref()),
+            ("issuer", c.issuer.as_deref()),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                m.serialize_entry(k, v)?;
+            }
+        }
+    }
+    m.end()
 }
 
 fn header_str<S: Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::app::{self, Running};
 use crate::config;
+use crate::sim::issuer::DemoIssuer;
 use crate::sim::{SimHandle, SimOptions};
 
 /// Demo settings.
@@ -21,18 +22,22 @@ pub struct DemoOptions {
     pub token_latency: Duration,
 }
 
-/// A running demo: the simulator and the gateway.
+/// A running demo: the simulator, the issuer and the gateway.
 pub struct Demo {
     pub sim: SimHandle,
+    pub issuer: DemoIssuer,
     pub gateway: Running,
-    pub client_key: String,
+    /// A JWT from the demo issuer, identifying client `demo-app`.
+    pub client_jwt: String,
 }
 
-/// The key the demo prints for clients to use.
-pub const DEMO_CLIENT_KEY: &str = "pcl_demo";
+/// The audience demo tokens are issued for.
+pub const DEMO_AUDIENCE: &str = "api://portcullis-demo";
+/// The demo's one client.
+pub const DEMO_CLIENT: &str = "demo-app";
 
-/// The demo's configuration text, pointing at the simulator.
-pub fn demo_config(sim_url: &str, sim_key: &str, listen: SocketAddr) -> String {
+/// The demo's configuration text, pointing at the simulator and the demo issuer.
+pub fn demo_config(sim_url: &str, sim_key: &str, issuer: &str, listen: SocketAddr) -> String {
     format!(
         r#"# Portcullis demo configuration (generated)
 [server]
@@ -44,6 +49,18 @@ listen = "127.0.0.1:0"
 
 [audit]
 path = "-"
+
+[[issuers]]
+name = "demo"
+issuer = "{issuer}"
+audiences = ["{DEMO_AUDIENCE}"]
+algorithms = ["ES256"]
+
+[[clients]]
+id = "{DEMO_CLIENT}"
+jwt = [{{ issuer = "demo", claims = {{ azp = "{DEMO_CLIENT}" }} }}]
+deployments = ["*"]
+operations = ["*"]
 
 [[backends]]
 name = "sim-eastus"
@@ -72,20 +89,31 @@ pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error
     if opts.port == 8080 && std::net::TcpListener::bind(listen).is_err() {
         listen.set_port(0);
     }
-    let text = demo_config(&sim.url(), &sim_key, listen);
+    let issuer = DemoIssuer::start().await?;
+    let text = demo_config(&sim.url(), &sim_key, &issuer.issuer(), listen);
     let validated = config::load_str(&text, "demo configuration", std::path::Path::new("."))?;
     let gateway = app::start(&validated).await?;
+    gateway
+        .gateway
+        .wait_issuer_keys(Duration::from_secs(5))
+        .await;
+    let client_jwt = issuer.sign(
+        DEMO_AUDIENCE,
+        Duration::from_secs(24 * 3600),
+        serde_json::json!({ "sub": "demo-user", "azp": DEMO_CLIENT, "scp": "chat" }),
+    )?;
     Ok(Demo {
         sim,
+        issuer,
         gateway,
-        client_key: DEMO_CLIENT_KEY.to_owned(),
+        client_jwt,
     })
 }
 
 /// The lines printed for the user: shell exports and a ready curl.
 pub fn instructions(demo: &Demo) -> String {
     let gw = format!("http://{}", demo.gateway.addr);
-    let key = &demo.client_key;
+    let key = &demo.client_jwt;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -98,7 +126,8 @@ pub fn instructions(demo: &Demo) -> String {
     let _ = writeln!(s, "Deployments: gpt-4o, gpt-4o-mini, text-embedding-3-small. Audit lines follow below, one per request.");
     let _ = writeln!(
         s,
-        "Note: client authentication is not enforced in this build yet; any key is accepted."
+        "Client '{DEMO_CLIENT}' is identified by a JWT from the demo issuer at {}.",
+        demo.issuer.issuer()
     );
     let _ = writeln!(
         s,

@@ -41,6 +41,21 @@ pub enum GatewayError {
     /// The backend did not answer in time.
     #[error("the backend did not respond within {0}")]
     BackendTimeout(String),
+    /// No valid credential: 401 with a `WWW-Authenticate: Bearer` challenge.
+    #[error("{message}")]
+    Unauthenticated {
+        /// `missing_credentials`, `invalid_token` or `token_expired`.
+        code: &'static str,
+        /// RFC 6750 `error` attribute of the challenge (`None` when nothing was presented).
+        bearer_error: Option<&'static str>,
+        message: String,
+    },
+    /// The caller is known but its client may not do this.
+    #[error("{0}")]
+    ClientNotAllowed(String),
+    /// The caller's token lacks scopes or roles the deployment requires.
+    #[error("the deployment '{deployment}' requires the scope or role: {scope}")]
+    InsufficientScope { deployment: String, scope: String },
     /// The gateway cannot hold the credential it needs for any backend that could serve.
     #[error("the gateway cannot authenticate to the backend: {0}")]
     BackendAuthUnavailable(String),
@@ -58,6 +73,8 @@ impl GatewayError {
             Self::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Self::ClientNotAllowed(_) | Self::InsufficientScope { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -73,6 +90,9 @@ impl GatewayError {
             Self::BackendUnavailable(_) => "backend_unavailable",
             Self::BackendTimeout(_) => "backend_timeout",
             Self::BackendAuthUnavailable(_) => "backend_auth_unavailable",
+            Self::Unauthenticated { code, .. } => code,
+            Self::ClientNotAllowed(_) => "client_not_allowed",
+            Self::InsufficientScope { .. } => "insufficient_scope",
         }
     }
 
@@ -88,7 +108,19 @@ impl GatewayError {
             Self::BackendUnavailable(_)
             | Self::BackendTimeout(_)
             | Self::BackendAuthUnavailable(_) => "api_error",
+            Self::Unauthenticated { .. } => "authentication_error",
+            Self::ClientNotAllowed(_) | Self::InsufficientScope { .. } => "permission_error",
         }
+    }
+
+    /// Whether this is an access decision (authentication or authorization refused).
+    pub fn is_access_denial(&self) -> bool {
+        matches!(
+            self,
+            Self::Unauthenticated { .. }
+                | Self::ClientNotAllowed(_)
+                | Self::InsufficientScope { .. }
+        )
     }
 
     /// The OpenAI-shaped JSON body.
@@ -104,10 +136,54 @@ impl GatewayError {
         Bytes::from(v.to_string())
     }
 
-    /// Render as a complete HTTP response.
-    pub fn into_response(self) -> Response<Body> {
-        json_response(self.status(), self.body())
+    /// Render as a complete HTTP response. `resource_metadata` is the URL of this
+    /// gateway's RFC 9728 document, named in `WWW-Authenticate` challenges.
+    pub fn into_response(self, resource_metadata: Option<&str>) -> Response<Body> {
+        let mut resp = json_response(self.status(), self.body());
+        if let Some(challenge) = self.challenge(resource_metadata) {
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        resp
     }
+
+    /// The RFC 6750 `WWW-Authenticate` challenge for 401s and scope refusals.
+    fn challenge(&self, resource_metadata: Option<&str>) -> Option<String> {
+        let mut c = String::from("Bearer realm=\"portcullis\"");
+        match self {
+            Self::Unauthenticated { bearer_error, .. } => {
+                if let Some(e) = bearer_error {
+                    c.push_str(&format!(
+                        ", error=\"{e}\", error_description=\"{}\"",
+                        quoted(&self.to_string())
+                    ));
+                }
+            }
+            Self::InsufficientScope { scope, .. } => c.push_str(&format!(
+                ", error=\"insufficient_scope\", error_description=\"{}\", scope=\"{}\"",
+                quoted(&self.to_string()),
+                quoted(scope)
+            )),
+            _ => return None,
+        }
+        if let Some(url) = resource_metadata {
+            c.push_str(&format!(", resource_metadata=\"{}\"", quoted(url)));
+        }
+        Some(c)
+    }
+}
+
+/// Text safe inside an RFC 7230 quoted-string (and a header value): printable ASCII
+/// without `"` or `\\`.
+fn quoted(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            c if c.is_ascii_graphic() || c == ' ' => c,
+            _ => '?',
+        })
+        .collect()
 }
 
 /// A buffered JSON response.

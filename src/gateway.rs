@@ -20,8 +20,10 @@ use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Limited};
 
 use crate::audit::{AuditRecord, AuditSink};
+use crate::authorize;
 use crate::config::Validated;
 use crate::error::{json_response, Body, BoxError, GatewayError};
+use crate::identify::{Caller, Identifier};
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
 use crate::route::{self, Route};
@@ -30,30 +32,77 @@ use crate::routing::{BackendTable, BuildError};
 /// Everything a request needs from the configuration, immutable once built.
 pub struct Snapshot {
     pub backends: BackendTable,
+    pub identity: Identifier,
     pub max_body_bytes: u64,
     pub body_timeout: std::time::Duration,
-    /// Pre-rendered `GET /v1/models` body.
-    models: Bytes,
+    /// `auth.resource`: this gateway's URL as clients know it (RFC 9728).
+    resource: Option<String>,
+    scopes_supported: Vec<String>,
 }
 
 impl Snapshot {
-    /// Build from a validated configuration.
-    pub fn build(v: &Validated) -> Result<Self, BuildError> {
-        let backends = BackendTable::build(v)?;
-        let data: Vec<_> = backends
-            .public_names()
-            .iter()
-            .map(|n| model_object(n))
-            .collect();
-        let models = serde_json::json!({ "object": "list", "data": data }).to_string();
+    /// Build from a validated configuration and its identifier.
+    pub fn build(v: &Validated, identity: Identifier) -> Result<Self, BuildError> {
         Ok(Self {
-            backends,
+            backends: BackendTable::build(v)?,
+            identity,
             max_body_bytes: v.config.server.max_body_bytes,
             body_timeout: v.config.server.body_timeout.0,
-            models: Bytes::from(models),
+            resource: v
+                .config
+                .auth
+                .resource
+                .as_ref()
+                .map(|r| r.as_str().trim_end_matches('/').to_owned()),
+            scopes_supported: v
+                .config
+                .auth
+                .scopes_supported
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect(),
         })
     }
+
+    /// This gateway's resource URL: `auth.resource`, else from the request's `Host`.
+    fn resource(&self, host: Option<&HeaderValue>) -> String {
+        if let Some(r) = &self.resource {
+            return r.clone();
+        }
+        let host = host
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.len() <= 255
+                    && h.bytes().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']')
+                    })
+            })
+            .unwrap_or("localhost");
+        format!("http://{host}")
+    }
+
+    /// The RFC 9728 Protected Resource Metadata document.
+    fn resource_metadata(&self, host: Option<&HeaderValue>) -> Bytes {
+        let servers: Vec<String> = self
+            .identity
+            .issuers()
+            .iter()
+            .flat_map(|i| i.advertised())
+            .collect();
+        let doc = serde_json::json!({
+            "resource": self.resource(host),
+            "authorization_servers": servers,
+            "scopes_supported": self.scopes_supported,
+            "bearer_methods_supported": ["header"],
+            "resource_name": "Portcullis",
+        });
+        Bytes::from(doc.to_string())
+    }
 }
+
+/// Path of the RFC 9728 document.
+pub const RESOURCE_METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
 
 fn model_object(name: &str) -> serde_json::Value {
     serde_json::json!({ "id": name, "object": "model", "created": 0, "owned_by": "portcullis" })
@@ -84,6 +133,12 @@ impl Gateway {
     /// Replace the configuration; requests already running keep the old one.
     pub fn swap(&self, snapshot: Snapshot) {
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Wait (bounded) until every issuer's first key fetch was attempted.
+    pub async fn wait_issuer_keys(&self, deadline: std::time::Duration) {
+        let snap = self.snapshot.load_full();
+        snap.identity.wait_keys(deadline).await;
     }
 
     /// Stop reporting ready (shutdown has begun).
@@ -124,8 +179,13 @@ impl Gateway {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/health") => return health(),
             (&Method::GET, "/ready") => return ready(self.readiness()),
+            (&Method::GET, RESOURCE_METADATA_PATH) => {
+                let body = self.snapshot.load().resource_metadata(host(&req));
+                return json_response(StatusCode::OK, body);
+            }
             _ => {}
         }
+        let host = host(&req).cloned();
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let mut guard = Unanswered {
@@ -150,10 +210,15 @@ impl Gateway {
                 rec.status = e.status().as_u16();
                 rec.error_code = Some(e.code());
                 rec.outcome = "refused";
+                if e.is_access_denial() {
+                    rec.decision = Some("deny");
+                    rec.reason = Some(e.to_string());
+                }
                 let elapsed = started.elapsed().as_secs_f64() * 1000.0;
                 rec.latency_ms = elapsed;
                 rec.duration_ms = elapsed;
-                let resp = e.into_response();
+                let metadata = format!("{}{RESOURCE_METADATA_PATH}", snap.resource(host.as_ref()));
+                let resp = e.into_response(Some(&metadata));
                 self.count(&rec, started);
                 self.audit.emit(rec);
                 resp
@@ -195,10 +260,22 @@ impl Gateway {
         B::Error: Into<BoxError>,
     {
         let (parts, body) = req.into_parts();
-        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query())?;
-        rec.operation = route.operation.as_str();
+        // Parsed first so refusals are audited with their operation; a bad route is only
+        // reported to callers who proved who they are.
+        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query());
+        if let Ok(r) = &route {
+            rec.operation = r.operation.as_str();
+        }
+        let caller = snap.identity.identify(&parts.headers).await.map_err(|r| {
+            rec.auth_method = r.method;
+            r.error
+        })?;
+        rec.note_caller(&caller);
+        let route = route?;
+        authorize::operation(&caller, route.operation)?;
         if route.is_model_listing() {
-            return self.models(&parts.method, &route, snap, rec, started);
+            rec.decision = Some("allow");
+            return self.models(&parts.method, &route, &caller, snap, rec, started);
         }
 
         let body = tokio::time::timeout(
@@ -227,6 +304,10 @@ impl Gateway {
                 "you must provide a model parameter".into(),
             ));
         }
+        if let Some(d) = &deployment {
+            authorize::deployment(&caller, d)?;
+        }
+        rec.decision = Some("allow");
         rec.deployment = deployment.clone();
         let candidates = snap
             .backends
@@ -280,6 +361,7 @@ impl Gateway {
         &self,
         method: &Method,
         route: &Route,
+        caller: &Caller,
         snap: &Snapshot,
         rec: &mut AuditRecord,
         started: Instant,
@@ -288,8 +370,19 @@ impl Gateway {
             return Err(GatewayError::MethodNotAllowed(method.to_string()));
         }
         let body = match route.rest.strip_prefix("models/") {
-            None if route.rest == "models" => snap.models.clone(),
-            Some(id) if snap.backends.serves(id) => Bytes::from(model_object(id).to_string()),
+            None if route.rest == "models" => {
+                let data: Vec<_> = snap
+                    .backends
+                    .public_names()
+                    .iter()
+                    .filter(|n| authorize::visible(caller, n))
+                    .map(|n| model_object(n))
+                    .collect();
+                Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string())
+            }
+            Some(id) if authorize::visible(caller, id) && snap.backends.serves(id) => {
+                Bytes::from(model_object(id).to_string())
+            }
             Some(id) => return Err(GatewayError::UnknownDeployment(shown(id))),
             None => {
                 return Err(GatewayError::NotFound {
@@ -363,7 +456,7 @@ where
 }
 
 /// A client-supplied name as it may appear in an error message: escaped, at most 64 chars.
-fn shown(name: &str) -> String {
+pub(crate) fn shown(name: &str) -> String {
     let mut s: String = name.escape_default().take(64).collect();
     if name.escape_default().count() > 64 {
         s.push('…');
@@ -385,6 +478,10 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     }
     let id = uuid::Uuid::new_v4().to_string();
     HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn host<B>(req: &Request<B>) -> Option<&HeaderValue> {
+    req.headers().get(header::HOST)
 }
 
 /// `GET /health`: the process is up.

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod authorize;
 pub mod config;
 pub mod demo;
 pub mod error;

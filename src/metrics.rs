@@ -36,6 +36,29 @@ pub struct AttemptLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `portcullis_auth_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `jwt`, `api_key`, `anonymous` or `none` (nothing usable presented).
+    pub method: &'static str,
+    /// `allow` or the refusal's error code.
+    pub outcome: &'static str,
+}
+
+/// Labels of the per-issuer key metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+}
+
+/// Labels of `portcullis_jwks_refresh_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksRefreshLabels {
+    pub issuer: String,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -50,6 +73,9 @@ pub struct Metrics {
     pub upstream_attempts: Family<AttemptLabels, Counter>,
     pub streams_in_flight: Gauge,
     pub audit_dropped: Counter,
+    pub auth: Family<AuthLabels, Counter>,
+    jwks_keys: Family<IssuerLabels, Gauge>,
+    jwks_refreshes: Family<JwksRefreshLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -94,7 +120,28 @@ impl Metrics {
             "Audit records dropped because the writer fell behind",
             audit_dropped.clone(),
         );
+        let auth = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            "auth",
+            "Authentication and authorization decisions, by method and outcome",
+            auth.clone(),
+        );
+        let jwks_keys = Family::<IssuerLabels, Gauge>::default();
+        registry.register(
+            "jwks_keys",
+            "Signing keys currently cached, by issuer",
+            jwks_keys.clone(),
+        );
+        let jwks_refreshes = Family::<JwksRefreshLabels, Counter>::default();
+        registry.register(
+            "jwks_refresh",
+            "Fetches of issuers' signing keys, by issuer and outcome",
+            jwks_refreshes.clone(),
+        );
         Self {
+            auth,
+            jwks_keys,
+            jwks_refreshes,
             registry,
             requests,
             latency,
@@ -102,6 +149,25 @@ impl Metrics {
             streams_in_flight,
             audit_dropped,
         }
+    }
+
+    /// Gauge of keys cached for `issuer` (a configured issuer name).
+    pub fn jwks_keys(&self, issuer: &str) -> Gauge {
+        self.jwks_keys
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counter of key-set fetches for `issuer` with `outcome`.
+    pub fn jwks_refresh(&self, issuer: &str, outcome: &'static str) -> Counter {
+        self.jwks_refreshes
+            .get_or_create(&JwksRefreshLabels {
+                issuer: issuer.to_owned(),
+                outcome,
+            })
+            .clone()
     }
 
     /// Render in the Prometheus text format.

@@ -49,6 +49,23 @@ impl Operation {
         }
     }
 
+    /// The operation a config name (`operations = [...]`) stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "chat" => Self::Chat,
+            "completions" => Self::Completions,
+            "embeddings" => Self::Embeddings,
+            "images" => Self::Images,
+            "audio" => Self::Audio,
+            "responses" => Self::Responses,
+            "files" => Self::Files,
+            "batches" => Self::Batches,
+            "models" => Self::Models,
+            "other" => Self::Other,
+            _ => return None,
+        })
+    }
+
     /// Operations that always run against one deployment: the request must name one.
     pub fn needs_deployment(self) -> bool {
         matches!(

@@ -399,7 +399,7 @@ fn valid_glob(s: &str) -> bool {
 }
 
 /// Issuer and metadata URLs: https, or http on loopback (local IdPs and tests).
-fn check_url(url: &str, path: &str, problems: &mut Vec<Problem>) {
+pub fn check_url(url: &str, path: &str, problems: &mut Vec<Problem>) {
     match url.parse::<http::Uri>() {
         Ok(u) if u.authority().is_some() => {
             let host = u.host().unwrap_or("");

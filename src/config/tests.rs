@@ -158,3 +158,112 @@ auth = { type = "api_key", key = "two\nlines" }
         "secret echoed: {err}"
     );
 }
+
+const ISSUER: &str = r#"
+[[issuers]]
+name = "entra"
+issuer = "https://login.microsoftonline.com/tid/v2.0"
+audiences = ["api://portcullis"]
+"#;
+
+fn problems_of(text: &str) -> Vec<Problem> {
+    load(text)
+        .map(|_| Vec::new())
+        .unwrap_or_else(|e| e.problems)
+}
+
+#[test]
+fn identity_sections_parse_with_defaults() {
+    let text = format!(
+        "{MINIMAL}{ISSUER}\n[[clients]]\nid = \"team-a\"\njwt = [{{ issuer = \"entra\", claims = {{ roles = \"A\" }} }}]\ndeployments = [\"gpt-4o\"]\noperations = [\"chat\"]\n"
+    );
+    let v = load(&text).unwrap();
+    let iss = &v.config.issuers[0];
+    assert_eq!(iss.leeway.0.as_secs(), 60);
+    assert_eq!(iss.algorithms.len(), 3);
+    assert_eq!(v.config.store.url.as_str(), "sqlite://portcullis.db");
+    assert!(v.key_hmac_secret.is_none());
+    assert_eq!(v.config.clients[0].jwt[0].claims.len(), 1);
+}
+
+#[test]
+fn issuer_rules_are_enforced() {
+    let text = format!(
+        "{MINIMAL}\n[[issuers]]\nname = \"x\"\nissuer = \"http://idp.example.com\"\naudiences = []\nalgorithms = [\"none\", \"HS256\", \"XX1\"]\n"
+    );
+    let p = problems_of(&text);
+    let msgs: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+    let all = msgs.join("\n");
+    assert!(all.contains("issuers[0].issuer"), "{all}");
+    assert!(all.contains("must use https"), "{all}");
+    assert!(all.contains("issuers[0].audiences"), "{all}");
+    assert!(all.contains("\"none\" is never accepted"), "{all}");
+    assert!(all.contains("HS256 needs `hmac_secret`"), "{all}");
+    assert!(all.contains("unknown algorithm 'XX1'"), "{all}");
+    assert!(p.iter().all(|p| p.line.is_some()), "{all}");
+}
+
+#[test]
+fn tenant_template_needs_jwks_uri_and_tenants() {
+    let text = format!(
+        "{MINIMAL}\n[[issuers]]\nname = \"multi\"\nissuer = \"https://login.microsoftonline.com/{{tenantid}}/v2.0\"\naudiences = [\"a\"]\n"
+    );
+    let all: Vec<String> = problems_of(&text).iter().map(|p| p.to_string()).collect();
+    let all = all.join("\n");
+    assert!(all.contains("issuers[0].jwks_uri"), "{all}");
+    assert!(all.contains("issuers[0].allowed_tenants"), "{all}");
+}
+
+#[test]
+fn clients_are_deny_by_default_and_unambiguous() {
+    let text = format!(
+        "{MINIMAL}{ISSUER}
+[[clients]]
+id = \"a\"
+jwt = [{{ issuer = \"entra\", claims = {{ azp = \"app\" }} }}]
+deployments = [\"gpt-4o\"]
+operations = [\"chat\"]
+
+[[clients]]
+id = \"b\"
+jwt = [{{ issuer = \"entra\", claims = {{ azp = \"app\", roles = \"X\" }} }}]
+deployments = [\"gpt-4o\"]
+operations = [\"chat\"]
+
+[[clients]]
+id = \"c\"
+jwt = [{{ issuer = \"nope\" }}]
+deployments = []
+operations = [\"teleport\"]
+
+[[clients]]
+id = \"a\"
+anonymous = true
+deployments = [\"bad name\"]
+operations = [\"*\"]
+"
+    );
+    let all: Vec<String> = problems_of(&text).iter().map(|p| p.to_string()).collect();
+    let all = all.join("\n");
+    assert!(
+        all.contains("could be both client 'a' and client 'b'"),
+        "{all}"
+    );
+    assert!(all.contains("clients[2].jwt[0].issuer"), "{all}");
+    assert!(all.contains("clients[2].deployments"), "{all}");
+    assert!(all.contains("unknown operation 'teleport'"), "{all}");
+    assert!(all.contains("client id 'a' is used twice"), "{all}");
+    assert!(
+        all.contains("invalid deployment pattern 'bad name'"),
+        "{all}"
+    );
+}
+
+#[test]
+fn store_secret_must_be_long_enough() {
+    let text = format!("{MINIMAL}\n[store]\nkey_hmac_secret = \"short\"\n");
+    let all: Vec<String> = problems_of(&text).iter().map(|p| p.to_string()).collect();
+    assert!(all.join("\n").contains("store.key_hmac_secret"), "{all:?}");
+    let text = format!("{MINIMAL}\n[store]\nurl = \"mysql://x\"\n");
+    assert_eq!(problems_of(&text)[0].path, "store.url");
+}

@@ -1,3 +1,588 @@
-//! Identify: who is calling.
+//! Identify: who is calling, from the credential the request carries.
+//!
+//! A request presents at most one credential: `Authorization: Bearer <token>` (what OpenAI
+//! SDKs send) or `api-key: <token>` (what Azure SDKs send). A value with the `pcl_` prefix
+//! is an API key this gateway issued ([`api_key`]); anything else in a bearer header is a
+//! JWT from a configured issuer ([`jwt`], keys from [`jwks`]). A verified JWT is remembered
+//! (keyed by its SHA-256) until it expires, so a token is checked once, not per request.
+//! The identity then resolves to exactly one `[[clients]]` entry; no match is a refusal.
+//! Requests with no credential are refused unless a client is explicitly `anonymous`.
 
 pub mod api_key;
+pub mod jwks;
+pub mod jwt;
+
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
+use serde_json::{Map, Value};
+
+use crate::authorize::ClientPolicy;
+use crate::config::{ClaimMatch, Validated};
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+
+use jwt::{Issuer, IssuerSpec, Issuers, JwtError};
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Jwt,
+    ApiKey,
+    Anonymous,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::ApiKey => "api_key",
+            Self::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// An identified caller: the client it is, and who exactly (for the audit line).
+#[derive(Debug)]
+pub struct Caller {
+    pub client: Arc<ClientPolicy>,
+    pub method: AuthMethod,
+    /// `oid` when the token has one (Entra's stable object id), else `sub`.
+    pub subject: Option<String>,
+    /// `azp`, `appid` or `client_id`.
+    pub application: Option<String>,
+    /// `tid`.
+    pub tenant: Option<String>,
+    /// Public id of the API key used.
+    pub key_id: Option<Arc<str>>,
+    /// Configured name of the issuer that signed the token.
+    pub issuer: Option<Arc<str>>,
+    /// Scopes (`scp`, `scope`) and roles (`roles`) the token grants.
+    pub grants: Vec<String>,
+}
+
+/// What the identifier needs from the API key table: a synchronous, I/O-free check.
+pub trait KeyCheck: Send + Sync {
+    /// `Ok((key id, client id))`, or a short client-safe reason.
+    fn check(&self, presented: &str) -> Result<(Arc<str>, Arc<str>), String>;
+}
+
+/// A refusal, with the method that was attempted (for metrics and audit).
+pub struct Refusal {
+    pub method: &'static str,
+    pub error: GatewayError,
+}
+
+/// A verified token as remembered in the cache.
+struct CachedToken {
+    caller: Arc<Caller>,
+    issuer: usize,
+    kid: Option<String>,
+    exp: u64,
+}
+
+/// A JWT binding compiled from `clients[].jwt`.
+struct Binding {
+    issuer: usize,
+    claims: Vec<(String, Vec<String>)>,
+    client: Arc<ClientPolicy>,
+}
+
+/// Header Azure SDKs send their key in.
+pub static API_KEY: HeaderName = HeaderName::from_static("api-key");
+/// Prefix of gateway-issued API keys.
+pub const KEY_PREFIX: &str = "pcl_";
+
+/// Everything needed to turn request headers into a [`Caller`].
+pub struct Identifier {
+    issuers: Issuers,
+    bindings: Vec<Binding>,
+    clients: std::collections::HashMap<String, Arc<ClientPolicy>>,
+    anonymous: Option<Arc<Caller>>,
+    api_keys: Option<Arc<dyn KeyCheck>>,
+    verified: Option<quick_cache::sync::Cache<[u8; 32], Arc<CachedToken>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Identifier {
+    /// Build from configuration; starts a key refresher per issuer on the current runtime.
+    pub fn build(
+        v: &Validated,
+        api_keys: Option<Arc<dyn KeyCheck>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let c = &v.config;
+        let budget = Arc::new(jwks::RefreshBudget::default());
+        let list = c
+            .issuers
+            .iter()
+            .zip(&v.issuer_secrets)
+            .map(|(i, secret)| {
+                let source = match &i.jwks_uri {
+                    Some(u) => jwks::KeySource::Uri(u.as_str().to_owned()),
+                    None => jwks::KeySource::Discovery {
+                        issuer: i.issuer.as_str().to_owned(),
+                    },
+                };
+                let keys = jwks::Jwks::start(
+                    i.name.as_str(),
+                    source,
+                    i.refresh_interval.0,
+                    budget.clone(),
+                    metrics.clone(),
+                );
+                let strings = |v: &[crate::config::Text]| -> Vec<String> {
+                    v.iter().map(|t| t.as_str().to_owned()).collect()
+                };
+                Issuer::new(
+                    IssuerSpec {
+                        name: i.name.as_str().to_owned(),
+                        issuer: i.issuer.as_str().to_owned(),
+                        allowed_tenants: strings(&i.allowed_tenants),
+                        algorithms: strings(&i.algorithms),
+                        audiences: strings(&i.audiences),
+                        leeway: i.leeway.0,
+                        required_claims: strings(&i.required_claims),
+                        hmac_secret: secret.as_ref().map(|s| s.expose().as_bytes().to_vec()),
+                    },
+                    keys,
+                )
+            })
+            .collect::<Vec<_>>();
+        let mut clients = std::collections::HashMap::new();
+        let mut bindings = Vec::new();
+        let mut anonymous = None;
+        for cc in &c.clients {
+            let policy = Arc::new(ClientPolicy::new(cc));
+            clients.insert(cc.id.as_str().to_owned(), policy.clone());
+            if cc.anonymous {
+                anonymous = Some(Arc::new(Caller {
+                    client: policy.clone(),
+                    method: AuthMethod::Anonymous,
+                    subject: None,
+                    application: None,
+                    tenant: None,
+                    key_id: None,
+                    issuer: None,
+                    grants: Vec::new(),
+                }));
+            }
+            for b in &cc.jwt {
+                let Some(issuer) = list.iter().position(|i| &*i.name == b.issuer.as_str()) else {
+                    continue;
+                };
+                let claims = b
+                    .claims
+                    .iter()
+                    .map(|(k, m)| {
+                        let values = match m {
+                            ClaimMatch::One(v) => vec![v.as_str().to_owned()],
+                            ClaimMatch::All(v) => v.iter().map(|x| x.as_str().to_owned()).collect(),
+                        };
+                        (k.clone(), values)
+                    })
+                    .collect();
+                bindings.push(Binding {
+                    issuer,
+                    claims,
+                    client: policy.clone(),
+                });
+            }
+        }
+        let size = c.auth.token_cache_size;
+        Self {
+            issuers: Issuers::new(list, c.auth.max_token_bytes),
+            bindings,
+            clients,
+            anonymous,
+            api_keys,
+            verified: (size > 0).then(|| quick_cache::sync::Cache::new(size)),
+            metrics,
+        }
+    }
+
+    /// The configured issuers (for RFC 9728 metadata and readiness).
+    pub fn issuers(&self) -> &[Issuer] {
+        &self.issuers.list
+    }
+
+    /// Wait (bounded) until every issuer's first key fetch has been attempted.
+    pub async fn wait_keys(&self, deadline: std::time::Duration) {
+        for i in &self.issuers.list {
+            i.keys.wait_first_attempt(deadline).await;
+        }
+    }
+
+    /// Identify the caller from the request headers.
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, Refusal> {
+        let result = self.identify_inner(headers).await;
+        let (method, outcome) = match &result {
+            Ok(c) => (c.method.as_str(), "allow"),
+            Err(r) => (r.method, r.error.code()),
+        };
+        self.metrics
+            .auth
+            .get_or_create(&crate::metrics::AuthLabels { method, outcome })
+            .inc();
+        result
+    }
+
+    async fn identify_inner(&self, headers: &HeaderMap) -> Result<Arc<Caller>, Refusal> {
+        let token =
+            match credential(headers) {
+                Ok(Some(t)) => t,
+                Ok(None) => return self.anonymous.clone().ok_or(Refusal {
+                    method: "none",
+                    error: unauthenticated(
+                        "missing_credentials",
+                        None,
+                        "no credentials: send `Authorization: Bearer <token>` or `api-key: <key>`",
+                    ),
+                }),
+                Err(why) => {
+                    return Err(Refusal {
+                        method: "none",
+                        error: unauthenticated("invalid_token", Some("invalid_request"), why),
+                    })
+                }
+            };
+        if token.starts_with(KEY_PREFIX) {
+            return self.api_key(token);
+        }
+        if token.matches('.').count() != 2 {
+            return Err(Refusal {
+                method: "none",
+                error: unauthenticated(
+                    "invalid_token",
+                    Some("invalid_token"),
+                    "the credential is neither an API key issued by this gateway nor a JWT",
+                ),
+            });
+        }
+        self.jwt(token).await
+    }
+
+    fn api_key(&self, token: &str) -> Result<Arc<Caller>, Refusal> {
+        let refuse = |why: &str| Refusal {
+            method: "api_key",
+            error: unauthenticated("invalid_token", Some("invalid_token"), why),
+        };
+        let Some(keys) = &self.api_keys else {
+            return Err(refuse("API keys are not enabled on this gateway"));
+        };
+        let (key_id, client) = keys.check(token).map_err(|why| refuse(&why))?;
+        let Some(policy) = self.clients.get(&*client) else {
+            return Err(Refusal {
+                method: "api_key",
+                error: GatewayError::ClientNotAllowed(format!(
+                    "the API key's client '{client}' is not configured on this gateway"
+                )),
+            });
+        };
+        Ok(Arc::new(Caller {
+            client: policy.clone(),
+            method: AuthMethod::ApiKey,
+            subject: None,
+            application: None,
+            tenant: None,
+            key_id: Some(key_id),
+            issuer: None,
+            grants: Vec::new(),
+        }))
+    }
+
+    async fn jwt(&self, token: &str) -> Result<Arc<Caller>, Refusal> {
+        let digest = self.verified.as_ref().map(|_| token_digest(token));
+        if let (Some(cache), Some(d)) = (&self.verified, &digest) {
+            if let Some(hit) = cache.get(d) {
+                let now = jsonwebtoken::get_current_timestamp();
+                let issuer = &self.issuers.list[hit.issuer];
+                if hit.exp + issuer.leeway() >= now && issuer.still_trusts(hit.kid.as_deref()) {
+                    return Ok(hit.caller.clone());
+                }
+                cache.remove(d);
+            }
+        }
+        let verified = self.issuers.verify(token).await.map_err(|e| Refusal {
+            method: "jwt",
+            error: jwt_refusal(&e),
+        })?;
+        let issuer = &self.issuers.list[verified.issuer];
+        let client = self.client_for(verified.issuer, &verified.claims, issuer)?;
+        let caller = Arc::new(caller_from_claims(
+            client,
+            &verified.claims,
+            issuer.name.clone(),
+        ));
+        if let (Some(cache), Some(d)) = (&self.verified, digest) {
+            cache.insert(
+                d,
+                Arc::new(CachedToken {
+                    caller: caller.clone(),
+                    issuer: verified.issuer,
+                    kid: verified.kid,
+                    exp: verified.exp,
+                }),
+            );
+        }
+        Ok(caller)
+    }
+
+    fn client_for(
+        &self,
+        issuer_index: usize,
+        claims: &Map<String, Value>,
+        issuer: &Issuer,
+    ) -> Result<Arc<ClientPolicy>, Refusal> {
+        let mut found: Option<&Arc<ClientPolicy>> = None;
+        for b in self.bindings.iter().filter(|b| b.issuer == issuer_index) {
+            if !b.claims.iter().all(|(k, vals)| claim_has(claims, k, vals)) {
+                continue;
+            }
+            match found {
+                Some(f) if f.id != b.client.id => {
+                    tracing::warn!(
+                        issuer = %issuer.name,
+                        first = %f.id,
+                        second = %b.client.id,
+                        "a token matches two clients; refusing it (make the bindings' claims distinguish them)"
+                    );
+                    return Err(Refusal {
+                        method: "jwt",
+                        error: GatewayError::ClientNotAllowed(
+                            "the token matches more than one client".into(),
+                        ),
+                    });
+                }
+                _ => found = Some(&b.client),
+            }
+        }
+        found.cloned().ok_or_else(|| Refusal {
+            method: "jwt",
+            error: GatewayError::ClientNotAllowed(
+                "the token is valid but no client of this gateway is bound to its identity".into(),
+            ),
+        })
+    }
+}
+
+/// SHA-256 of a token: the verified-token cache never holds tokens themselves.
+fn token_digest(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Whether claim `name` carries every value in `wanted`: equality for strings, containment
+/// for arrays and for the space-separated `scp`/`scope`.
+fn claim_has(claims: &Map<String, Value>, name: &str, wanted: &[String]) -> bool {
+    let Some(v) = claims.get(name) else {
+        return false;
+    };
+    wanted.iter().all(|w| match v {
+        Value::String(s) if name == "scp" || name == "scope" => {
+            s.split_ascii_whitespace().any(|x| x == w)
+        }
+        Value::String(s) => s == w,
+        Value::Array(items) => items.iter().any(|i| i.as_str() == Some(w.as_str())),
+        Value::Number(n) => n.to_string() == *w,
+        Value::Bool(b) => b.to_string() == *w,
+        _ => false,
+    })
+}
+
+fn caller_from_claims(
+    client: Arc<ClientPolicy>,
+    claims: &Map<String, Value>,
+    issuer: Arc<str>,
+) -> Caller {
+    let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
+    let mut grants = Vec::new();
+    for k in ["scp", "scope"] {
+        if let Some(v) = claims.get(k).and_then(Value::as_str) {
+            grants.extend(v.split_ascii_whitespace().map(str::to_owned));
+        }
+    }
+    if let Some(Value::Array(roles)) = claims.get("roles") {
+        grants.extend(roles.iter().filter_map(Value::as_str).map(str::to_owned));
+    }
+    Caller {
+        client,
+        method: AuthMethod::Jwt,
+        subject: s("oid").or_else(|| s("sub")),
+        application: s("azp").or_else(|| s("appid")).or_else(|| s("client_id")),
+        tenant: s("tid"),
+        key_id: None,
+        issuer: Some(issuer),
+        grants,
+    }
+}
+
+/// The one credential a request presents, if any.
+fn credential(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
+    let mut auth = headers.get_all(AUTHORIZATION).iter();
+    let mut key = headers.get_all(&API_KEY).iter();
+    let (a, a2, k, k2) = (auth.next(), auth.next(), key.next(), key.next());
+    if a2.is_some() || k2.is_some() {
+        return Err("send exactly one credential");
+    }
+    let bearer = match a {
+        None => None,
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| "the Authorization header is not ASCII")?;
+            let (scheme, rest) = v
+                .split_once(' ')
+                .ok_or("use `Authorization: Bearer <token>`")?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(
+                    "unsupported authorization scheme; use `Authorization: Bearer <token>`",
+                );
+            }
+            Some(rest.trim())
+        }
+    };
+    let api_key = match k {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| "the api-key header is not ASCII")?
+                .trim(),
+        ),
+    };
+    let token = match (bearer, api_key) {
+        (Some(b), Some(k)) if b != k => return Err("send exactly one credential"),
+        (Some(t), _) | (None, Some(t)) => t,
+        (None, None) => return Ok(None),
+    };
+    if token.is_empty() {
+        return Err("the credential is empty");
+    }
+    Ok(Some(token))
+}
+
+fn unauthenticated(
+    code: &'static str,
+    bearer_error: Option<&'static str>,
+    message: impl Into<String>,
+) -> GatewayError {
+    GatewayError::Unauthenticated {
+        code,
+        bearer_error,
+        message: message.into(),
+    }
+}
+
+fn jwt_refusal(e: &JwtError) -> GatewayError {
+    unauthenticated(e.code(), Some("invalid_token"), e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(v: serde_json::Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn claim_matching_by_equality_and_containment() {
+        let c = claims(serde_json::json!({
+            "azp": "app-1", "roles": ["A", "B"], "scp": "chat.read chat.write", "ver": 2
+        }));
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(claim_has(&c, "azp", &w(&["app-1"])));
+        assert!(!claim_has(&c, "azp", &w(&["app"])));
+        assert!(claim_has(&c, "roles", &w(&["A"])));
+        assert!(claim_has(&c, "roles", &w(&["A", "B"])));
+        assert!(!claim_has(&c, "roles", &w(&["C"])));
+        assert!(claim_has(&c, "scp", &w(&["chat.write"])));
+        assert!(!claim_has(&c, "scp", &w(&["chat"])));
+        assert!(claim_has(&c, "ver", &w(&["2"])));
+        assert!(!claim_has(&c, "missing", &w(&["x"])));
+    }
+
+    #[tokio::test]
+    async fn rs256_and_es256_tokens_from_a_live_issuer_resolve_to_their_client() {
+        use crate::sim::issuer::{DemoIssuer, SigningAlg};
+        let issuer = DemoIssuer::start().await.unwrap();
+        let text = format!(
+            r#"
+[[issuers]]
+name = "demo"
+issuer = "{}"
+audiences = ["api://x"]
+algorithms = ["RS256", "ES256"]
+[[clients]]
+id = "c1"
+jwt = [{{ issuer = "demo", claims = {{ azp = "app-1" }} }}]
+deployments = ["*"]
+operations = ["chat"]
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+deployments = {{ "m" = "m" }}
+"#,
+            issuer.issuer()
+        );
+        let v = crate::config::load_str(&text, "t", std::path::Path::new(".")).unwrap();
+        let id = Identifier::build(&v, None, Arc::new(Metrics::new()));
+        for alg in [SigningAlg::Rs256, SigningAlg::Es256] {
+            let t = issuer
+                .sign_with(
+                    alg,
+                    "api://x",
+                    std::time::Duration::from_secs(60),
+                    serde_json::json!({"azp": "app-1", "sub": "u"}),
+                )
+                .unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            let caller = id.identify(&h).await.ok().unwrap();
+            assert_eq!(&*caller.client.id, "c1");
+            assert_eq!(caller.subject.as_deref(), Some("u"));
+            // Second time from the verified-token cache: the same caller.
+            let again = id.identify(&h).await.ok().unwrap();
+            assert!(Arc::ptr_eq(&caller, &again));
+        }
+    }
+
+    #[test]
+    fn one_credential_per_request() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        assert_eq!(credential(&h(&[])), Ok(None));
+        assert_eq!(
+            credential(&h(&[("authorization", "Bearer abc")])),
+            Ok(Some("abc"))
+        );
+        assert_eq!(
+            credential(&h(&[("authorization", "bearer  abc ")])),
+            Ok(Some("abc"))
+        );
+        assert_eq!(credential(&h(&[("api-key", "k")])), Ok(Some("k")));
+        assert_eq!(
+            credential(&h(&[("api-key", "k"), ("authorization", "Bearer k")])),
+            Ok(Some("k"))
+        );
+        assert!(credential(&h(&[("api-key", "k"), ("authorization", "Bearer j")])).is_err());
+        assert!(credential(&h(&[("authorization", "Basic abc")])).is_err());
+        assert!(credential(&h(&[("authorization", "Bearer")])).is_err());
+        assert!(credential(&h(&[
+            ("authorization", "Bearer a"),
+            ("authorization", "Bearer a")
+        ]))
+        .is_err());
+        assert!(credential(&h(&[("authorization", "Bearer ")])).is_err());
+    }
+}

@@ -11,6 +11,7 @@
 //! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>`,
 //! `latency:<ms>`, `echo`); every request it receives is recorded for assertions.
 
+pub mod issuer;
 mod responses;
 
 use std::net::SocketAddr;

@@ -1,6 +1,8 @@
-//! Test harness: a simulated backend and a real gateway on loopback, wired by real TOML.
+//! Test harness: a simulated backend and a real gateway on loopback, wired by real TOML, and
+//! a real OpenID provider ([`idp`]).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod idp;
 pub mod pg;
 
 use std::path::PathBuf;
@@ -12,6 +14,13 @@ use portcullis::sim::{SimHandle, SimOptions};
 
 /// The key every test backend requires.
 pub const BACKEND_KEY: &str = "backend-secret-key-0123456789";
+
+/// HMAC secret of the test stores.
+pub const STORE_SECRET: &str = "test-store-hmac-secret-0123456789abcdef";
+
+/// One anonymous client allowed every deployment and operation.
+pub const ANYONE: &str =
+    "[[clients]]\nid = \"anyone\"\nanonymous = true\ndeployments = [\"*\"]\noperations = [\"*\"]\n";
 
 /// Wait until `cond` holds, failing the test after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -44,13 +53,21 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Start a gateway from `[server]` extras and backend sections.
+    /// Start a gateway from `[server]` extras and backend sections, with one anonymous
+    /// client allowed everything (for tests about proxying, not identity).
     pub async fn start(server_extra: &str, backends: &str) -> Gateway {
+        Self::start_with(server_extra, ANYONE, backends).await
+    }
+
+    /// Start a gateway with explicit identity sections (`[auth]`, `[[issuers]]`,
+    /// `[[clients]]`). A `[store]` in a temporary directory is always configured.
+    pub async fn start_with(server_extra: &str, identity: &str, backends: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let audit_path = dir.path().join("audit.log");
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"{}\"\n{backends}",
-            audit_path.display()
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"{}\"\n[store]\nurl = \"sqlite://{}\"\nkey_hmac_secret = \"{STORE_SECRET}\"\nrefresh_interval = \"100ms\"\n{identity}\n{backends}",
+            audit_path.display(),
+            dir.path().join("keys.db").display()
         );
         let v =
             config::load_str(&text, "test", dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
