@@ -334,6 +334,15 @@ impl ApiKeys {
     }
 }
 
+/// The request path's view: [`ApiKeys::verify`] as the identifier's [`KeyCheck`](super::KeyCheck).
+impl super::KeyCheck for ApiKeys {
+    fn check(&self, presented: &str) -> Result<(Arc<str>, Arc<str>), String> {
+        self.verify(presented)
+            .map(|k| (k.key_id, k.client))
+            .map_err(|r| r.to_string())
+    }
+}
+
 impl Drop for ApiKeys {
     fn drop(&mut self) {
         if let Ok(tasks) = self.tasks.lock() {
@@ -551,6 +560,29 @@ fn seconds(d: Duration, what: &str) -> Result<i64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn serves_as_the_identifiers_key_check() {
+        let store = crate::store::open("sqlite::memory:", std::path::Path::new("."))
+            .await
+            .unwrap();
+        let secret = Secret::new("unit-test-hmac-secret-0123456789abcdef".into());
+        let (rec, key) = KeyAdmin::new(store.clone(), &secret)
+            .create("team-a", None, None)
+            .await
+            .unwrap();
+        let keys = ApiKeys::start(store, &secret, NEVER, NEVER).await.unwrap();
+        let check: Arc<dyn super::super::KeyCheck> = keys;
+        let (id, client) = check.check(key.expose()).unwrap();
+        assert_eq!((&*id, &*client), (rec.id.as_str(), "team-a"));
+        assert_eq!(
+            check.check("pcl_nope").unwrap_err(),
+            "the API key is malformed"
+        );
+        assert_eq!(super::super::KEY_PREFIX, PREFIX);
+    }
+
+    const NEVER: Duration = Duration::from_secs(3600);
 
     #[test]
     fn shared_across_worker_threads() {
