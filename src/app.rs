@@ -18,6 +18,7 @@ use crate::admin::Admin;
 use crate::audit::{AuditSink, AuditWriter};
 use crate::config::Validated;
 use crate::gateway::{Gateway, Snapshot};
+use crate::identify::api_key::{ApiKeys, KeyAdmin};
 use crate::identify::Identifier;
 use crate::listener::{self, ServeOptions};
 use crate::metrics::Metrics;
@@ -38,6 +39,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Build(#[from] crate::routing::BuildError),
+    #[error("cannot open the key store (store.url): {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// A running gateway.
@@ -57,6 +60,14 @@ pub struct Running {
     /// Tasks on the caller's runtime (the admin listener).
     tasks: Vec<JoinHandle<()>>,
     audit_writer: AuditWriter,
+    /// The API-key table and its store, when `store.key_hmac_secret` is set.
+    keys: Option<Keys>,
+}
+
+/// API keys of a running gateway: what requests check, and the store to manage them.
+pub struct Keys {
+    pub admin: KeyAdmin,
+    pub api_keys: Arc<ApiKeys>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -77,7 +88,29 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
             path: audit_path.clone(),
             source,
         })?;
-    let identity = Identifier::build(v, None, metrics.clone());
+    let keys = match &v.key_hmac_secret {
+        Some(secret) => {
+            let store = crate::store::open(v.config.store.url.as_str(), &v.base_dir).await?;
+            let api_keys = ApiKeys::start(
+                store.clone(),
+                secret,
+                v.config.store.refresh_interval.0,
+                v.config.store.last_used_flush.0,
+            )
+            .await?;
+            Some(Keys {
+                admin: KeyAdmin::new(store, secret),
+                api_keys,
+            })
+        }
+        None => None,
+    };
+    let identity = Identifier::build(
+        v,
+        keys.as_ref()
+            .map(|k| k.api_keys.clone() as Arc<dyn crate::identify::KeyCheck>),
+        metrics.clone(),
+    );
     let snapshot = Snapshot::build(v, identity)?;
     let gateway = Arc::new(Gateway::new(snapshot, metrics, audit));
 
@@ -143,6 +176,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         threads,
         tasks,
         audit_writer,
+        keys,
     })
 }
 
@@ -168,7 +202,13 @@ impl Running {
         });
     }
 
-    /// Wait until listeners are drained and the audit log is flushed.
+    /// The API keys, when enabled: issue keys into the running gateway's store (the demo,
+    /// tests) and reload them at once.
+    pub fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    /// Wait until listeners are drained, key uses and the audit log are flushed.
     pub async fn wait(self) {
         let threads = self.threads;
         let _ = tokio::task::spawn_blocking(move || {
@@ -181,6 +221,11 @@ impl Running {
         let _ = self.admin_stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some(k) = &self.keys {
+            if let Err(e) = k.api_keys.flush().await {
+                tracing::warn!(error = %e, "could not record the API keys' last use at shutdown");
+            }
         }
         drop(self.gateway);
         // The writer ends once the last sink (held by finished requests) is dropped.

@@ -29,6 +29,8 @@ pub struct Demo {
     pub gateway: Running,
     /// A JWT from the demo issuer, identifying client `demo-app`.
     pub client_jwt: String,
+    /// An API key issued to client `demo-app`.
+    pub client_key: String,
 }
 
 /// The audience demo tokens are issued for.
@@ -37,7 +39,13 @@ pub const DEMO_AUDIENCE: &str = "api://portcullis-demo";
 pub const DEMO_CLIENT: &str = "demo-app";
 
 /// The demo's configuration text, pointing at the simulator and the demo issuer.
-pub fn demo_config(sim_url: &str, sim_key: &str, issuer: &str, listen: SocketAddr) -> String {
+pub fn demo_config(
+    sim_url: &str,
+    sim_key: &str,
+    issuer: &str,
+    store_secret: &str,
+    listen: SocketAddr,
+) -> String {
     format!(
         r#"# Portcullis demo configuration (generated)
 [server]
@@ -49,6 +57,10 @@ listen = "127.0.0.1:0"
 
 [audit]
 path = "-"
+
+[store]
+url = "sqlite::memory:"
+key_hmac_secret = "{store_secret}"
 
 [[issuers]]
 name = "demo"
@@ -90,7 +102,18 @@ pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error
         listen.set_port(0);
     }
     let issuer = DemoIssuer::start().await?;
-    let text = demo_config(&sim.url(), &sim_key, &issuer.issuer(), listen);
+    let store_secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let text = demo_config(
+        &sim.url(),
+        &sim_key,
+        &issuer.issuer(),
+        &store_secret,
+        listen,
+    );
     let validated = config::load_str(&text, "demo configuration", std::path::Path::new("."))?;
     let gateway = app::start(&validated).await?;
     gateway
@@ -102,18 +125,33 @@ pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error
         Duration::from_secs(24 * 3600),
         serde_json::json!({ "sub": "demo-user", "azp": DEMO_CLIENT, "scp": "chat" }),
     )?;
+    let keys = gateway
+        .keys()
+        .ok_or("the demo configuration enables API keys")?;
+    let (_, key) = keys
+        .admin
+        .create(
+            DEMO_CLIENT,
+            Some("demo"),
+            Some(Duration::from_secs(24 * 3600)),
+        )
+        .await?;
+    keys.api_keys.reload().await?;
+    let client_key = key.expose().to_owned();
     Ok(Demo {
         sim,
         issuer,
         gateway,
         client_jwt,
+        client_key,
     })
 }
 
 /// The lines printed for the user: shell exports and a ready curl.
 pub fn instructions(demo: &Demo) -> String {
     let gw = format!("http://{}", demo.gateway.addr);
-    let key = &demo.client_jwt;
+    let key = &demo.client_key;
+    let jwt = &demo.client_jwt;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -126,7 +164,7 @@ pub fn instructions(demo: &Demo) -> String {
     let _ = writeln!(s, "Deployments: gpt-4o, gpt-4o-mini, text-embedding-3-small. Audit lines follow below, one per request.");
     let _ = writeln!(
         s,
-        "Client '{DEMO_CLIENT}' is identified by a JWT from the demo issuer at {}.",
+        "Client '{DEMO_CLIENT}' holds an API key issued by the gateway and a JWT from the demo issuer at {}; requests without either are refused.",
         demo.issuer.issuer()
     );
     let _ = writeln!(
@@ -138,10 +176,14 @@ pub fn instructions(demo: &Demo) -> String {
     let _ = writeln!(s, "export AZURE_OPENAI_ENDPOINT={gw}");
     let _ = writeln!(s, "export AZURE_OPENAI_API_KEY={key}");
     let _ = writeln!(s, "export OPENAI_API_VERSION=2024-10-21");
-    let _ = writeln!(s, "\n# A streaming chat completion:");
+    let _ = writeln!(s, "export PORTCULLIS_DEMO_JWT={jwt}");
     let _ = writeln!(
         s,
-        "curl -N {gw}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
+        "\n# A streaming chat completion, authenticated with the JWT:"
+    );
+    let _ = writeln!(
+        s,
+        "curl -N {gw}/v1/chat/completions -H \"Authorization: Bearer $PORTCULLIS_DEMO_JWT\" -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
     );
     let _ = writeln!(s, "\n# Press Ctrl-C to stop.");
     s

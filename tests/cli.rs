@@ -150,6 +150,7 @@ fn demo_prints_lines_that_work_when_pasted() {
         "OPENAI_API_KEY",
         "AZURE_OPENAI_ENDPOINT",
         "AZURE_OPENAI_API_KEY",
+        "PORTCULLIS_DEMO_JWT",
     ] {
         assert!(
             exports
@@ -162,8 +163,13 @@ fn demo_prints_lines_that_work_when_pasted() {
         .iter()
         .find(|l| l.starts_with("curl "))
         .expect("a curl line");
+    let exports_script = exports
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
     let run = Command::new("bash")
-        .args(["-c", &format!("{curl} -sS --max-time 20")])
+        .args(["-c", &format!("{exports_script}\n{curl} -sS --max-time 20")])
         .output()
         .unwrap();
     assert!(run.status.success());
@@ -175,20 +181,42 @@ fn demo_prints_lines_that_work_when_pasted() {
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     // The exports work for a plain non-streaming call too.
     let script = format!(
-        "{}\ncurl -sS --max-time 20 \"$AZURE_OPENAI_ENDPOINT/openai/deployments/text-embedding-3-small/embeddings?api-version=$OPENAI_API_VERSION\" -H \"api-key: $AZURE_OPENAI_API_KEY\" -H 'content-type: application/json' -d '{{\"input\":\"hi\"}}'",
-        exports.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+        "{exports_script}\ncurl -sS --max-time 20 \"$AZURE_OPENAI_ENDPOINT/openai/deployments/text-embedding-3-small/embeddings?api-version=$OPENAI_API_VERSION\" -H \"api-key: $AZURE_OPENAI_API_KEY\" -H 'content-type: application/json' -d '{{\"input\":\"hi\"}}'"
     );
     let run = Command::new("bash").args(["-c", &script]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(v["data"][0]["object"], "embedding");
+    // Without a credential the same call is refused.
+    let script = format!(
+        "{exports_script}\ncurl -sS --max-time 20 -o /dev/null -w '%{{http_code}}' \"$OPENAI_BASE_URL/embeddings\" -H 'content-type: application/json' -d '{{\"model\":\"text-embedding-3-small\",\"input\":\"hi\"}}'"
+    );
+    let run = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "401");
     // Audit lines appear on stdout, one per request, without the prompt.
     let audit = read_until(&out, Duration::from_secs(10), |l| {
         l.contains("\"operation\":\"embeddings\"")
     });
+    assert!(audit.iter().any(|l| l.contains("\"operation\":\"chat\"")
+        && l.contains("\"stream\":true")
+        && l.contains("\"client\":\"demo-app\"")
+        && l.contains("\"auth_method\":\"jwt\"")));
     assert!(audit
         .iter()
-        .any(|l| l.contains("\"operation\":\"chat\"") && l.contains("\"stream\":true")));
+        .any(|l| l.contains("\"operation\":\"embeddings\"")
+            && l.contains("\"auth_method\":\"api_key\"")));
     assert!(!audit.iter().any(|l| l.contains("Hello")));
+    let secret_of = |var: &str| {
+        exports
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("export {var}=")))
+            .unwrap()
+            .to_owned()
+    };
+    for var in ["OPENAI_API_KEY", "PORTCULLIS_DEMO_JWT"] {
+        let secret = secret_of(var);
+        assert!(secret.len() > 40, "{var} = {secret}");
+        assert!(!audit.iter().any(|l| l.contains(&secret)), "{var} in audit");
+    }
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
@@ -201,11 +229,19 @@ async fn serve_drains_a_stream_on_sigterm() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"10s\"\n[admin]\nlisten = \"\"\n[audit]\npath = \"audit.log\"\n{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"10s\"\n[admin]\nlisten = \"\"\n[audit]\npath = \"audit.log\"\n[store]\nurl = \"sqlite://keys.db\"\nkey_hmac_secret = \"{STORE_SECRET}\"\n[[clients]]\nid = \"app\"\ndeployments = [\"gpt-4o\"]\noperations = [\"chat\"]\n{}",
             backend("sim", &sim.url(), "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }")
         ),
     )
     .unwrap();
+    // A key issued by the CLI before start is accepted by the gateway.
+    let created = Command::new(BIN)
+        .args(["keys", "create", "--client", "app", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&cfg)
@@ -230,10 +266,12 @@ async fn serve_drains_a_stream_on_sigterm() {
 
     let resp = http()
         .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(&key)
         .json(&chat_body(true))
         .send()
         .await
         .unwrap();
+    assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut all = stream.next().await.unwrap().unwrap().to_vec();
     sigterm(&child);

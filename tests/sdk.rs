@@ -25,11 +25,44 @@ fn python() -> PathBuf {
 
 #[tokio::test]
 async fn official_openai_python_sdk_works_through_the_gateway() {
-    let (sim, gw) = azure_pair("", "").await;
+    let issuer = portcullis::sim::issuer::DemoIssuer::start().await.unwrap();
+    let s = sim().await;
+    let b = backend(
+        "sim",
+        &s.url(),
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o-ptu\", \"text-embedding-3-small\" = \"emb\", \"images-only\" = \"dalle\" }",
+    );
+    let identity = format!(
+        r#"
+[[issuers]]
+name = "corp"
+issuer = "{}"
+audiences = ["api://sdk"]
+[[clients]]
+id = "sdk"
+jwt = [{{ issuer = "corp", claims = {{ azp = "sdk-app" }} }}]
+deployments = ["gpt-4o", "text-embedding-*", "no-such-model"]
+operations = ["chat", "embeddings", "models"]
+"#,
+        issuer.issuer()
+    );
+    let gw = Gateway::start_with("", &identity, &b).await;
+    let sim = s;
+    let key = gw.issue_key("sdk").await;
+    let jwt = issuer
+        .sign(
+            "api://sdk",
+            Duration::from_secs(600),
+            serde_json::json!({ "azp": "sdk-app", "sub": "sdk-user" }),
+        )
+        .unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_sdk_check.py");
     let run = tokio::process::Command::new(python())
         .arg(&script)
         .env("GATEWAY_URL", &gw.url)
+        .env("GATEWAY_KEY", &key)
+        .env("GATEWAY_JWT", &jwt)
         .env("NO_PROXY", "127.0.0.1")
         .output();
     let out = tokio::time::timeout(Duration::from_secs(120), run)
@@ -45,9 +78,26 @@ async fn official_openai_python_sdk_works_through_the_gateway() {
     assert!(stdout.contains("openai-sdk: all checks passed"));
     // Both clients reached the backend with the gateway's key, never the client's.
     let reqs = sim.captured();
-    assert!(reqs.len() >= 6, "{}", reqs.len());
+    assert!(reqs.len() >= 9, "{}", reqs.len());
     for r in reqs {
         assert_eq!(r.headers["api-key"], BACKEND_KEY);
         assert!(r.headers.get("authorization").is_none());
     }
+    // Each request is attributed to the client, by key or by token.
+    wait_until(
+        "audit lines for both methods",
+        Duration::from_secs(5),
+        || {
+            let lines = gw.audit();
+            lines
+                .iter()
+                .any(|l| l["client"] == "sdk" && l["auth_method"] == "api_key")
+                && lines.iter().any(|l| {
+                    l["client"] == "sdk"
+                        && l["auth_method"] == "jwt"
+                        && l["identity"]["subject"] == "sdk-user"
+                })
+        },
+    )
+    .await;
 }

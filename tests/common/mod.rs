@@ -81,6 +81,17 @@ impl Gateway {
         }
     }
 
+    /// Issue an API key for `client` into this gateway's store; usable at once.
+    pub async fn issue_key(&self, client: &str) -> String {
+        let keys = self
+            .running
+            .keys()
+            .expect("the test store enables API keys");
+        let (_, key) = keys.admin.create(client, Some("test"), None).await.unwrap();
+        keys.api_keys.reload().await.unwrap();
+        key.expose().to_owned()
+    }
+
     /// POST the standard chat request (see [`chat_body`]) in the OpenAI style, with extra
     /// headers.
     pub async fn chat(&self, stream: bool, headers: &[(&str, &str)]) -> reqwest::Response {

@@ -8,7 +8,8 @@ import openai
 from openai import AzureOpenAI, OpenAI
 
 BASE = os.environ["GATEWAY_URL"]
-KEY = "pcl_test_client_key"
+KEY = os.environ["GATEWAY_KEY"]  # an API key the gateway issued
+JWT = os.environ["GATEWAY_JWT"]  # an access token from the test's issuer
 EXPECTED = "Portcullis is relaying this simulated answer from a local Azure OpenAI backend."
 
 
@@ -42,6 +43,12 @@ def check_client(client, label):
     assert abs(sum(x * x for x in e.data[0].embedding) - 1.0) < 1e-3, (label, e)
 
     try:
+        client.chat.completions.create(model="images-only", messages=[])
+        raise AssertionError(f"{label}: forbidden deployment accepted")
+    except openai.PermissionDeniedError as err:
+        assert err.body["code"] == "client_not_allowed", (label, err.body)
+
+    try:
         client.chat.completions.create(model="no-such-model", messages=[])
         raise AssertionError(f"{label}: unknown model accepted")
     except openai.NotFoundError as err:
@@ -55,5 +62,22 @@ assert ids == ["gpt-4o", "text-embedding-3-small"], ids
 
 az = AzureOpenAI(azure_endpoint=BASE, api_key=KEY, api_version="2024-10-21", max_retries=0)
 check_client(az, "AzureOpenAI")
+
+# Entra-style: the Azure client sends the token as a bearer.
+aad = AzureOpenAI(
+    azure_endpoint=BASE, azure_ad_token=JWT, api_version="2024-10-21", max_retries=0
+)
+check_client(aad, "AzureOpenAI+token")
+
+for bad in (
+    OpenAI(base_url=BASE + "/v1", api_key=KEY[:-4] + "aaaa", max_retries=0),
+    AzureOpenAI(azure_endpoint=BASE, api_key="0123456789abcdef0123456789abcdef",
+                api_version="2024-10-21", max_retries=0),
+):
+    try:
+        bad.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("a wrong key was accepted")
+    except openai.AuthenticationError as err:
+        assert err.body["code"] == "invalid_token", err.body
 
 print("openai-sdk: all checks passed")
