@@ -5,9 +5,12 @@
 #
 # (1) direct: wrk → nginx "upstream" answering a canned chat completion (`return 200`)
 # (2) nginx:  wrk → nginx reverse proxy (keepalive upstream, proxy_buffering off) → upstream
-# (3) portcullis: wrk → portcullis (release build) → upstream
+# (3) portcullis: wrk → portcullis (release build) → upstream, as an anonymous client
+# (4) portcullis-key / portcullis-jwt: the same gateway, the caller identified by an API key
+#     it issued / by an HS256 JWT (verified once, then from the verified-token cache)
 # Each at 1 connection and at 64 connections. Prints throughput, p50/p99 latency, the
-# ratios Portcullis/nginx, the latency each proxy adds over direct, and Portcullis's RSS.
+# ratios Portcullis/nginx and authenticated/unauthenticated, the latency each proxy adds
+# over direct, and Portcullis's RSS.
 # Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,7 @@ echo "==> building portcullis (release)"
 cargo build --release --locked -q
 BIN="$PWD/target/release/portcullis"
 
+JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP_PORT=$(free_port); NGX_PORT=$(free_port); PCL_PORT=$(free_port); PCL1_PORT=$(free_port)
 
@@ -69,17 +73,54 @@ listen = "127.0.0.1:$PCL_PORT"
 listen = ""
 [audit]
 path = "$OUT/audit.log"
+[store]
+url = "sqlite://$OUT/keys.db"
+key_hmac_secret = "bench-store-secret-0123456789abcdef0123456789"
+[[issuers]]
+name = "bench"
+issuer = "https://bench.idp.invalid"
+audiences = ["api://bench"]
+algorithms = ["HS256"]
+hmac_secret = "$JWT_SECRET"
+[[clients]]
+id = "anon"
+anonymous = true
+deployments = ["*"]
+operations = ["*"]
+[[clients]]
+id = "bench"
+jwt = [{ issuer = "bench", claims = { azp = "bench-app" } }]
+deployments = ["gpt-4o"]
+operations = ["chat"]
 [[backends]]
 name = "upstream"
 url = "http://127.0.0.1:$UP_PORT"
 deployments = { "gpt-4o" = "gpt-4o" }
 TOML
-cat > "$OUT/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["api-key"] = "bench-client-key"
-wrk.body = '{"model":"gpt-4o","messages":[{"role":"user","content":"Say something short."}],"max_tokens":16}'
-LUA
+rm -f "$OUT/keys.db"
+API_KEY=$("$BIN" keys create --config "$OUT/portcullis.toml" --client bench --name bench 2>/dev/null)
+JWT=$(python3 - "$JWT_SECRET" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+now = int(time.time())
+h = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+p = b64(json.dumps({"iss": "https://bench.idp.invalid", "aud": "api://bench", "azp": "bench-app",
+                    "sub": "bench-user", "iat": now, "exp": now + 7200}).encode())
+sig = hmac.new(sys.argv[1].encode(), f"{h}.{p}".encode(), hashlib.sha256).digest()
+print(f"{h}.{p}.{b64(sig)}")
+PY
+)
+lua() { # NAME [HEADER VALUE]
+  {
+    echo 'wrk.method = "POST"'
+    echo 'wrk.headers["Content-Type"] = "application/json"'
+    [ $# -eq 3 ] && echo "wrk.headers[\"$2\"] = \"$3\""
+    echo "wrk.body = '{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"Say something short.\"}],\"max_tokens\":16}'"
+  } > "$OUT/$1.lua"
+}
+lua post
+lua post-key api-key "$API_KEY"
+lua post-jwt Authorization "Bearer $JWT"
 # The same gateway with one worker thread: on this 2-core box the load generator and the
 # upstream share the cores, so fewer, busier threads batch more work per wake-up.
 sed -e "s/127.0.0.1:$PCL_PORT/127.0.0.1:$PCL1_PORT/" -e 's/^\[server\]$/[server]\nworkers = 1/' \
@@ -111,15 +152,18 @@ done
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 RSS_IDLE=$(rss "$PCL_PID")
 
-run() { # name port conns
+run() { # name port conns [lua script]
   local threads=2; [ "$3" = 1 ] && threads=1
-  wrk -t"$threads" -c"$3" -d2s -s "$OUT/post.lua" "http://127.0.0.1:$2$PATH_Q" >/dev/null  # warm-up
-  wrk -t"$threads" -c"$3" -d"${DUR}s" --latency -s "$OUT/post.lua" "http://127.0.0.1:$2$PATH_Q" > "$OUT/$1-c$3.txt"
+  local script="$OUT/${4:-post}.lua"
+  wrk -t"$threads" -c"$3" -d2s -s "$script" "http://127.0.0.1:$2$PATH_Q" >/dev/null  # warm-up
+  wrk -t"$threads" -c"$3" -d"${DUR}s" --latency -s "$script" "http://127.0.0.1:$2$PATH_Q" > "$OUT/$1-c$3.txt"
 }
 for c in 1 64; do
   run direct "$UP_PORT" "$c"
   run nginx "$NGX_PORT" "$c"
   run portcullis "$PCL_PORT" "$c"
+  run portcullis-key "$PCL_PORT" "$c" post-key
+  run portcullis-jwt "$PCL_PORT" "$c" post-jwt
   run portcullis-w1 "$PCL1_PORT" "$c"
   [ "$c" = 64 ] && RSS_LOAD=$(rss "$PCL_PID")
 done
@@ -143,7 +187,7 @@ print("| target | conns | req/s | p50 ms | p99 ms | non-2xx |")
 print("|---|---|---|---|---|---|")
 r = {}
 for c in (1, 64):
-    for n in ("direct", "nginx", "portcullis", "portcullis-w1"):
+    for n in ("direct", "nginx", "portcullis", "portcullis-key", "portcullis-jwt", "portcullis-w1"):
         r[(n, c)] = parse(n, c)
         rps, p50, p99, e, s = r[(n, c)]
         print(f"| {n} | {c} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {e}{' ' + s if s else ''} |")
@@ -158,5 +202,9 @@ for c in (1, 64):
         print(f"- {c} conn, {name}: throughput vs nginx = {p[0]/n[0]:.2f}x; "
               f"added p50 over direct: nginx {add_n*1000:.0f} us, {name} {add_p*1000:.0f} us "
               f"(= {ratio:.2f}x nginx's); p99 vs nginx = {p[2]/n[2]:.2f}x")
+for c in (1, 64):
+    base = r[("portcullis", c)][0]
+    print(f"- {c} conn, authenticated throughput vs unauthenticated: API key "
+          f"{r[('portcullis-key', c)][0]/base:.2f}x, JWT {r[('portcullis-jwt', c)][0]/base:.2f}x")
 print(f"- portcullis RSS: idle {idle/1024:.1f} MB, after load {load/1024:.1f} MB, peak {peak/1024:.1f} MB")
 PY

@@ -236,6 +236,22 @@ impl Jwks {
         jwks
     }
 
+    /// A key set that is never fetched: for issuers whose tokens are all HMAC-signed.
+    pub fn none(issuer: &str) -> Arc<Self> {
+        let (generation, _) = watch::channel(1);
+        Arc::new(Self {
+            issuer: Arc::from(issuer),
+            current: ArcSwap::from_pointee(KeySet::default()),
+            wake: Arc::new(Notify::new()),
+            generation,
+            forced_inflight: AtomicBool::new(false),
+            last_forced: Mutex::new(None),
+            negative: quick_cache::sync::Cache::new(1),
+            loaded: AtomicBool::new(true),
+            budget: Arc::new(RefreshBudget::default()),
+        })
+    }
+
     /// The current key set (lock-free).
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<KeySet>> {
         self.current.load()

@@ -124,13 +124,21 @@ impl Identifier {
                         issuer: i.issuer.as_str().to_owned(),
                     },
                 };
-                let keys = jwks::Jwks::start(
-                    i.name.as_str(),
-                    source,
-                    i.refresh_interval.0,
-                    budget.clone(),
-                    metrics.clone(),
-                );
+                let asymmetric = i
+                    .algorithms
+                    .iter()
+                    .any(|a| !crate::config::identity::HMAC_ALGS.contains(&a.as_str()));
+                let keys = if asymmetric {
+                    jwks::Jwks::start(
+                        i.name.as_str(),
+                        source,
+                        i.refresh_interval.0,
+                        budget.clone(),
+                        metrics.clone(),
+                    )
+                } else {
+                    jwks::Jwks::none(i.name.as_str())
+                };
                 let strings = |v: &[crate::config::Text]| -> Vec<String> {
                     v.iter().map(|t| t.as_str().to_owned()).collect()
                 };
@@ -547,6 +555,57 @@ deployments = {{ "m" = "m" }}
             let again = id.identify(&h).await.ok().unwrap();
             assert!(Arc::ptr_eq(&caller, &again));
         }
+    }
+
+    #[tokio::test]
+    async fn hmac_only_issuers_need_no_key_set() {
+        let secret = "an-hs256-shared-secret-of-32-bytes-or-more";
+        let text = format!(
+            r#"
+[[issuers]]
+name = "hs"
+issuer = "https://hs.example"
+audiences = ["api://x"]
+algorithms = ["HS256"]
+hmac_secret = "{secret}"
+[[clients]]
+id = "c1"
+jwt = [{{ issuer = "hs" }}]
+deployments = ["*"]
+operations = ["chat"]
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+deployments = {{ "m" = "m" }}
+"#
+        );
+        let v = crate::config::load_str(&text, "t", std::path::Path::new(".")).unwrap();
+        let id = Identifier::build(&v, None, Arc::new(Metrics::new()));
+        assert!(id.issuers()[0].keys.is_loaded());
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims =
+            serde_json::json!({"iss": "https://hs.example", "aud": "api://x", "exp": now + 60});
+        let sign = |key: &str| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+            )
+            .unwrap()
+        };
+        let headers = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            h
+        };
+        let ok = id.identify(&headers(&sign(secret))).await.ok().unwrap();
+        assert_eq!(&*ok.client.id, "c1");
+        let bad = id
+            .identify(&headers(&sign("another-secret-of-the-same-length-123456")))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(bad.error.code(), "invalid_token");
     }
 
     #[test]
