@@ -156,7 +156,16 @@ run() { # name port conns [lua script]
   local threads=2; [ "$3" = 1 ] && threads=1
   local script="$OUT/${4:-post}.lua"
   wrk -t"$threads" -c"$3" -d2s -s "$script" "http://127.0.0.1:$2$PATH_Q" >/dev/null  # warm-up
+  local before; before=$(cpu_ticks "$2")
   wrk -t"$threads" -c"$3" -d"${DUR}s" --latency -s "$script" "http://127.0.0.1:$2$PATH_Q" > "$OUT/$1-c$3.txt"
+  echo "$(( $(cpu_ticks "$2") - before ))" > "$OUT/$1-c$3.cpu"
+}
+# CPU time (clock ticks, user + system) of the gateway serving PORT; 0 for the others.
+cpu_ticks() {
+  local pid=""
+  [ "$1" = "$PCL_PORT" ] && pid=$PCL_PID
+  [ "$1" = "$PCL1_PORT" ] && pid=$PCL1_PID
+  if [ -n "$pid" ]; then awk '{print $14 + $15}' "/proc/$pid/stat"; else echo 0; fi
 }
 for c in 1 64; do
   run direct "$UP_PORT" "$c"
@@ -202,9 +211,17 @@ for c in (1, 64):
         print(f"- {c} conn, {name}: throughput vs nginx = {p[0]/n[0]:.2f}x; "
               f"added p50 over direct: nginx {add_n*1000:.0f} us, {name} {add_p*1000:.0f} us "
               f"(= {ratio:.2f}x nginx's); p99 vs nginx = {p[2]/n[2]:.2f}x")
+import os
+tick = 1e6 / os.sysconf("SC_CLK_TCK")
+def cpu_us(name, c):
+    # CPU microseconds the gateway spent per request it answered during the run.
+    reqs = int(re.search(r"(\d+) requests in", open(f"{out}/{name}-c{c}.txt").read()).group(1))
+    return int(open(f"{out}/{name}-c{c}.cpu").read()) * tick / max(reqs, 1)
 for c in (1, 64):
     base = r[("portcullis", c)][0]
     print(f"- {c} conn, authenticated throughput vs unauthenticated: API key "
-          f"{r[('portcullis-key', c)][0]/base:.2f}x, JWT {r[('portcullis-jwt', c)][0]/base:.2f}x")
+          f"{r[('portcullis-key', c)][0]/base:.2f}x, JWT {r[('portcullis-jwt', c)][0]/base:.2f}x; "
+          f"gateway CPU per request: unauthenticated {cpu_us('portcullis', c):.1f} us, "
+          f"API key {cpu_us('portcullis-key', c):.1f} us, JWT {cpu_us('portcullis-jwt', c):.1f} us")
 print(f"- portcullis RSS: idle {idle/1024:.1f} MB, after load {load/1024:.1f} MB, peak {peak/1024:.1f} MB")
 PY
