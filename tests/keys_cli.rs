@@ -24,6 +24,46 @@ struct Setup {
 }
 
 impl Setup {
+    /// A config for a real gateway in front of the simulator at `sim_url`, polling the
+    /// store every 100 ms and writing last-used times every 200 ms.
+    fn serving(store_url: &str, sim_url: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("portcullis.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = ""
+[audit]
+path = "audit.log"
+[store]
+url = "{store_url}"
+key_hmac_secret = "{HMAC_SECRET}"
+refresh_interval = "100ms"
+last_used_flush = "200ms"
+
+[[clients]]
+id = "team-b"
+deployments = ["gpt-4o"]
+operations = ["chat"]
+
+[[backends]]
+name = "sim"
+url = "{sim_url}"
+deployments = {{ "gpt-4o" = "gpt-4o", "text-embedding-3-small" = "emb" }}
+[backends.auth]
+type = "api_key"
+key = "{}"
+"#,
+                common::BACKEND_KEY
+            ),
+        )
+        .unwrap();
+        Setup { dir, config }
+    }
+
     fn new(store_url: &str, with_secret: bool) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("portcullis.toml");
@@ -325,4 +365,127 @@ fn an_unreachable_store_is_an_error_without_the_password() {
     let err = s.fails(&["list"]);
     assert!(err.contains("cannot open the store"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
+}
+
+/// Status and error code of a chat call with `key` in the `api-key` header.
+async fn call(url: &str, key: &str, model: &str) -> (u16, String) {
+    let path = if model.starts_with("text-embedding") {
+        "embeddings"
+    } else {
+        "chat/completions"
+    };
+    let resp = common::http()
+        .post(format!("{url}/openai/deployments/{model}/{path}?api-version=2024-10-21"))
+        .header("api-key", key)
+        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "hi" }], "input": "hi" }))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
+}
+
+/// The whole key lifecycle through the CLI against a running gateway on `store_url`.
+async fn lifecycle_through_a_running_gateway(store_url: &str) {
+    let sim = common::sim().await;
+    let s = Setup::serving(store_url, &sim.url());
+    let (stdout, _) = s.ok(&["create", "--client", "team-b", "--name", "first"]);
+    let old = printed_key(&stdout);
+    let v = portcullis::config::load_file(&s.config).unwrap();
+    let running = portcullis::app::start(&v).await.unwrap();
+    let url = format!("http://{}", running.addr);
+
+    // Issued before start: accepted, for what its client may call only.
+    assert_eq!(call(&url, &old, "gpt-4o").await, (200, String::new()));
+    assert_eq!(
+        call(&url, &old, "text-embedding-3-small").await,
+        (403, "client_not_allowed".into())
+    );
+    // Issued while running: accepted within the poll interval.
+    let (stdout, _) = s.ok(&["rotate", "--client", "team-b", "--grace", "1h"]);
+    let new = printed_key(&stdout);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&url, &new, "gpt-4o").await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new key never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        call(&url, &old, "gpt-4o").await.0,
+        200,
+        "old key works during the grace"
+    );
+
+    // Revoked while running: refused as soon as the gateway polls.
+    s.ok(&["revoke", &old[4..12]]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&url, &old, "gpt-4o").await != (401, "invalid_token".to_owned()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "revoked key still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call(&url, &new, "gpt-4o").await.0, 200);
+
+    // Expiring: accepted until its expiry, refused right after (no poll needed).
+    let (stdout, _) = s.ok(&["create", "--client", "team-b", "--expires", "3s"]);
+    let short = printed_key(&stdout);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&url, &short, "gpt-4o").await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "short key never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&url, &short, "gpt-4o").await != (401, "invalid_token".to_owned()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired key still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Uses reach `keys list` (batched by the gateway), never the keys themselves.
+    let new_id = &new[4..12];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = s.list_json(&[]);
+        let k = list.iter().find(|k| k["id"] == new_id).unwrap();
+        if is_rfc3339_utc(&k["last_used"]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "last_used never written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown();
+    running.wait().await;
+    let audit = std::fs::read_to_string(s.dir.path().join("audit.log")).unwrap();
+    for key in [&old, &new, &short] {
+        assert!(!audit.contains(key.as_str()));
+    }
+    assert!(audit.contains(&format!("\"key_id\":\"{new_id}\"")));
+    assert!(sim
+        .captured()
+        .iter()
+        .all(|r| r.headers["api-key"] == common::BACKEND_KEY));
+}
+
+#[tokio::test]
+async fn lifecycle_through_a_running_gateway_on_sqlite() {
+    lifecycle_through_a_running_gateway("sqlite://keys.db").await;
+}
+
+#[tokio::test]
+async fn lifecycle_through_a_running_gateway_on_postgres() {
+    let db = TestDb::create().await;
+    lifecycle_through_a_running_gateway(&db.url).await;
 }
