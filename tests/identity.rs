@@ -91,12 +91,12 @@ impl Env {
             "azure",
             "deployments = { \"gpt-4o\" = \"gpt-4o\", \"gpt-4o-mini\" = \"gpt-4o-mini\", \"text-embedding-3-small\" = \"emb\" }",
         );
-        let gw = Gateway::start_with(
-            "",
-            &identity_sections(&idp.issuer(), extra_issuer, clients),
-            &b,
-        )
-        .await;
+        // `{IDP}` and `{JWKS}` in the extra issuer sections stand for the IdP's URLs.
+        let extra = extra_issuer
+            .replace("{IDP}", &idp.issuer())
+            .replace("{JWKS}", &idp.jwks_uri());
+        let gw =
+            Gateway::start_with("", &identity_sections(&idp.issuer(), &extra, clients), &b).await;
         Env { idp, sim, gw }
     }
 
@@ -735,5 +735,106 @@ operations = ["*"]
     assert_eq!(
         error_code(env.chat(&a, "gpt-4o").await).await,
         (403, "client_not_allowed".into())
+    );
+}
+
+#[tokio::test]
+async fn multi_tenant_issuer_accepts_allowed_tenants_and_requires_claims() {
+    let multi = r#"
+[[issuers]]
+name = "multi"
+issuer = "{IDP}/{tenantid}/v2.0"
+jwks_uri = "{JWKS}"
+audiences = ["api://portcullis"]
+algorithms = ["RS256"]
+allowed_tenants = ["tenant-1", "tenant-2"]
+required_claims = ["azp"]
+"#;
+    let clients = r#"
+[[clients]]
+id = "tenant-apps"
+jwt = [{ issuer = "multi", claims = { azp = "app-t" } }]
+deployments = ["gpt-4o"]
+operations = ["chat"]
+"#;
+    let env = Env::start_with(multi, clients).await;
+    let rsa = env.kid("RS256").await;
+    let issuer = env.idp.issuer();
+    let token = |tenant_in_iss: &str, tid: Option<&str>, azp: Option<&str>| {
+        let mut c = env.idp.claims("app-t", AUD);
+        c["iss"] = json!(format!("{issuer}/{tenant_in_iss}/v2.0"));
+        if let Some(t) = tid {
+            c["tid"] = json!(t);
+        }
+        if let Some(a) = azp {
+            c["azp"] = json!(a);
+        }
+        env.idp.forge(json!({ "alg": "RS256", "kid": rsa }), c)
+    };
+    let ok = token("tenant-1", Some("tenant-1"), Some("app-t")).await;
+    assert_eq!(env.chat(&ok, "gpt-4o").await.status(), 200);
+    let resp = env
+        .chat(
+            &token("tenant-2", Some("tenant-2"), Some("app-t")).await,
+            "gpt-4o",
+        )
+        .await;
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        env.gw.audit_for(&rid).await["identity"]["tenant"],
+        "tenant-2"
+    );
+    for (name, t, needle) in [
+        (
+            "tenant not allowed",
+            token("tenant-3", Some("tenant-3"), Some("app-t")).await,
+            "tenant",
+        ),
+        (
+            "iss and tid disagree",
+            token("tenant-1", Some("tenant-2"), Some("app-t")).await,
+            "tenant",
+        ),
+        (
+            "no tid",
+            token("tenant-1", None, Some("app-t")).await,
+            "tenant",
+        ),
+        (
+            "nested path as tenant",
+            token("tenant-1/x", Some("tenant-1/x"), Some("app-t")).await,
+            "issuer",
+        ),
+        (
+            "required claim missing",
+            token("tenant-1", Some("tenant-1"), None).await,
+            "required claim 'azp'",
+        ),
+    ] {
+        let (status, code, challenge) = refusal(env.chat(&t, "gpt-4o").await).await;
+        assert_eq!((status, code.as_str()), (401, "invalid_token"), "{name}");
+        assert!(challenge.contains(needle), "{name}: {challenge}");
+    }
+    // The RFC 9728 document names each allowed tenant's issuer.
+    let doc: Value = http()
+        .get(format!(
+            "{}/.well-known/oauth-protected-resource",
+            env.gw.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let servers = doc["authorization_servers"].as_array().unwrap();
+    assert!(
+        servers.contains(&json!(format!("{issuer}/tenant-1/v2.0"))),
+        "{doc}"
+    );
+    assert!(
+        servers.contains(&json!(format!("{issuer}/tenant-2/v2.0"))),
+        "{doc}"
     );
 }
