@@ -677,24 +677,45 @@ async fn idp_outage_keeps_cached_keys_and_unknown_kids_cannot_hammer_it() {
     // Never verified before, so it needs the cached keys, not the verified-token cache.
     assert_eq!(env.chat(&second, "gpt-4o").await.status(), 200);
 
-    // A flood of tokens with unknown kids: each is refused 401, and the IdP is asked at most
-    // once (one early refresh per issuer per 30 s).
+    // A concurrent flood of tokens with unknown kids: each is refused 401, and together
+    // they make the gateway ask the IdP once (one early refresh per issuer per 30 s; the
+    // requests that arrive while it runs wait for it instead of asking again).
     let base = env.idp.claims("app-a", AUD);
+    let mut tokens = Vec::new();
     for i in 0..25 {
-        let t = env
-            .idp
-            .forge_with(
-                &rsa,
-                json!({ "alg": "RS256", "kid": format!("unknown-{i}") }),
-                base.clone(),
-            )
-            .await;
-        let (status, code, _) = refusal(env.chat(&t, "gpt-4o").await).await;
+        let h = json!({ "alg": "RS256", "kid": format!("unknown-{i}") });
+        tokens.push(env.idp.forge_with(&rsa, h, base.clone()).await);
+    }
+    let started = std::time::Instant::now();
+    let results =
+        futures_util::future::join_all(tokens.iter().map(|t| env.chat(t, "gpt-4o"))).await;
+    let took = started.elapsed();
+    for (i, resp) in results.into_iter().enumerate() {
+        let (status, code, _) = refusal(resp).await;
         assert_eq!((status, code.as_str()), (401, "invalid_token"), "kid {i}");
     }
     let stats = env.idp.stats().await;
     let fetches = stats["jwks"].as_u64().unwrap() + stats["discovery"].as_u64().unwrap();
-    assert!(fetches <= 2, "the IdP was asked {fetches} times: {stats}");
+    // A failed refresh is retried after ≥ 2 s (backoff); within that window exactly one
+    // request reached the IdP.
+    let allowed = if took < std::time::Duration::from_millis(1500) {
+        1
+    } else {
+        2
+    };
+    assert!(
+        fetches <= allowed,
+        "the IdP was asked {fetches} times in {took:?}: {stats}"
+    );
+    // Later unknown kids within the 30 s window do not reach the IdP at all.
+    env.idp.reset_stats().await;
+    for i in 0..5 {
+        let h = json!({ "alg": "RS256", "kid": format!("later-{i}") });
+        let t = env.idp.forge_with(&rsa, h, base.clone()).await;
+        assert_eq!(refusal(env.chat(&t, "gpt-4o").await).await.0, 401);
+    }
+    let stats = env.idp.stats().await;
+    assert!(stats["jwks"].as_u64().unwrap() <= 1, "{stats}");
     // The outage is visible in metrics.
     let metrics = http()
         .get(format!("{}/metrics", env.gw.admin_url))
@@ -753,7 +774,8 @@ required_claims = ["azp"]
     let clients = r#"
 [[clients]]
 id = "tenant-apps"
-jwt = [{ issuer = "multi", claims = { azp = "app-t" } }]
+jwt = [{ issuer = "multi", claims = { azp = "app-t", tid = "tenant-1" } },
+       { issuer = "multi", claims = { azp = "app-t", tid = "tenant-2" } }]
 deployments = ["gpt-4o"]
 operations = ["chat"]
 "#;
@@ -836,5 +858,42 @@ operations = ["chat"]
     assert!(
         servers.contains(&json!(format!("{issuer}/tenant-2/v2.0"))),
         "{doc}"
+    );
+}
+
+#[tokio::test]
+async fn a_remembered_token_stops_working_once_its_key_is_withdrawn() {
+    let env = Env::start().await;
+    let rsa = env.kid("RS256").await;
+    // No `kid`: verified by trying the issuer's RSA keys, then remembered.
+    let claims = env.idp.claims("app-a", AUD);
+    let token = env
+        .idp
+        .forge_with(
+            &rsa,
+            json!({ "alg": "RS256", "typ": "JWT" }),
+            claims.clone(),
+        )
+        .await;
+    assert_eq!(env.chat(&token, "gpt-4o").await.status(), 200);
+    assert_eq!(
+        env.chat(&token, "gpt-4o").await.status(),
+        200,
+        "from the cache"
+    );
+    // The IdP withdraws the key; a token naming an unknown kid makes the gateway refresh.
+    let new_kid = env.idp.rotate("RS256").await;
+    env.idp.unpublish(&rsa).await;
+    let fresh = env.token("app-a").await;
+    assert_eq!(
+        common::idp::decode_unverified(&fresh).0["kid"],
+        new_kid.as_str()
+    );
+    assert_eq!(env.chat(&fresh, "gpt-4o").await.status(), 200, "refreshed");
+    let (status, code, _) = refusal(env.chat(&token, "gpt-4o").await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (401, "invalid_token"),
+        "withdrawn key still trusted"
     );
 }

@@ -50,7 +50,10 @@ pub fn validate(config: &Config, base_dir: &Path, problems: &mut Vec<Problem>) -
         problem(
             problems,
             "store.url",
-            format!("'{url}' is not a sqlite:// or postgres:// URL"),
+            format!(
+                "'{}' is not a sqlite:// or postgres:// URL",
+                crate::store::error::redact_url(url)
+            ),
         );
     }
     let key_hmac_secret = resolve_secret(
@@ -118,6 +121,7 @@ pub fn validate(config: &Config, base_dir: &Path, problems: &mut Vec<Problem>) -
         issuer_secrets.push(validate_issuer(iss, &path, base_dir, problems));
     }
 
+    overlapping_issuers(&config.issuers, problems);
     validate_clients(config, &names, problems);
     IdentitySecrets {
         key_hmac_secret,
@@ -226,6 +230,33 @@ fn validate_issuer(
     secret
 }
 
+/// Two issuers that claim the same `iss` (equal, or one exact value a tenant template
+/// matches): only the first would ever be used, silently.
+fn overlapping_issuers(issuers: &[IssuerConfig], problems: &mut Vec<Problem>) {
+    for (i, a) in issuers.iter().enumerate() {
+        for b in &issuers[..i] {
+            let (x, y) = (a.issuer.as_str(), b.issuer.as_str());
+            let covers = |template: &str, exact: &str| {
+                template.split_once("{tenantid}").is_some_and(|(pre, suf)| {
+                    exact.len() > pre.len() + suf.len()
+                        && exact.starts_with(pre)
+                        && exact.ends_with(suf)
+                })
+            };
+            if x == y || covers(x, y) || covers(y, x) {
+                problem(
+                    problems,
+                    format!("issuers[{i}].issuer"),
+                    format!(
+                        "issuer '{}' also claims tokens of issuer '{}': give each `iss` one [[issuers]] entry",
+                        a.name, b.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
 fn validate_clients(config: &Config, issuers: &HashSet<&str>, problems: &mut Vec<Problem>) {
     let mut ids = HashSet::new();
     let mut anonymous: Option<&str> = None;
@@ -262,6 +293,21 @@ fn validate_clients(config: &Config, issuers: &HashSet<&str>, problems: &mut Vec
             }
         }
         for (j, b) in c.jwt.iter().enumerate() {
+            let multi_tenant = config.issuers.iter().any(|i| {
+                i.name.as_str() == b.issuer.as_str()
+                    && i.issuer.as_str().contains("{tenantid}")
+                    && i.allowed_tenants.len() > 1
+            });
+            if multi_tenant && !b.claims.contains_key("tid") {
+                problem(
+                    problems,
+                    format!("{path}.jwt[{j}].claims"),
+                    format!(
+                        "issuer '{}' accepts several tenants: bind `tid` too, or an admin of any of them could become this client",
+                        b.issuer
+                    ),
+                );
+            }
             if !issuers.contains(b.issuer.as_str()) {
                 problem(
                     problems,

@@ -264,6 +264,44 @@ fn store_secret_must_be_long_enough() {
     let text = format!("{MINIMAL}\n[store]\nkey_hmac_secret = \"short\"\n");
     let all: Vec<String> = problems_of(&text).iter().map(|p| p.to_string()).collect();
     assert!(all.join("\n").contains("store.key_hmac_secret"), "{all:?}");
-    let text = format!("{MINIMAL}\n[store]\nurl = \"mysql://x\"\n");
-    assert_eq!(problems_of(&text)[0].path, "store.url");
+    let text = format!("{MINIMAL}\n[store]\nurl = \"postgress://app:hunter2@db/keys\"\n");
+    let p = &problems_of(&text)[0];
+    assert_eq!(p.path, "store.url");
+    assert!(!p.message.contains("hunter2"), "{p}");
+}
+
+#[test]
+fn overlapping_issuers_and_tenantless_multi_tenant_bindings_are_refused() {
+    let text = format!(
+        "{MINIMAL}
+[[issuers]]
+name = \"multi\"
+issuer = \"https://login.microsoftonline.com/{{tenantid}}/v2.0\"
+jwks_uri = \"https://login.microsoftonline.com/common/discovery/v2.0/keys\"
+allowed_tenants = [\"t1\", \"t2\"]
+audiences = [\"a\"]
+
+[[issuers]]
+name = \"single\"
+issuer = \"https://login.microsoftonline.com/t1/v2.0\"
+audiences = [\"a\"]
+
+[[issuers]]
+name = \"again\"
+issuer = \"https://login.microsoftonline.com/t1/v2.0\"
+audiences = [\"a\"]
+
+[[clients]]
+id = \"c\"
+jwt = [{{ issuer = \"multi\", claims = {{ roles = \"R\" }} }}, {{ issuer = \"multi\", claims = {{ roles = \"R2\", tid = \"t1\" }} }}]
+deployments = [\"*\"]
+operations = [\"*\"]
+"
+    );
+    let all: Vec<String> = problems_of(&text).iter().map(|p| p.to_string()).collect();
+    let all = all.join("\n");
+    assert!(all.contains("issuers[1].issuer"), "{all}");
+    assert!(all.contains("issuers[2].issuer"), "{all}");
+    assert!(all.contains("clients[0].jwt[0].claims"), "{all}");
+    assert!(!all.contains("clients[0].jwt[1]"), "{all}");
 }

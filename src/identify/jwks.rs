@@ -31,6 +31,9 @@ pub struct VerifyKey {
     /// For EC keys: the curve, which fixes the algorithm (P-256 → ES256, P-384 → ES384).
     pub curve: Option<EllipticCurve>,
     pub key: DecodingKey,
+    /// SHA-256 of the JWK as published: a token verified earlier is trusted only while a
+    /// key with the same material is still published (not merely the same `kid`).
+    pub fingerprint: [u8; 32],
 }
 
 impl VerifyKey {
@@ -89,6 +92,17 @@ impl KeySet {
         self.by_kid.get(kid)
     }
 
+    /// Whether a key with this fingerprint (and `kid`, when given) is published.
+    pub fn publishes(&self, kid: Option<&str>, fingerprint: &[u8; 32]) -> bool {
+        match kid {
+            Some(k) => self
+                .by_kid
+                .get(k)
+                .is_some_and(|v| &v.fingerprint == fingerprint),
+            None => self.all.iter().any(|v| &v.fingerprint == fingerprint),
+        }
+    }
+
     /// Keys that may verify `alg`, for tokens without a `kid`.
     pub fn fitting(&self, alg: Algorithm) -> impl Iterator<Item = &Arc<VerifyKey>> {
         self.all.iter().filter(move |k| k.fits(alg))
@@ -104,6 +118,12 @@ impl KeySet {
 }
 
 fn parse_key(raw: serde_json::Value) -> Result<VerifyKey, String> {
+    let fingerprint = {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, raw.to_string().as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        out
+    };
     let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("unreadable: {e}"))?;
     if let Some(u) = &jwk.common.public_key_use {
         if *u != PublicKeyUse::Signature {
@@ -136,6 +156,7 @@ fn parse_key(raw: serde_json::Value) -> Result<VerifyKey, String> {
         alg,
         curve,
         key,
+        fingerprint,
     })
 }
 
@@ -303,8 +324,11 @@ impl Jwks {
         {
             return Lookup::Unknown;
         }
-        if self.forced_inflight.load(Ordering::Acquire) || self.take_budget() {
-            self.refresh_and_wait().await;
+        let joined = self.forced_inflight.load(Ordering::Acquire);
+        if joined || self.take_budget() {
+            // Only the request that took the budget wakes the refresher; the others wait
+            // for the same fetch.
+            self.refresh_and_wait(!joined).await;
             if let Some(k) = self.snapshot().get(kid) {
                 return if k.fits(alg) {
                     Lookup::Found(k.clone())
@@ -337,10 +361,12 @@ impl Jwks {
         true
     }
 
-    async fn refresh_and_wait(&self) {
+    async fn refresh_and_wait(&self, wake: bool) {
         let mut rx = self.generation.subscribe();
         let seen = *rx.borrow_and_update();
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|g| *g != seen)).await;
     }
 

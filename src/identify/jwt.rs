@@ -76,6 +76,8 @@ pub struct Verified {
     /// Index of the issuer in [`Issuers`].
     pub issuer: usize,
     pub kid: Option<String>,
+    /// Fingerprint of the JWKS key that verified it (`None` for HMAC tokens).
+    pub key: Option<[u8; 32]>,
     pub exp: u64,
 }
 
@@ -176,11 +178,12 @@ impl Issuer {
         }
     }
 
-    /// Whether a token verified earlier with `kid` may still be trusted (its key is still
-    /// published).
-    pub fn still_trusts(&self, kid: Option<&str>) -> bool {
-        match kid {
-            Some(k) => self.keys.snapshot().get(k).is_some(),
+    /// Whether a token verified earlier by the key `key` (named `kid`) may still be
+    /// trusted: that very key is still published. HMAC tokens (`None`) depend only on the
+    /// configured secret.
+    pub fn still_trusts(&self, kid: Option<&str>, key: Option<&[u8; 32]>) -> bool {
+        match key {
+            Some(fp) => self.keys.snapshot().publishes(kid, fp),
             None => true,
         }
     }
@@ -285,13 +288,18 @@ impl Issuers {
         if !issuer.algorithms.contains(&parts.alg) {
             return Err(JwtError::AlgNotAllowed);
         }
+        let mut fingerprint = None;
         let claims = if parts.alg.family() == AlgorithmFamily::Hmac {
             let key = issuer.hmac.as_ref().ok_or(JwtError::AlgNotAllowed)?;
             check_signature(token, key, parts.alg, issuer)?
         } else {
             match &parts.kid {
                 Some(kid) => match issuer.keys.key(kid, parts.alg).await {
-                    Lookup::Found(k) => check_signature(token, &k.key, parts.alg, issuer)?,
+                    Lookup::Found(k) => {
+                        let claims = check_signature(token, &k.key, parts.alg, issuer)?;
+                        fingerprint = Some(k.fingerprint);
+                        claims
+                    }
                     Lookup::Unknown => return Err(JwtError::UnknownKey),
                     Lookup::Unavailable => return Err(JwtError::KeysUnavailable),
                 },
@@ -304,6 +312,9 @@ impl Issuers {
                     });
                     for k in keys.fitting(parts.alg).take(8) {
                         result = check_signature(token, &k.key, parts.alg, issuer);
+                        if result.is_ok() {
+                            fingerprint = Some(k.fingerprint);
+                        }
                         if !matches!(result, Err(JwtError::BadSignature)) {
                             break;
                         }
@@ -343,6 +354,7 @@ impl Issuers {
             claims,
             issuer: index,
             kid: parts.kid,
+            key: fingerprint,
             exp,
         })
     }

@@ -78,6 +78,7 @@ struct CachedToken {
     caller: Arc<Caller>,
     issuer: usize,
     kid: Option<String>,
+    key: Option<[u8; 32]>,
     exp: u64,
 }
 
@@ -305,7 +306,9 @@ impl Identifier {
             if let Some(hit) = cache.get(d) {
                 let now = jsonwebtoken::get_current_timestamp();
                 let issuer = &self.issuers.list[hit.issuer];
-                if hit.exp + issuer.leeway() >= now && issuer.still_trusts(hit.kid.as_deref()) {
+                if hit.exp.saturating_add(issuer.leeway()) >= now
+                    && issuer.still_trusts(hit.kid.as_deref(), hit.key.as_ref())
+                {
                     return Ok(hit.caller.clone());
                 }
                 cache.remove(d);
@@ -329,6 +332,7 @@ impl Identifier {
                     caller: caller.clone(),
                     issuer: verified.issuer,
                     kid: verified.kid,
+                    key: verified.key,
                     exp: verified.exp,
                 }),
             );

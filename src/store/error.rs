@@ -121,9 +121,10 @@ fn url_secrets(url: &str) -> Vec<String> {
     let Some((_, rest)) = url.split_once("://") else {
         return found;
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+    // The user-info ends at the last `@`: a password may itself hold `/`, `?` or `#` when
+    // someone forgot to percent-encode it. (An `@` only in the query over-redacts, which is
+    // the safe side.)
+    if let Some((userinfo, _)) = rest.rsplit_once('@') {
         if let Some((_, password)) = userinfo.split_once(':') {
             found.push(password.to_owned());
         }
@@ -182,6 +183,16 @@ mod tests {
             "postgres://app@db/keys"
         );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        // Unencoded `#`, `/` and `?` in a password are still inside the user-info.
+        for (url, secret) in [
+            ("postgres://app:pa#ss@db/keys", "pa#ss"),
+            ("postgres://app:p/ss@db/keys", "p/ss"),
+            ("postgress://app:hunter2@db/keys", "hunter2"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(shown.contains("app:***@db"), "{shown}");
+        }
     }
 
     #[test]

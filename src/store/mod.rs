@@ -13,7 +13,7 @@
 //! [`StoreError`] never carries a secret: URLs are shown with their password replaced by
 //! `***`, and messages from the database driver are scrubbed of it.
 
-mod error;
+pub mod error;
 mod postgres;
 mod sql;
 mod sqlite;
