@@ -105,6 +105,12 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         }
         None => None,
     };
+    if !v.config.issuers.is_empty() && v.config.auth.resource.is_none() {
+        tracing::warn!(
+            "auth.resource is not set: the RFC 9728 document and WWW-Authenticate challenges \
+             name http://<Host header>; set it to the URL clients use (https behind TLS)"
+        );
+    }
     let identity = Identifier::build(
         v,
         keys.as_ref()

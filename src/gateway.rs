@@ -181,7 +181,11 @@ impl Gateway {
             (&Method::GET, "/ready") => return ready(self.readiness()),
             (&Method::GET, RESOURCE_METADATA_PATH) => {
                 let body = self.snapshot.load().resource_metadata(host(&req));
-                return json_response(StatusCode::OK, body);
+                let mut resp = json_response(StatusCode::OK, body);
+                // Without `auth.resource` the document depends on the Host header.
+                resp.headers_mut()
+                    .insert(header::VARY, HeaderValue::from_static("host"));
+                return resp;
             }
             _ => {}
         }
