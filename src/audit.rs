@@ -17,7 +17,7 @@ use http::{HeaderValue, Method};
 use serde::{Serialize, Serializer};
 use tokio::sync::mpsc;
 
-use crate::identify::Caller;
+use crate::identify::{Caller, Principal};
 use crate::metrics::Metrics;
 
 /// What happened to one request.
@@ -40,7 +40,7 @@ pub struct AuditRecord {
     pub auth_method: &'static str,
     /// Who exactly: subject, application, tenant, key id, issuer (never the credential).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "identity")]
-    pub identity: Option<Arc<Caller>>,
+    pub identity: Option<Arc<Principal>>,
     /// `allow` or `deny` once an access decision was made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<&'static str>,
@@ -185,7 +185,7 @@ impl AuditRecord {
     pub fn note_caller(&mut self, caller: &Arc<Caller>) {
         self.client = Some(caller.client.id.clone());
         self.auth_method = caller.method.as_str();
-        self.identity = Some(caller.clone());
+        self.identity = Some(caller.principal.clone());
     }
 
     /// Record which backend answered (or was tried last) and how many were tried.
@@ -212,7 +212,7 @@ fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&text)
 }
 
-fn identity<S: Serializer>(c: &Option<Arc<Caller>>, s: S) -> Result<S::Ok, S::Error> {
+fn identity<S: Serializer>(c: &Option<Arc<Principal>>, s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut m = s.serialize_map(None)?;
     if let Some(c) = c {

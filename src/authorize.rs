@@ -135,11 +135,7 @@ mod tests {
         Caller {
             client: Arc::new(ClientPolicy::new(&c)),
             method: AuthMethod::Jwt,
-            subject: None,
-            application: None,
-            tenant: None,
-            key_id: None,
-            issuer: None,
+            principal: Default::default(),
             grants: grants.iter().map(|s| s.to_string()).collect(),
         }
     }

@@ -272,6 +272,7 @@ impl Gateway {
         }
         let caller = snap.identity.identify(&parts.headers).await.map_err(|r| {
             rec.auth_method = r.method;
+            rec.identity = r.principal;
             r.error
         })?;
         rec.note_caller(&caller);

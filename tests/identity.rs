@@ -636,6 +636,14 @@ async fn authorization_matrix_of_clients_deployments_and_operations() {
     assert!(denied
         .iter()
         .all(|l| l["reason"].is_string() && l.get("backend").is_none()));
+    // A valid token bound to no client is audited with who presented it.
+    let unbound = denied
+        .iter()
+        .find(|l| l["reason"].as_str().unwrap().contains("no client"))
+        .unwrap();
+    assert_eq!(unbound["identity"]["application"], "app-c");
+    assert_eq!(unbound["auth_method"], "jwt");
+    assert!(unbound.get("client").is_none());
     assert_eq!(env.sim.captured().len(), 3);
 }
 

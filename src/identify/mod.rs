@@ -42,11 +42,9 @@ impl AuthMethod {
     }
 }
 
-/// An identified caller: the client it is, and who exactly (for the audit line).
-#[derive(Debug)]
-pub struct Caller {
-    pub client: Arc<ClientPolicy>,
-    pub method: AuthMethod,
+/// Who exactly presented a valid credential, for the audit line (never the credential).
+#[derive(Debug, Default)]
+pub struct Principal {
     /// `oid` when the token has one (Entra's stable object id), else `sub`.
     pub subject: Option<String>,
     /// `azp`, `appid` or `client_id`.
@@ -57,6 +55,14 @@ pub struct Caller {
     pub key_id: Option<Arc<str>>,
     /// Configured name of the issuer that signed the token.
     pub issuer: Option<Arc<str>>,
+}
+
+/// An identified caller: the client it is, and who exactly.
+#[derive(Debug)]
+pub struct Caller {
+    pub client: Arc<ClientPolicy>,
+    pub method: AuthMethod,
+    pub principal: Arc<Principal>,
     /// Scopes (`scp`, `scope`) and roles (`roles`) the token grants.
     pub grants: Vec<String>,
 }
@@ -67,10 +73,12 @@ pub trait KeyCheck: Send + Sync {
     fn check(&self, presented: &str) -> Result<(Arc<str>, Arc<str>), String>;
 }
 
-/// A refusal, with the method that was attempted (for metrics and audit).
+/// A refusal, with the method that was attempted (for metrics and audit) and, when the
+/// credential itself was valid, who presented it.
 pub struct Refusal {
     pub method: &'static str,
     pub error: GatewayError,
+    pub principal: Option<Arc<Principal>>,
 }
 
 /// A verified token as remembered in the cache.
@@ -168,11 +176,7 @@ impl Identifier {
                 anonymous = Some(Arc::new(Caller {
                     client: policy.clone(),
                     method: AuthMethod::Anonymous,
-                    subject: None,
-                    application: None,
-                    tenant: None,
-                    key_id: None,
-                    issuer: None,
+                    principal: Arc::new(Principal::default()),
                     grants: Vec::new(),
                 }));
             }
@@ -241,6 +245,7 @@ impl Identifier {
             match credential(headers) {
                 Ok(Some(t)) => t,
                 Ok(None) => return self.anonymous.clone().ok_or(Refusal {
+                    principal: None,
                     method: "none",
                     error: unauthenticated(
                         "missing_credentials",
@@ -250,6 +255,7 @@ impl Identifier {
                 }),
                 Err(why) => {
                     return Err(Refusal {
+                        principal: None,
                         method: "none",
                         error: unauthenticated("invalid_token", Some("invalid_request"), why),
                     })
@@ -260,6 +266,7 @@ impl Identifier {
         }
         if token.matches('.').count() != 2 {
             return Err(Refusal {
+                principal: None,
                 method: "none",
                 error: unauthenticated(
                     "invalid_token",
@@ -273,6 +280,7 @@ impl Identifier {
 
     fn api_key(&self, token: &str) -> Result<Arc<Caller>, Refusal> {
         let refuse = |why: &str| Refusal {
+            principal: None,
             method: "api_key",
             error: unauthenticated("invalid_token", Some("invalid_token"), why),
         };
@@ -282,6 +290,10 @@ impl Identifier {
         let (key_id, client) = keys.check(token).map_err(|why| refuse(&why))?;
         let Some(policy) = self.clients.get(&*client) else {
             return Err(Refusal {
+                principal: Some(Arc::new(Principal {
+                    key_id: Some(key_id),
+                    ..Principal::default()
+                })),
                 method: "api_key",
                 error: GatewayError::ClientNotAllowed(format!(
                     "the API key's client '{client}' is not configured on this gateway"
@@ -291,11 +303,10 @@ impl Identifier {
         Ok(Arc::new(Caller {
             client: policy.clone(),
             method: AuthMethod::ApiKey,
-            subject: None,
-            application: None,
-            tenant: None,
-            key_id: Some(key_id),
-            issuer: None,
+            principal: Arc::new(Principal {
+                key_id: Some(key_id),
+                ..Principal::default()
+            }),
             grants: Vec::new(),
         }))
     }
@@ -317,14 +328,22 @@ impl Identifier {
         let verified = self.issuers.verify(token).await.map_err(|e| Refusal {
             method: "jwt",
             error: jwt_refusal(&e),
+            principal: None,
         })?;
         let issuer = &self.issuers.list[verified.issuer];
-        let client = self.client_for(verified.issuer, &verified.claims, issuer)?;
-        let caller = Arc::new(caller_from_claims(
+        let principal = Arc::new(principal_from_claims(&verified.claims, issuer.name.clone()));
+        let client = self
+            .client_for(verified.issuer, &verified.claims, issuer)
+            .map_err(|mut r| {
+                r.principal = Some(principal.clone());
+                r
+            })?;
+        let caller = Arc::new(Caller {
             client,
-            &verified.claims,
-            issuer.name.clone(),
-        ));
+            method: AuthMethod::Jwt,
+            principal,
+            grants: grants(&verified.claims),
+        });
         if let (Some(cache), Some(d)) = (&self.verified, digest) {
             cache.insert(
                 d,
@@ -360,6 +379,7 @@ impl Identifier {
                         "a token matches two clients; refusing it (make the bindings' claims distinguish them)"
                     );
                     return Err(Refusal {
+                        principal: None,
                         method: "jwt",
                         error: GatewayError::ClientNotAllowed(
                             "the token matches more than one client".into(),
@@ -370,6 +390,7 @@ impl Identifier {
             }
         }
         found.cloned().ok_or_else(|| Refusal {
+            principal: None,
             method: "jwt",
             error: GatewayError::ClientNotAllowed(
                 "the token is valid but no client of this gateway is bound to its identity".into(),
@@ -404,12 +425,19 @@ fn claim_has(claims: &Map<String, Value>, name: &str, wanted: &[String]) -> bool
     })
 }
 
-fn caller_from_claims(
-    client: Arc<ClientPolicy>,
-    claims: &Map<String, Value>,
-    issuer: Arc<str>,
-) -> Caller {
+fn principal_from_claims(claims: &Map<String, Value>, issuer: Arc<str>) -> Principal {
     let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
+    Principal {
+        subject: s("oid").or_else(|| s("sub")),
+        application: s("azp").or_else(|| s("appid")).or_else(|| s("client_id")),
+        tenant: s("tid"),
+        key_id: None,
+        issuer: Some(issuer),
+    }
+}
+
+/// Scopes (`scp`, `scope`, space-separated) and roles (`roles`) a token grants.
+fn grants(claims: &Map<String, Value>) -> Vec<String> {
     let mut grants = Vec::new();
     for k in ["scp", "scope"] {
         if let Some(v) = claims.get(k).and_then(Value::as_str) {
@@ -419,16 +447,7 @@ fn caller_from_claims(
     if let Some(Value::Array(roles)) = claims.get("roles") {
         grants.extend(roles.iter().filter_map(Value::as_str).map(str::to_owned));
     }
-    Caller {
-        client,
-        method: AuthMethod::Jwt,
-        subject: s("oid").or_else(|| s("sub")),
-        application: s("azp").or_else(|| s("appid")).or_else(|| s("client_id")),
-        tenant: s("tid"),
-        key_id: None,
-        issuer: Some(issuer),
-        grants,
-    }
+    grants
 }
 
 /// The one credential a request presents, if any.
@@ -554,7 +573,7 @@ deployments = {{ "m" = "m" }}
             h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
             let caller = id.identify(&h).await.ok().unwrap();
             assert_eq!(&*caller.client.id, "c1");
-            assert_eq!(caller.subject.as_deref(), Some("u"));
+            assert_eq!(caller.principal.subject.as_deref(), Some("u"));
             // Second time from the verified-token cache: the same caller.
             let again = id.identify(&h).await.ok().unwrap();
             assert!(Arc::ptr_eq(&caller, &again));
