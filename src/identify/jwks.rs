@@ -577,6 +577,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_gateway_wide_budget_allows_ten_early_refreshes_a_minute() {
+        let budget = RefreshBudget::default();
+        for i in 0..GLOBAL_FORCED_PER_MINUTE {
+            assert!(budget.take(), "refresh {i}");
+        }
+        assert!(!budget.take());
+        assert!(!budget.take());
+    }
+
+    #[test]
     fn cache_control_max_age() {
         assert_eq!(
             max_age("public, max-age=300"),
