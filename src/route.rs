@@ -49,21 +49,23 @@ impl Operation {
         }
     }
 
+    /// Every operation, in the order the README lists them.
+    pub const ALL: [Self; 10] = [
+        Self::Chat,
+        Self::Completions,
+        Self::Embeddings,
+        Self::Images,
+        Self::Audio,
+        Self::Responses,
+        Self::Files,
+        Self::Batches,
+        Self::Models,
+        Self::Other,
+    ];
+
     /// The operation a config name (`operations = [...]`) stands for.
     pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "chat" => Self::Chat,
-            "completions" => Self::Completions,
-            "embeddings" => Self::Embeddings,
-            "images" => Self::Images,
-            "audio" => Self::Audio,
-            "responses" => Self::Responses,
-            "files" => Self::Files,
-            "batches" => Self::Batches,
-            "models" => Self::Models,
-            "other" => Self::Other,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|o| o.as_str() == name)
     }
 
     /// Operations that always run against one deployment: the request must name one.
@@ -76,18 +78,7 @@ impl Operation {
 
     fn classify(rest: &str) -> Self {
         let first = rest.split('/').next().unwrap_or("");
-        match first {
-            "chat" => Self::Chat,
-            "completions" => Self::Completions,
-            "embeddings" => Self::Embeddings,
-            "images" => Self::Images,
-            "audio" => Self::Audio,
-            "responses" => Self::Responses,
-            "files" => Self::Files,
-            "batches" => Self::Batches,
-            "models" => Self::Models,
-            _ => Self::Other,
-        }
+        Self::from_name(first).unwrap_or(Self::Other)
     }
 }
 

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use super::model::{ClaimMatch, ClientConfig, Config, IssuerConfig};
+use crate::route::Operation;
+
 use super::{problem, resolve_secret, Problem, Secret, Text};
 
 /// Algorithms an issuer may allow.
@@ -17,19 +19,6 @@ pub const ASYMMETRIC_ALGS: &[&str] = &[
 ];
 /// Symmetric algorithms, allowed only with `hmac_secret`.
 pub const HMAC_ALGS: &[&str] = &["HS256", "HS384", "HS512"];
-/// Operation names a client may be granted.
-pub const OPERATIONS: &[&str] = &[
-    "chat",
-    "completions",
-    "embeddings",
-    "images",
-    "audio",
-    "responses",
-    "files",
-    "batches",
-    "models",
-    "other",
-];
 /// Shortest accepted `store.key_hmac_secret`.
 const MIN_HMAC_SECRET: usize = 32;
 
@@ -356,19 +345,19 @@ fn validate_clients(config: &Config, issuers: &HashSet<&str>, problems: &mut Vec
                 format!("{path}.operations"),
                 format!(
                     "list the operations this client may call: {} or \"*\"",
-                    OPERATIONS.join(", ")
+                    operation_names()
                 ),
             );
         }
         for op in &c.operations {
-            if op.as_str() != "*" && !OPERATIONS.contains(&op.as_str()) {
+            if op.as_str() != "*" && Operation::from_name(op.as_str()).is_none() {
                 problem(
                     problems,
                     format!("{path}.operations"),
                     format!(
                         "unknown operation '{}'; use {} or \"*\"",
                         op.as_str().escape_default(),
-                        OPERATIONS.join(", ")
+                        operation_names()
                     ),
                 );
             }
@@ -429,6 +418,11 @@ fn implied(wide: &BTreeMap<String, ClaimMatch>, narrow: &BTreeMap<String, ClaimM
         let nv = values(n);
         values(w).iter().all(|x| nv.contains(x))
     })
+}
+
+/// The operation names a client may be granted, for messages.
+fn operation_names() -> String {
+    Operation::ALL.map(Operation::as_str).join(", ")
 }
 
 /// Client ids, issuer names: short, printable, safe in logs and metric labels.

@@ -99,8 +99,6 @@ struct Binding {
 
 /// Header Azure SDKs send their key in.
 pub static API_KEY: HeaderName = HeaderName::from_static("api-key");
-/// Prefix of gateway-issued API keys.
-pub const KEY_PREFIX: &str = "pcl_";
 
 /// Everything needed to turn request headers into a [`Caller`].
 pub struct Identifier {
@@ -261,7 +259,7 @@ impl Identifier {
                     })
                 }
             };
-        if token.starts_with(KEY_PREFIX) {
+        if api_key::looks_like_key(token) {
             return self.api_key(token);
         }
         if token.matches('.').count() != 2 {
