@@ -118,12 +118,7 @@ impl KeySet {
 }
 
 fn parse_key(raw: serde_json::Value) -> Result<VerifyKey, String> {
-    let fingerprint = {
-        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, raw.to_string().as_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(d.as_ref());
-        out
-    };
+    let fingerprint = super::sha256(raw.to_string().as_bytes());
     let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("unreadable: {e}"))?;
     if let Some(u) = &jwk.common.public_key_use {
         if *u != PublicKeyUse::Signature {
@@ -292,26 +287,16 @@ impl Jwks {
     /// Find the key named `kid` for a token signed with `alg`; may trigger one budgeted
     /// early refresh.
     pub async fn key(&self, kid: &str, alg: Algorithm) -> Lookup {
-        if let Some(k) = self.snapshot().get(kid) {
-            return if k.fits(alg) {
-                Lookup::Found(k.clone())
-            } else {
-                Lookup::Unknown
-            };
+        if let Some(found) = self.published(kid, alg) {
+            return found;
         }
         if kid.len() > MAX_KID_LEN {
             return Lookup::Unknown;
         }
         if !self.is_loaded() {
-            // The first fetch is still under way (or failing): wait for it rather than
-            // spend the early-refresh budget a later rotation may need.
-            self.wait_first_attempt(Duration::from_secs(10)).await;
-            if let Some(k) = self.snapshot().get(kid) {
-                return if k.fits(alg) {
-                    Lookup::Found(k.clone())
-                } else {
-                    Lookup::Unknown
-                };
+            self.first_load().await;
+            if let Some(found) = self.published(kid, alg) {
+                return found;
             }
             if !self.is_loaded() {
                 return Lookup::Unavailable;
@@ -329,20 +314,32 @@ impl Jwks {
             // Only the request that took the budget wakes the refresher; the others wait
             // for the same fetch.
             self.refresh_and_wait(!joined).await;
-            if let Some(k) = self.snapshot().get(kid) {
-                return if k.fits(alg) {
-                    Lookup::Found(k.clone())
-                } else {
-                    Lookup::Unknown
-                };
+            if let Some(found) = self.published(kid, alg) {
+                return found;
             }
         }
         self.negative
             .insert(kid.to_owned(), Instant::now() + NEGATIVE_TTL);
-        if self.is_loaded() {
-            Lookup::Unknown
-        } else {
-            Lookup::Unavailable
+        Lookup::Unknown
+    }
+
+    /// The published key named `kid`, if any: found when it may verify `alg`.
+    fn published(&self, kid: &str, alg: Algorithm) -> Option<Lookup> {
+        self.snapshot().get(kid).map(|k| {
+            if k.fits(alg) {
+                Lookup::Found(k.clone())
+            } else {
+                Lookup::Unknown
+            }
+        })
+    }
+
+    /// Wait (bounded) while the first fetch is still under way, rather than failing the
+    /// request or spending the early-refresh budget a later rotation may need. Returns at
+    /// once when keys are loaded.
+    pub async fn first_load(&self) {
+        if !self.is_loaded() {
+            self.wait_first_attempt(Duration::from_secs(10)).await;
         }
     }
 

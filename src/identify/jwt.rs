@@ -304,13 +304,7 @@ impl Issuers {
                     Lookup::Unavailable => return Err(JwtError::KeysUnavailable),
                 },
                 None => {
-                    if !issuer.keys.is_loaded() {
-                        // The first fetch may still be under way (just started).
-                        issuer
-                            .keys
-                            .wait_first_attempt(std::time::Duration::from_secs(10))
-                            .await;
-                    }
+                    issuer.keys.first_load().await;
                     let keys = issuer.keys.snapshot();
                     let mut result = Err(if issuer.keys.is_loaded() {
                         JwtError::UnknownKey
