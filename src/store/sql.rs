@@ -149,11 +149,7 @@ macro_rules! impl_key_store {
             ) -> $crate::store::BoxFuture<'a, Result<(), $crate::store::StoreError>> {
                 Box::pin(async move {
                     let err = |e| self.scrub.error(e);
-                    let mut tx = self.pool.begin().await.map_err(err)?;
-                    sqlx::query($crate::store::sql::BUMP_REVISION)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(err)?;
+                    let mut tx = self.begin_change().await.map_err(err)?;
                     Self::insert_in(&mut tx, key).await.map_err(err)?;
                     tx.commit().await.map_err(err)
                 })
@@ -169,11 +165,7 @@ macro_rules! impl_key_store {
             > {
                 Box::pin(async move {
                     let err = |e| self.scrub.error(e);
-                    let mut tx = self.pool.begin().await.map_err(err)?;
-                    sqlx::query($crate::store::sql::BUMP_REVISION)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(err)?;
+                    let mut tx = self.begin_change().await.map_err(err)?;
                     let row = sqlx::query($crate::store::sql::REVOKE)
                         .bind(id)
                         .bind(now)
@@ -203,11 +195,7 @@ macro_rules! impl_key_store {
             > {
                 Box::pin(async move {
                     let err = |e| self.scrub.error(e);
-                    let mut tx = self.pool.begin().await.map_err(err)?;
-                    sqlx::query($crate::store::sql::BUMP_REVISION)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(err)?;
+                    let mut tx = self.begin_change().await.map_err(err)?;
                     Self::insert_in(&mut tx, new).await.map_err(err)?;
                     let rows = sqlx::query($crate::store::sql::ROLL)
                         .bind(new.client.as_str())
@@ -252,6 +240,16 @@ macro_rules! impl_key_store {
         }
 
         impl $store {
+            /// A transaction for a change running gateways must notice: the revision they
+            /// poll is bumped inside it (rolled back with it when nothing changes).
+            async fn begin_change(&self) -> Result<sqlx::Transaction<'static, $db>, sqlx::Error> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($crate::store::sql::BUMP_REVISION)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+
             async fn insert_in(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 key: &$crate::store::KeyRecord,
