@@ -725,14 +725,7 @@ async fn idp_outage_keeps_cached_keys_and_unknown_kids_cannot_hammer_it() {
     let stats = env.idp.stats().await;
     assert!(stats["jwks"].as_u64().unwrap() <= 1, "{stats}");
     // The outage is visible in metrics.
-    let metrics = http()
-        .get(format!("{}/metrics", env.gw.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.gw.metrics().await;
     assert!(
         metrics.contains("portcullis_jwks_refresh_total{issuer=\"idp\",outcome=\"error\"}"),
         "{metrics}"

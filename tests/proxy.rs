@@ -476,14 +476,7 @@ async fn metrics_health_and_readiness() {
             200
         );
     }
-    let m = http()
-        .get(format!("{}/metrics", gw.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains(r#"portcullis_requests_total{operation="chat",status="200",backend="sim"} 1"#),
         "{m}"

@@ -81,6 +81,18 @@ impl Gateway {
         }
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Issue an API key for `client` into this gateway's store; usable at once.
     pub async fn issue_key(&self, client: &str) -> String {
         let keys = self
