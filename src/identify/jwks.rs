@@ -230,18 +230,7 @@ impl Jwks {
         budget: Arc<RefreshBudget>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let (generation, _) = watch::channel(0);
-        let jwks = Arc::new(Self {
-            issuer: Arc::from(issuer),
-            current: ArcSwap::from_pointee(KeySet::default()),
-            wake: Arc::new(Notify::new()),
-            generation,
-            forced_inflight: AtomicBool::new(false),
-            last_forced: Mutex::new(None),
-            negative: quick_cache::sync::Cache::new(NEGATIVE_CAPACITY),
-            loaded: AtomicBool::new(false),
-            budget,
-        });
+        let jwks = Arc::new(Self::new(issuer, budget, false));
         let fetcher = Fetcher::new(source, metrics, issuer);
         tokio::spawn(refresh_loop(
             Arc::downgrade(&jwks),
@@ -254,18 +243,23 @@ impl Jwks {
 
     /// A key set that is never fetched: for issuers whose tokens are all HMAC-signed.
     pub fn none(issuer: &str) -> Arc<Self> {
-        let (generation, _) = watch::channel(1);
-        Arc::new(Self {
+        Arc::new(Self::new(issuer, Arc::default(), true))
+    }
+
+    /// Empty keys; `loaded` marks a set that needs no first fetch.
+    fn new(issuer: &str, budget: Arc<RefreshBudget>, loaded: bool) -> Self {
+        let (generation, _) = watch::channel(u64::from(loaded));
+        Self {
             issuer: Arc::from(issuer),
             current: ArcSwap::from_pointee(KeySet::default()),
             wake: Arc::new(Notify::new()),
             generation,
             forced_inflight: AtomicBool::new(false),
             last_forced: Mutex::new(None),
-            negative: quick_cache::sync::Cache::new(1),
-            loaded: AtomicBool::new(true),
-            budget: Arc::new(RefreshBudget::default()),
-        })
+            negative: quick_cache::sync::Cache::new(NEGATIVE_CAPACITY),
+            loaded: AtomicBool::new(loaded),
+            budget,
+        }
     }
 
     /// The current key set (lock-free).

@@ -534,6 +534,18 @@ mod tests {
         assert!(!claim_has(&c, "missing", &w(&["x"])));
     }
 
+    /// An identifier (no API keys) for a configuration text.
+    fn identifier(text: &str) -> Identifier {
+        let v = crate::config::load_str(text, "t", std::path::Path::new(".")).unwrap();
+        Identifier::build(&v, None, Arc::new(Metrics::new()))
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
     #[tokio::test]
     async fn rs256_and_es256_tokens_from_a_live_issuer_resolve_to_their_client() {
         use crate::sim::issuer::{DemoIssuer, SigningAlg};
@@ -557,8 +569,7 @@ deployments = {{ "m" = "m" }}
 "#,
             issuer.issuer()
         );
-        let v = crate::config::load_str(&text, "t", std::path::Path::new(".")).unwrap();
-        let id = Identifier::build(&v, None, Arc::new(Metrics::new()));
+        let id = identifier(&text);
         for alg in [SigningAlg::Rs256, SigningAlg::Es256] {
             let t = issuer
                 .sign_with(
@@ -568,8 +579,7 @@ deployments = {{ "m" = "m" }}
                     serde_json::json!({"azp": "app-1", "sub": "u"}),
                 )
                 .unwrap();
-            let mut h = HeaderMap::new();
-            h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            let h = bearer(&t);
             let caller = id.identify(&h).await.ok().unwrap();
             assert_eq!(&*caller.client.id, "c1");
             assert_eq!(caller.principal.subject.as_deref(), Some("u"));
@@ -601,8 +611,7 @@ url = "http://127.0.0.1:9"
 deployments = {{ "m" = "m" }}
 "#
         );
-        let v = crate::config::load_str(&text, "t", std::path::Path::new(".")).unwrap();
-        let id = Identifier::build(&v, None, Arc::new(Metrics::new()));
+        let id = identifier(&text);
         assert!(id.issuers()[0].keys.is_loaded());
         let now = jsonwebtoken::get_current_timestamp();
         let claims =
@@ -615,15 +624,10 @@ deployments = {{ "m" = "m" }}
             )
             .unwrap()
         };
-        let headers = |t: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
-            h
-        };
-        let ok = id.identify(&headers(&sign(secret))).await.ok().unwrap();
+        let ok = id.identify(&bearer(&sign(secret))).await.ok().unwrap();
         assert_eq!(&*ok.client.id, "c1");
         let bad = id
-            .identify(&headers(&sign("another-secret-of-the-same-length-123456")))
+            .identify(&bearer(&sign("another-secret-of-the-same-length-123456")))
             .await
             .err()
             .unwrap();
