@@ -123,6 +123,14 @@ impl GatewayError {
         )
     }
 
+    /// Whether the response carries a `WWW-Authenticate` challenge.
+    pub fn challenges(&self) -> bool {
+        matches!(
+            self,
+            Self::Unauthenticated { .. } | Self::InsufficientScope { .. }
+        )
+    }
+
     /// The OpenAI-shaped JSON body.
     pub fn body(&self) -> Bytes {
         let v = serde_json::json!({

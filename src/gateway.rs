@@ -221,8 +221,11 @@ impl Gateway {
                 let elapsed = started.elapsed().as_secs_f64() * 1000.0;
                 rec.latency_ms = elapsed;
                 rec.duration_ms = elapsed;
-                let metadata = format!("{}{RESOURCE_METADATA_PATH}", snap.resource(host.as_ref()));
-                let resp = e.into_response(Some(&metadata));
+                // Only authentication challenges name the RFC 9728 document.
+                let metadata = e
+                    .challenges()
+                    .then(|| format!("{}{RESOURCE_METADATA_PATH}", snap.resource(host.as_ref())));
+                let resp = e.into_response(metadata.as_deref());
                 self.count(&rec, started);
                 self.audit.emit(rec);
                 resp
