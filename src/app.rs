@@ -22,6 +22,7 @@ use crate::identify::api_key::{ApiKeys, KeyAdmin};
 use crate::identify::Identifier;
 use crate::listener::{self, ServeOptions};
 use crate::metrics::Metrics;
+use crate::upstream_auth::BackendCredentials;
 use crate::worker;
 
 /// Why the gateway could not start.
@@ -39,6 +40,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Build(#[from] crate::routing::BuildError),
+    #[error(transparent)]
+    Credentials(#[from] crate::upstream_auth::SetupError),
     #[error("cannot open the key store (store.url): {0}")]
     Store(#[from] crate::store::StoreError),
 }
@@ -62,6 +65,8 @@ pub struct Running {
     audit_writer: AuditWriter,
     /// The API-key table and its store, when `store.key_hmac_secret` is set.
     keys: Option<Keys>,
+    /// Backend credentials; their token refreshers stop when this is dropped.
+    credentials: BackendCredentials,
 }
 
 /// API keys of a running gateway: what requests check, and the store to manage them.
@@ -117,7 +122,8 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
             .map(|k| k.api_keys.clone() as Arc<dyn crate::identify::KeyCheck>),
         metrics.clone(),
     );
-    let snapshot = Snapshot::build(v, identity)?;
+    let credentials = BackendCredentials::start(v, &metrics)?;
+    let snapshot = Snapshot::build(v, identity, &credentials.credentials)?;
     let gateway = Arc::new(Gateway::new(snapshot, metrics, audit));
 
     let bind_err = |source| StartError::Bind {
@@ -183,6 +189,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         tasks,
         audit_writer,
         keys,
+        credentials,
     })
 }
 
@@ -233,6 +240,7 @@ impl Running {
                 tracing::warn!(error = %e, "could not record the API keys' last use at shutdown");
             }
         }
+        self.credentials.stop();
         drop(self.gateway);
         // The writer ends once the last sink (held by finished requests) is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_writer.join()).await;

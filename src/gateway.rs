@@ -28,6 +28,7 @@ use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
 use crate::route::{self, Route};
 use crate::routing::{BackendTable, BuildError};
+use crate::upstream_auth::Credential;
 
 /// Everything a request needs from the configuration, immutable once built.
 pub struct Snapshot {
@@ -42,9 +43,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Build from a validated configuration and its identifier.
-    pub fn build(v: &Validated, identity: Identifier) -> Result<Self, BuildError> {
+    /// `credentials` is index-aligned with `config.backends`.
+    pub fn build(
+        v: &Validated,
+        identity: Identifier,
+        credentials: &[Credential],
+    ) -> Result<Self, BuildError> {
         Ok(Self {
-            backends: BackendTable::build(v)?,
+            backends: BackendTable::build(v, credentials)?,
             identity,
             max_body_bytes: v.config.server.max_body_bytes,
             body_timeout: v.config.server.body_timeout.0,
@@ -155,9 +161,13 @@ impl Gateway {
         }
         let snap = self.snapshot.load();
         for b in snap.backends.backends() {
-            if !b.credential.is_ready() {
+            if let Err(why) = b.credential.readiness() {
+                let who = b
+                    .credential
+                    .identity()
+                    .map_or(String::new(), |i| format!(" as {i}"));
                 reasons.push(format!(
-                    "backend '{}': {} credential not ready",
+                    "backend '{}': {} credential{who} not ready: {why}",
                     b.name,
                     b.credential.describe()
                 ));

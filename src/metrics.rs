@@ -3,7 +3,8 @@
 //! Label sets are small and bounded: operation names, status codes and configured backend
 //! names — never a request path, client-supplied string or credential.
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,7 +33,8 @@ pub struct LatencyLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     pub backend: Arc<String>,
-    /// `response`, `connect_error`, `timeout`, `rate_limited`.
+    /// `response`, `connect_error`, `timeout`, `rate_limited`, `error`,
+    /// `credential_unavailable` (skipped: no valid backend token).
     pub outcome: &'static str,
 }
 
@@ -59,6 +61,24 @@ pub struct JwksRefreshLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the backend-token metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    /// `kind:identity`, e.g. `entra_certificate:<client id>`, `managed_identity:system`.
+    pub credential: String,
+}
+
+/// Labels of `portcullis_backend_token_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialOutcomeLabels {
+    pub credential: String,
+    /// `ok`, `retryable_error` (429, 5xx, network) or `error` (refused).
+    pub outcome: &'static str,
+}
+
+/// A callback run before each rendering (for values computed at scrape time).
+type RenderHook = Box<dyn Fn() + Send + Sync>;
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -76,6 +96,9 @@ pub struct Metrics {
     pub auth: Family<AuthLabels, Counter>,
     jwks_keys: Family<IssuerLabels, Gauge>,
     jwks_refreshes: Family<JwksRefreshLabels, Counter>,
+    backend_tokens: Family<CredentialOutcomeLabels, Counter>,
+    token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
+    before_render: Mutex<Vec<RenderHook>>,
 }
 
 impl Default for Metrics {
@@ -138,7 +161,22 @@ impl Metrics {
             "Fetches of issuers' signing keys, by issuer and outcome",
             jwks_refreshes.clone(),
         );
+        let backend_tokens = Family::<CredentialOutcomeLabels, Counter>::default();
+        registry.register(
+            "backend_token_requests",
+            "Token requests the gateway made for its backend credentials, by credential and outcome",
+            backend_tokens.clone(),
+        );
+        let token_expiry = Family::<CredentialLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "backend_token_expiry_seconds",
+            "Seconds until the current backend token expires (0: none held), by credential",
+            token_expiry.clone(),
+        );
         Self {
+            backend_tokens,
+            token_expiry,
+            before_render: Mutex::new(Vec::new()),
             auth,
             jwks_keys,
             jwks_refreshes,
@@ -170,8 +208,43 @@ impl Metrics {
             .clone()
     }
 
+    /// Counter of backend token requests for `credential` with `outcome`.
+    pub fn backend_token(&self, credential: &str, outcome: &'static str) -> Counter {
+        self.backend_tokens
+            .get_or_create(&CredentialOutcomeLabels {
+                credential: credential.to_owned(),
+                outcome,
+            })
+            .clone()
+    }
+
+    /// Gauge of seconds until `credential`'s token expires.
+    pub fn token_expiry(&self, credential: &str) -> Gauge<f64, AtomicU64> {
+        self.token_expiry
+            .get_or_create(&CredentialLabels {
+                credential: credential.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Run `hook` before every rendering (it updates values computed at scrape time).
+    pub fn before_render(&self, hook: RenderHook) {
+        self.before_render
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
     /// Render in the Prometheus text format.
     pub fn render(&self) -> String {
+        for hook in self
+            .before_render
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            hook();
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -46,8 +46,6 @@ pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 /// Problems building the table from a validated config.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("backends[{0}].auth: {1}")]
-    Credential(usize, crate::upstream_auth::InvalidCredential),
     #[error("backends[{0}]: {1}")]
     Client(usize, pool::SetupError),
     #[error("backends[{0}].url: {1}")]
@@ -67,9 +65,10 @@ pub struct BackendTable {
 
 impl BackendTable {
     /// Build the table, creating one upstream connection pool per backend.
-    pub fn build(v: &Validated) -> Result<Self, BuildError> {
+    /// `credentials` is index-aligned with `config.backends`.
+    pub fn build(v: &Validated, credentials: &[Credential]) -> Result<Self, BuildError> {
         let mut backends = Vec::with_capacity(v.config.backends.len());
-        for (i, b) in v.config.backends.iter().enumerate() {
+        for ((i, b), credential) in v.config.backends.iter().enumerate().zip(credentials) {
             let uri: http::Uri = b
                 .url
                 .as_str()
@@ -81,8 +80,6 @@ impl BackendTable {
                 .cloned()
                 .ok_or_else(|| BuildError::Url(i, "missing host".into()))?;
             let base_path = uri.path().trim_end_matches('/').to_owned();
-            let credential = Credential::new(&b.auth, b.kind, v.backend_secrets[i].as_ref())
-                .map_err(|e| BuildError::Credential(i, e))?;
             let ca = b.ca_file.as_ref().map(|f| v.base_dir.join(f.as_str()));
             let opts = pool::PoolOptions {
                 connect_timeout: b.timeouts.connect.0,
@@ -113,7 +110,7 @@ impl BackendTable {
                     .collect(),
                 first_byte_timeout: b.timeouts.first_byte.0,
                 idle_timeout: b.timeouts.idle.0,
-                credential,
+                credential: credential.clone(),
                 pool,
             }));
         }
@@ -209,7 +206,9 @@ mod tests {
 
     fn table(toml: &str) -> BackendTable {
         let v = crate::config::load_str(toml, "t", std::path::Path::new(".")).unwrap();
-        BackendTable::build(&v).unwrap()
+        let creds =
+            crate::upstream_auth::BackendCredentials::start(&v, &Default::default()).unwrap();
+        BackendTable::build(&v, &creds.credentials).unwrap()
     }
 
     const THREE: &str = r#"

@@ -4,6 +4,7 @@
 //! [`load_str`] is the single entry point: it either returns a [`Validated`] configuration
 //! (every secret resolved, every address parsed) or a [`ConfigErrors`] listing all problems.
 
+pub mod backend_auth;
 pub mod identity;
 mod model;
 mod values;
@@ -12,6 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use backend_auth::{EnvLookup, ResolvedAuth, SourceSpec, TokenSpec};
 pub use model::{
     AdminConfig, AuditConfig, AuthConfig, BackendAuthConfig, BackendConfig, BackendKind,
     ClaimMatch, ClientConfig, Config, IssuerConfig, JwtBinding, ServerConfig, StoreConfig,
@@ -72,7 +74,7 @@ pub struct Validated {
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<Secret>,
     /// Resolved backend credentials, index-aligned with `config.backends`.
-    pub backend_secrets: Vec<Option<Secret>>,
+    pub backend_auth: Vec<ResolvedAuth>,
     /// `store.key_hmac_secret`, resolved; API keys are disabled without it.
     pub key_hmac_secret: Option<Secret>,
     /// Resolved `hmac_secret` per issuer, index-aligned with `config.issuers`.
@@ -101,6 +103,17 @@ pub fn load_file(path: &Path) -> Result<Validated, ConfigErrors> {
 
 /// Parse and validate configuration text. `base_dir` anchors relative file paths.
 pub fn load_str(text: &str, origin: &str, base_dir: &Path) -> Result<Validated, ConfigErrors> {
+    load_str_with_env(text, origin, base_dir, &|name| std::env::var(name).ok())
+}
+
+/// [`load_str`] with the environment Azure sets for managed and workload identity
+/// (`IDENTITY_ENDPOINT`, `AZURE_CLIENT_ID`, ...) read through `env`.
+pub fn load_str_with_env(
+    text: &str,
+    origin: &str,
+    base_dir: &Path,
+    env: EnvLookup<'_>,
+) -> Result<Validated, ConfigErrors> {
     let fail = |problems| ConfigErrors {
         origin: origin.to_owned(),
         problems,
@@ -108,7 +121,7 @@ pub fn load_str(text: &str, origin: &str, base_dir: &Path) -> Result<Validated, 
     let config = parse(text).map_err(|p| fail(vec![p]))?;
     let doc = toml_edit::Document::parse(text.to_owned()).ok();
     let mut problems = Vec::new();
-    let validated = validate(config, base_dir, &mut problems);
+    let validated = validate(config, base_dir, env, &mut problems);
     for p in &mut problems {
         if p.line.is_none() {
             p.line = doc.as_ref().and_then(|d| line_of(d, text, &p.path));
@@ -253,7 +266,12 @@ pub(crate) fn resolve_secret(
     }
 }
 
-fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Option<Validated> {
+fn validate(
+    config: Config,
+    base_dir: &Path,
+    env: EnvLookup<'_>,
+    problems: &mut Vec<Problem>,
+) -> Option<Validated> {
     let listen = parse_addr(config.server.listen.as_str(), "server.listen", problems);
     if config.server.max_body_bytes == 0 {
         problem(problems, "server.max_body_bytes", "must be greater than 0");
@@ -309,7 +327,7 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
         );
     }
     let mut names = std::collections::HashSet::new();
-    let mut backend_secrets = Vec::with_capacity(config.backends.len());
+    let mut backend_auth = Vec::with_capacity(config.backends.len());
     for (i, b) in config.backends.iter().enumerate() {
         let path = format!("backends[{i}]");
         if b.name.as_str().is_empty() {
@@ -394,29 +412,8 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
                 ),
             }
         }
-        let secret = match &b.auth {
-            BackendAuthConfig::ApiKey { key, key_file } => resolve_secret(
-                key,
-                key_file,
-                &format!("{path}.auth"),
-                "key",
-                true,
-                base_dir,
-                problems,
-            ),
-            BackendAuthConfig::None => None,
-        };
-        if let Some(s) = &secret {
-            // It is sent as a header value: refuse what cannot be one (a two-line key file).
-            if !s.expose().bytes().all(|c| c.is_ascii_graphic()) {
-                problem(
-                    problems,
-                    format!("{path}.auth"),
-                    "the key may only contain printable ASCII without spaces",
-                );
-            }
-        }
-        backend_secrets.push(secret);
+        let auth = backend_auth::resolve(&b.auth, &format!("{path}.auth"), base_dir, env, problems);
+        backend_auth.push(auth.unwrap_or(ResolvedAuth::None));
     }
 
     let ids = identity::validate(&config, base_dir, problems);
@@ -426,7 +423,7 @@ fn validate(config: Config, base_dir: &Path, problems: &mut Vec<Problem>) -> Opt
         listen: listen?,
         admin_listen,
         admin_token,
-        backend_secrets,
+        backend_auth,
         base_dir: base_dir.to_path_buf(),
         config,
     })

@@ -225,6 +225,81 @@ pub enum BackendAuthConfig {
         #[serde(default)]
         key_file: Option<Text>,
     },
+    /// Entra ID client credentials, proven with a certificate (signed client assertion).
+    EntraCertificate {
+        #[serde(default)]
+        tenant_id: Option<Text>,
+        client_id: Text,
+        /// PEM holding the certificate (chain first) and, unless `key_file` is given, its
+        /// private key (RSA or EC; PKCS#8, PKCS#1 or SEC1).
+        certificate_file: Text,
+        #[serde(default)]
+        key_file: Option<Text>,
+        /// `PS256` (default for RSA) or `RS256`; EC keys sign with ES256/ES384 by curve.
+        #[serde(default)]
+        algorithm: Option<Text>,
+        /// Send the chain in `x5c` (subject name / issuer authentication).
+        #[serde(default)]
+        send_x5c: bool,
+        #[serde(default)]
+        authority: Option<Text>,
+        #[serde(default)]
+        token_url: Option<Text>,
+        #[serde(default)]
+        scope: Option<Text>,
+    },
+    /// Entra ID client credentials, proven with a client secret.
+    EntraSecret {
+        #[serde(default)]
+        tenant_id: Option<Text>,
+        client_id: Text,
+        #[serde(default)]
+        client_secret: Option<Secret>,
+        #[serde(default)]
+        client_secret_file: Option<Text>,
+        /// `client_secret_post` (default, as Entra expects) or `client_secret_basic`.
+        #[serde(default)]
+        token_endpoint_auth_method: Option<Text>,
+        #[serde(default)]
+        authority: Option<Text>,
+        #[serde(default)]
+        token_url: Option<Text>,
+        #[serde(default)]
+        scope: Option<Text>,
+    },
+    /// The Azure managed identity of the host: IMDS, or App Service / Container Apps when
+    /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` are set.
+    ManagedIdentity {
+        /// A user-assigned identity by client id (at most one of the three).
+        #[serde(default)]
+        client_id: Option<Text>,
+        #[serde(default)]
+        object_id: Option<Text>,
+        #[serde(default)]
+        mi_res_id: Option<Text>,
+        /// IMDS token endpoint override (Azure Arc proxies, tests).
+        #[serde(default)]
+        endpoint: Option<Text>,
+        #[serde(default)]
+        scope: Option<Text>,
+    },
+    /// AKS workload identity: a federated token file exchanged for an Entra token. Each
+    /// value defaults to the variable the AKS webhook sets (`AZURE_CLIENT_ID`,
+    /// `AZURE_TENANT_ID`, `AZURE_AUTHORITY_HOST`, `AZURE_FEDERATED_TOKEN_FILE`).
+    WorkloadIdentity {
+        #[serde(default)]
+        tenant_id: Option<Text>,
+        #[serde(default)]
+        client_id: Option<Text>,
+        #[serde(default)]
+        token_file: Option<Text>,
+        #[serde(default)]
+        authority: Option<Text>,
+        #[serde(default)]
+        token_url: Option<Text>,
+        #[serde(default)]
+        scope: Option<Text>,
+    },
     /// No credential (a local model server, a test backend).
     #[default]
     None,

@@ -107,7 +107,9 @@ fn key_file_is_read_and_never_printed() {
     std::fs::write(dir.path().join("key.txt"), "s3cret-key\n").unwrap();
     let text = format!("{MINIMAL}auth = {{ type = \"api_key\", key_file = \"key.txt\" }}\n");
     let v = load_str(&text, "t", dir.path()).unwrap();
-    let s = v.backend_secrets[0].as_ref().unwrap();
+    let ResolvedAuth::ApiKey(s) = &v.backend_auth[0] else {
+        panic!("an api key")
+    };
     assert_eq!(s.expose(), "s3cret-key");
     assert!(!format!("{v:?}").contains("s3cret-key"));
 }

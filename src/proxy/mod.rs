@@ -149,14 +149,16 @@ pub async fn forward(
     let mut rate_limited: Option<Answer> = None;
     for (i, backend) in candidates.into_iter().enumerate() {
         let is_last = i + 1 == total;
-        if !backend.credential.is_ready() {
+        // Read once: the token applied is the one checked (it may expire meanwhile).
+        let Ok(credential) = backend.credential.header() else {
+            record(metrics, &backend, "credential_unavailable");
             last_error = GatewayError::BackendAuthUnavailable(format!(
-                "credential for backend '{}' is not ready",
+                "the gateway holds no valid credential for backend '{}'",
                 backend.name
             ));
             last_backend = Some(backend);
             continue;
-        }
+        };
         let up = match rewrite::rewrite(
             out.route,
             out.deployment,
@@ -186,7 +188,9 @@ pub async fn forward(
             req.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));
         }
-        backend.credential.apply(req.headers_mut());
+        if let Some((name, value)) = credential {
+            req.headers_mut().insert(name, value);
+        }
         attempts += 1;
         let sent = tokio::time::timeout(backend.first_byte_timeout, backend.pool.send(req)).await;
         let outcome = match sent {

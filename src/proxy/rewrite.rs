@@ -179,7 +179,12 @@ mod tests {
             "[[backends]]\nname = \"b\"\nurl = \"{url}\"\ntype = \"{kind}\"\napi_version = \"2024-06-01\"\ndeployments = {{ \"gpt-4o\" = \"gpt-4o-ptu\" }}\n"
         );
         let v = crate::config::load_str(&toml, "t", std::path::Path::new(".")).unwrap();
-        crate::routing::BackendTable::build(&v).unwrap().backends()[0].clone()
+        let creds =
+            crate::upstream_auth::BackendCredentials::start(&v, &Default::default()).unwrap();
+        crate::routing::BackendTable::build(&v, &creds.credentials)
+            .unwrap()
+            .backends()[0]
+            .clone()
     }
 
     fn go(kind: &str, url: &str, path: &str, query: Option<&str>, body: &str) -> (String, String) {

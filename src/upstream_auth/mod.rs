@@ -1,0 +1,322 @@
+//! Upstream authentication: how the gateway proves who it is to a backend.
+//!
+//! Each backend has one [`Credential`]: a static key (`api-key` for Azure, `Authorization:
+//! Bearer` for OpenAI-compatible servers), nothing, or an Entra ID token kept fresh by a
+//! [`token::TokenCache`] — from a client secret, a certificate ([`assertion`]), a managed
+//! identity or a workload-identity token file ([`source`]). Backends with the same
+//! credential and scope share one cache. Header values are marked sensitive so they never
+//! appear in debug output; the client's own credentials are removed by the proxy before
+//! this is applied.
+
+pub mod assertion;
+pub mod source;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::{BackendKind, ResolvedAuth, SourceSpec, TokenSpec, Validated};
+use crate::metrics::Metrics;
+use source::{ClientCredentials, ClientProof, ManagedEndpoint, ManagedIdentity, Source};
+use token::TokenCache;
+
+/// A backend credential, ready to apply to an upstream request.
+#[derive(Clone)]
+pub enum Credential {
+    /// A static key sent in the given header.
+    Static {
+        header: HeaderName,
+        value: HeaderValue,
+    },
+    /// A bearer token from an identity provider.
+    Token {
+        cache: Arc<TokenCache>,
+        kind: &'static str,
+        /// The client id or managed identity the gateway authenticates as.
+        identity: Arc<str>,
+    },
+    /// No credential.
+    None,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Static { header, .. } => write!(f, "Static({header}: [redacted])"),
+            Self::Token { kind, identity, .. } => write!(f, "Token({kind} as {identity})"),
+            Self::None => f.write_str("None"),
+        }
+    }
+}
+
+/// A credential that cannot be turned into a header value.
+#[derive(Debug, thiserror::Error)]
+#[error("the credential contains characters not allowed in an HTTP header")]
+pub struct InvalidCredential;
+
+/// The credential has no valid token now.
+#[derive(Debug, Clone, Copy)]
+pub struct NotReady;
+
+impl Credential {
+    /// A static-key credential for a backend of `kind`.
+    pub fn api_key(key: &str, kind: BackendKind) -> Result<Self, InvalidCredential> {
+        let (header, text) = match kind {
+            BackendKind::Azure => (HeaderName::from_static("api-key"), key.to_owned()),
+            BackendKind::Openai => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+        };
+        let mut value = HeaderValue::from_str(&text).map_err(|_| InvalidCredential)?;
+        value.set_sensitive(true);
+        Ok(Self::Static { header, value })
+    }
+
+    /// The kind of credential, for audit lines and readiness (never the secret).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Static { .. } => "api_key",
+            Self::Token { kind, .. } => kind,
+            Self::None => "none",
+        }
+    }
+
+    /// Who the gateway is to the backend (client id, managed identity), when it is
+    /// someone.
+    pub fn identity(&self) -> Option<&Arc<str>> {
+        match self {
+            Self::Token { identity, .. } => Some(identity),
+            _ => None,
+        }
+    }
+
+    /// Whether the credential can be used now, and if not, why.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self {
+            Self::Token { cache, .. } => cache.readiness(),
+            _ => Ok(()),
+        }
+    }
+
+    /// The header to add to an upstream request (`None`: send no credential), or
+    /// [`NotReady`] when there is no valid token.
+    pub fn header(&self) -> Result<Option<(HeaderName, HeaderValue)>, NotReady> {
+        match self {
+            Self::Static { header, value } => Ok(Some((header.clone(), value.clone()))),
+            Self::Token { cache, .. } => cache
+                .header()
+                .map(|v| Some((http::header::AUTHORIZATION, v)))
+                .ok_or(NotReady),
+            Self::None => Ok(None),
+        }
+    }
+
+    /// Add the credential to headers; `false` (and nothing added) when not ready.
+    pub fn apply(&self, headers: &mut HeaderMap) -> bool {
+        match self.header() {
+            Ok(Some((name, value))) => {
+                headers.insert(name, value);
+                true
+            }
+            Ok(None) => true,
+            Err(NotReady) => false,
+        }
+    }
+}
+
+/// The credentials of all backends and the tasks that keep their tokens fresh.
+pub struct BackendCredentials {
+    /// Index-aligned with `config.backends`.
+    pub credentials: Vec<Credential>,
+    refreshers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A backend's credential could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("backends[{0}].auth: {1}")]
+    Invalid(usize, InvalidCredential),
+    #[error("cannot create the HTTP client for token requests: {0}")]
+    Http(String),
+}
+
+impl BackendCredentials {
+    /// Build every backend's credential and start one refresher per distinct token
+    /// credential, on the current runtime.
+    pub fn start(v: &Validated, metrics: &Arc<Metrics>) -> Result<Self, SetupError> {
+        let mut caches: HashMap<String, Arc<TokenCache>> = HashMap::new();
+        let mut refreshers = Vec::new();
+        let mut http = None;
+        let mut credentials = Vec::with_capacity(v.backend_auth.len());
+        for (i, (auth, b)) in v.backend_auth.iter().zip(&v.config.backends).enumerate() {
+            let c = match auth {
+                ResolvedAuth::None => Credential::None,
+                ResolvedAuth::ApiKey(key) => Credential::api_key(key.expose(), b.kind)
+                    .map_err(|e| SetupError::Invalid(i, e))?,
+                ResolvedAuth::Token(spec) => {
+                    let cache = match caches.get(&spec.cache_key()) {
+                        Some(c) => c.clone(),
+                        None => {
+                            let client = match &http {
+                                Some(c) => c,
+                                None => http.insert(token_http_client()?),
+                            };
+                            let name = format!("{}:{}", spec.kind, spec.identity);
+                            let cache = TokenCache::new(name, metrics.clone());
+                            refreshers.push(token::spawn_refresher(
+                                cache.clone(),
+                                source_for(spec, client.clone()),
+                            ));
+                            caches.insert(spec.cache_key(), cache.clone());
+                            cache
+                        }
+                    };
+                    Credential::Token {
+                        cache,
+                        kind: spec.kind,
+                        identity: spec.identity.as_str().into(),
+                    }
+                }
+            };
+            credentials.push(c);
+        }
+        Ok(Self {
+            credentials,
+            refreshers,
+        })
+    }
+
+    /// Stop refreshing tokens (shutdown).
+    pub fn stop(&self) {
+        for r in &self.refreshers {
+            r.abort();
+        }
+    }
+}
+
+impl Drop for BackendCredentials {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The client token requests go through: no redirects (a redirected POST would carry the
+/// secret elsewhere), bounded connect and total time.
+fn token_http_client() -> Result<reqwest::Client, SetupError> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(token::EXCHANGE_TIMEOUT)
+        .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SetupError::Http(e.to_string()))
+}
+
+fn source_for(spec: &TokenSpec, http: reqwest::Client) -> Source {
+    let cc = |token_url: &str, client_id: &str, proof| -> Source {
+        Arc::new(ClientCredentials {
+            http: http.clone(),
+            token_url: token_url.to_owned(),
+            client_id: client_id.to_owned(),
+            scope: spec.scope.clone(),
+            proof,
+        })
+    };
+    let mi = |endpoint, selector: &Option<(&'static str, String)>| -> Source {
+        Arc::new(ManagedIdentity {
+            http: http.clone(),
+            endpoint,
+            resource: spec
+                .scope
+                .strip_suffix("/.default")
+                .unwrap_or(&spec.scope)
+                .to_owned(),
+            selector: selector.clone(),
+        })
+    };
+    match &spec.source {
+        SourceSpec::ClientSecret {
+            token_url,
+            client_id,
+            secret,
+            basic,
+        } => cc(
+            token_url,
+            client_id,
+            ClientProof::Secret {
+                secret: secret.clone(),
+                basic: *basic,
+            },
+        ),
+        SourceSpec::Certificate {
+            token_url,
+            client_id,
+            certificate_file,
+            key_file,
+            rsa,
+            send_x5c,
+        } => cc(
+            token_url,
+            client_id,
+            ClientProof::Certificate {
+                file: assertion::CertificateFile::new(
+                    certificate_file.clone(),
+                    key_file.clone(),
+                    *rsa,
+                ),
+                send_x5c: *send_x5c,
+            },
+        ),
+        SourceSpec::Federated {
+            token_url,
+            client_id,
+            token_file,
+        } => cc(
+            token_url,
+            client_id,
+            ClientProof::FederatedFile(token_file.clone()),
+        ),
+        SourceSpec::Imds { endpoint, selector } => mi(
+            ManagedEndpoint::Imds {
+                url: endpoint.clone(),
+            },
+            selector,
+        ),
+        SourceSpec::AppService {
+            endpoint,
+            header,
+            selector,
+        } => mi(
+            ManagedEndpoint::AppService {
+                url: endpoint.clone(),
+                header: header.clone(),
+            },
+            selector,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_uses_api_key_header_and_openai_bearer() {
+        let mut h = HeaderMap::new();
+        assert!(Credential::api_key("k1", BackendKind::Azure)
+            .unwrap()
+            .apply(&mut h));
+        assert_eq!(h["api-key"], "k1");
+        let mut h = HeaderMap::new();
+        let c = Credential::api_key("k1", BackendKind::Openai).unwrap();
+        c.apply(&mut h);
+        assert_eq!(h["authorization"], "Bearer k1");
+        assert!(!format!("{c:?}").contains("k1"));
+    }
+
+    #[test]
+    fn refuses_header_injection() {
+        assert!(Credential::api_key("k1\r\nx-evil: 1", BackendKind::Azure).is_err());
+    }
+}
