@@ -54,6 +54,10 @@ pub struct AuditRecord {
     /// How the gateway authenticated to the backend (`api_key`, `none`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_auth: Option<&'static str>,
+    /// Who the gateway was to the backend: the Entra client id or managed identity its
+    /// token was issued to (never the token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_identity: Option<Arc<str>>,
     pub status: u16,
     /// Backends tried (more than one after a failover).
     pub attempts: u32,
@@ -167,6 +171,7 @@ impl AuditRecord {
             deployment: None,
             backend: None,
             backend_auth: None,
+            backend_identity: None,
             status: 0,
             attempts: 0,
             latency_ms: 0.0,
@@ -193,6 +198,7 @@ impl AuditRecord {
         self.attempts = attempts;
         self.backend = backend.map(|b| b.label.clone());
         self.backend_auth = backend.map(|b| b.credential.describe());
+        self.backend_identity = backend.and_then(|b| b.credential.identity().cloned());
     }
 }
 

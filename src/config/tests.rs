@@ -307,3 +307,173 @@ operations = [\"*\"]
     assert!(all.contains("clients[0].jwt[0].claims"), "{all}");
     assert!(!all.contains("clients[0].jwt[1]"), "{all}");
 }
+
+fn load_env(text: &str, dir: &Path, env: &[(&str, &str)]) -> Result<Validated, ConfigErrors> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    load_str_with_env(text, "test.toml", dir, &move |name| {
+        env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    })
+}
+
+fn token_spec(v: &Validated) -> &TokenSpec {
+    match &v.backend_auth[0] {
+        ResolvedAuth::Token(t) => t,
+        other => panic!("expected a token credential, got {other:?}"),
+    }
+}
+
+fn auth_problems(auth: &str, dir: &Path, env: &[(&str, &str)]) -> String {
+    let text = format!("{MINIMAL}[backends.auth]\n{auth}\n");
+    load_env(&text, dir, env).unwrap_err().to_string()
+}
+
+#[test]
+fn entra_secret_resolves_the_entra_token_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{MINIMAL}[backends.auth]\ntype = \"entra_secret\"\ntenant_id = \"contoso.onmicrosoft.com\"\nclient_id = \"app-1\"\nclient_secret = \"s3cret\"\n"
+    );
+    let v = load_env(&text, dir.path(), &[]).unwrap();
+    let t = token_spec(&v);
+    assert_eq!(t.kind, "entra_secret");
+    assert_eq!(t.identity, "app-1");
+    assert_eq!(t.scope, "https://cognitiveservices.azure.com/.default");
+    let SourceSpec::ClientSecret {
+        token_url, basic, ..
+    } = &t.source
+    else {
+        panic!("{t:?}")
+    };
+    assert_eq!(
+        token_url,
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert!(!basic, "Entra takes the secret in the form");
+    assert!(!format!("{v:?}").contains("s3cret"));
+}
+
+#[test]
+fn entra_sections_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let e = auth_problems("type = \"entra_secret\"\nclient_id = \"a\"\nclient_secret = \"s\"", d, &[]);
+    assert!(e.contains("backends[0].auth.tenant_id") && e.contains("token_url"), "{e}");
+    let e = auth_problems(
+        "type = \"entra_secret\"\ntenant_id = \"t/../evil?\"\nclient_id = \"a\"\nclient_secret = \"s\"",
+        d,
+        &[],
+    );
+    assert!(e.contains("not a tenant id"), "{e}");
+    let e = auth_problems(
+        "type = \"entra_secret\"\ntoken_url = \"http://idp.example/token\"\nclient_id = \"a\"\nclient_secret = \"s\"",
+        d,
+        &[],
+    );
+    assert!(e.contains("backends[0].auth.token_url") && e.contains("must use https"), "{e}");
+    let e = auth_problems(
+        "type = \"entra_secret\"\ntoken_url = \"https://idp.example/token\"\ntenant_id = \"t\"\nclient_id = \"a\"\nclient_secret = \"s\"",
+        d,
+        &[],
+    );
+    assert!(e.contains("not both"), "{e}");
+    let e = auth_problems(
+        "type = \"entra_secret\"\ntenant_id = \"t\"\nclient_id = \"a\"\nclient_secret = \"s\"\ntoken_endpoint_auth_method = \"private_key_jwt\"",
+        d,
+        &[],
+    );
+    assert!(e.contains("token_endpoint_auth_method"), "{e}");
+    let e = auth_problems("type = \"entra_secret\"\ntenant_id = \"t\"\nclient_id = \"a\"", d, &[]);
+    assert!(e.contains("`client_secret` or `client_secret_file` is required"), "{e}");
+    let e = auth_problems(
+        "type = \"entra_certificate\"\ntenant_id = \"t\"\nclient_id = \"a\"\ncertificate_file = \"missing.pem\"",
+        d,
+        &[],
+    );
+    assert!(e.contains("backends[0].auth.certificate_file") && e.contains("cannot read"), "{e}");
+    std::fs::write(d.join("bad.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    let e = auth_problems(
+        "type = \"entra_certificate\"\ntenant_id = \"t\"\nclient_id = \"a\"\ncertificate_file = \"bad.pem\"",
+        d,
+        &[],
+    );
+    assert!(e.contains("certificate_file"), "{e}");
+}
+
+#[test]
+fn entra_certificate_checks_the_key_and_algorithm() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["gw".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("gw.pem"), format!("{}{}", cert.pem(), key.serialize_pem())).unwrap();
+    let base = "type = \"entra_certificate\"\ntenant_id = \"t\"\nclient_id = \"a\"\ncertificate_file = \"gw.pem\"";
+    let text = format!("{MINIMAL}[backends.auth]\n{base}\n");
+    let v = load_env(&text, dir.path(), &[]).unwrap();
+    assert_eq!(token_spec(&v).kind, "entra_certificate");
+    let e = auth_problems(&format!("{base}\nalgorithm = \"PS256\""), dir.path(), &[]);
+    assert!(e.contains("backends[0].auth.algorithm") && e.contains("signs ES256"), "{e}");
+    let e = auth_problems(&format!("{base}\nalgorithm = \"HS256\""), dir.path(), &[]);
+    assert!(e.contains("'HS256' is not one of"), "{e}");
+}
+
+#[test]
+fn managed_identity_follows_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let text = format!("{MINIMAL}[backends.auth]\ntype = \"managed_identity\"\n");
+    let v = load_env(&text, d, &[]).unwrap();
+    let t = token_spec(&v);
+    assert_eq!(t.identity, "system");
+    assert!(matches!(&t.source, SourceSpec::Imds { endpoint, selector: None }
+        if endpoint == "http://169.254.169.254/metadata/identity/oauth2/token"));
+    let text = format!("{MINIMAL}[backends.auth]\ntype = \"managed_identity\"\nobject_id = \"oid-1\"\n");
+    let env = [
+        ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+        ("IDENTITY_HEADER", "hdr"),
+    ];
+    let v = load_env(&text, d, &env).unwrap();
+    let t = token_spec(&v);
+    assert_eq!(t.identity, "object_id=oid-1");
+    assert!(
+        matches!(&t.source, SourceSpec::AppService { endpoint, selector: Some(("principal_id", id)), .. }
+            if endpoint == "http://localhost:42356/msi/token" && id == "oid-1"),
+        "{t:?}"
+    );
+    let e = auth_problems("type = \"managed_identity\"\nclient_id = \"a\"\nmi_res_id = \"b\"", d, &[]);
+    assert!(e.contains("at most one of"), "{e}");
+}
+
+#[test]
+fn workload_identity_reads_the_aks_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("token"), "eyJ...").unwrap();
+    let file = d.join("token").display().to_string();
+    let env = [
+        ("AZURE_CLIENT_ID", "wi-client"),
+        ("AZURE_TENANT_ID", "tenant-1"),
+        ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/"),
+        ("AZURE_FEDERATED_TOKEN_FILE", file.as_str()),
+    ];
+    let text = format!("{MINIMAL}[backends.auth]\ntype = \"workload_identity\"\n");
+    let v = load_env(&text, d, &env).unwrap();
+    let t = token_spec(&v);
+    assert_eq!(t.identity, "wi-client");
+    assert!(
+        matches!(&t.source, SourceSpec::Federated { token_url, token_file, .. }
+            if token_url == "https://login.microsoftonline.us/tenant-1/oauth2/v2.0/token"
+            && token_file.ends_with("token")),
+        "{t:?}"
+    );
+    let e = auth_problems("type = \"workload_identity\"", d, &[]);
+    assert!(
+        e.contains("backends[0].auth.client_id") && e.contains("AZURE_CLIENT_ID"),
+        "{e}"
+    );
+    assert!(e.contains("AZURE_FEDERATED_TOKEN_FILE") && e.contains("AZURE_TENANT_ID"), "{e}");
+}
