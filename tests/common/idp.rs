@@ -440,8 +440,8 @@ fn signing_input(header: &Value, claims: &Value) -> String {
     )
 }
 
-/// `application/x-www-form-urlencoded` serialization.
-fn form(params: &[(&str, &str)]) -> String {
+/// `application/x-www-form-urlencoded` serialization (also good for query strings).
+pub fn form(params: &[(&str, &str)]) -> String {
     params
         .iter()
         .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
@@ -461,4 +461,37 @@ fn form_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// `application/x-www-form-urlencoded` parsing (also of query strings): `+` is a space,
+/// `%XX` a byte; an invalid escape is kept as written.
+pub fn form_decode(s: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let hex = |i: usize| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            Some(digit(*b.get(i)?)? * 16 + digit(*b.get(i + 1)?)?)
+        };
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], hex(i + 1)) {
+                (b'+', _) => out.push(b' '),
+                (b'%', Some(byte)) => {
+                    out.push(byte as u8);
+                    i += 2;
+                }
+                (c, _) => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
 }
