@@ -53,7 +53,7 @@ const ALGS: [Algorithm; 4] = [
     Algorithm::ES384,
 ];
 
-/// Fewest time between two fetches of the key set.
+/// The least time between two fetches of the key set.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One verification key.
