@@ -1,6 +1,7 @@
 //! The test IdP itself (`tests/idp/idp.mjs` + `tests/common/idp.rs`): real tokens verify
 //! against its discovered JWKS, keys rotate, outages and counters work, forged tokens carry
-//! its real signatures. Other suites build on this.
+//! its real signatures, certificate (`private_key_jwt`) and secret clients take tokens for
+//! Entra's `.default` scopes. Other suites build on this.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -389,6 +390,241 @@ async fn private_key_jwt_assertions_are_verified_and_not_replayable() {
         detail.as_str().unwrap().contains("at most 600s"),
         "{detail}"
     );
+}
+
+/// A self-signed certificate and its private key (PKCS#8 PEM), as a gateway would hold them.
+struct Cert {
+    pem: String,
+    der: Vec<u8>,
+    key_pem: String,
+}
+
+fn cert(alg: &'static rcgen::SignatureAlgorithm) -> Cert {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["gateway.portcullis.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    Cert {
+        pem: cert.pem(),
+        der: cert.der().to_vec(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// An Entra-style client assertion (RFC 7523): iss = sub = client_id, aud = the token
+/// endpoint, a fresh jti, 5 minutes of life; the certificate named by `x5t#S256`.
+fn client_assertion(idp: &Idp, client_id: &str, alg: Algorithm, cert: &Cert) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = json!({
+        "iss": client_id, "sub": client_id, "aud": idp.token_endpoint(),
+        "jti": uuid::Uuid::new_v4().to_string(), "iat": now, "nbf": now, "exp": now + 300,
+    });
+    let thumbprint = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &cert.der);
+    let header = json!({
+        "alg": format!("{alg:?}"), "typ": "JWT",
+        "x5t#S256": URL_SAFE_NO_PAD.encode(thumbprint.as_ref()),
+    });
+    let key = match alg {
+        Algorithm::ES256 => EncodingKey::from_ec_pem(cert.key_pem.as_bytes()),
+        _ => EncodingKey::from_rsa_pem(cert.key_pem.as_bytes()),
+    }
+    .unwrap();
+    sign_token(&header, &claims, &key, alg)
+}
+
+/// Client credentials for `api://backend/.default`, authenticated by `assertion`.
+async fn assertion_request(idp: &Idp, client_id: &str, assertion: &str) -> (u16, Value) {
+    idp.token_request(
+        client_id,
+        "",
+        &[
+            ("grant_type", "client_credentials"),
+            ("scope", "api://backend/.default"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion),
+        ],
+    )
+    .await
+}
+
+/// Certificates registered with `jwks_pem` (what `add_cert_client` sends): RS256, PS256 and
+/// ES256 assertions signed with the certificate's key get tokens for the `.default` scope's
+/// resource, and each assertion works once.
+#[tokio::test]
+async fn certificate_clients_sign_rs256_ps256_and_es256_assertions() {
+    let idp = Idp::start().await;
+    let rsa = cert(&rcgen::PKCS_RSA_SHA256);
+    let ec = cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+    idp.add_cert_client("gw-rsa", &[&rsa.pem], Value::Null)
+        .await;
+    idp.add_cert_client(
+        "gw-ec",
+        &[ec.pem.as_str()],
+        json!({ "assertion_max_age": 600 }),
+    )
+    .await;
+
+    for (client, alg, cert) in [
+        ("gw-rsa", Algorithm::RS256, &rsa),
+        ("gw-rsa", Algorithm::PS256, &rsa),
+        ("gw-ec", Algorithm::ES256, &ec),
+    ] {
+        let a = client_assertion(&idp, client, alg, cert);
+        let (status, body) = assertion_request(&idp, client, &a).await;
+        assert_eq!(status, 200, "{client} {alg:?}: {body}");
+        let token = body["access_token"].as_str().unwrap();
+        let (_, claims) = verify(&idp, token, "api://backend").await;
+        assert_eq!(claims["sub"], client);
+        assert_eq!(claims["client_id"], client);
+
+        let (status, body) = assertion_request(&idp, client, &a).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client")),
+            "{client} {alg:?}: a replayed assertion"
+        );
+        let detail = last_error_detail(&idp).await;
+        assert!(detail.contains("only be used once"), "{detail}");
+    }
+
+    // The registered JWK is the certificate's public key: another key is refused, and so is
+    // an assertion for one client signed with another's certificate.
+    let other = cert(&rcgen::PKCS_RSA_SHA256);
+    for (client, alg, cert, why) in [
+        (
+            "gw-rsa",
+            Algorithm::RS256,
+            &other,
+            "signature verification failed",
+        ),
+        ("gw-rsa", Algorithm::ES256, &ec, NO_KEY),
+        ("gw-ec", Algorithm::RS256, &rsa, NO_KEY),
+    ] {
+        let a = client_assertion(&idp, client, alg, cert);
+        let (status, _) = assertion_request(&idp, client, &a).await;
+        assert_eq!(status, 401, "{client} {alg:?}");
+        assert_eq!(last_error_detail(&idp).await, why, "{client} {alg:?}");
+    }
+}
+
+/// oidc-provider's reason when no registered key fits the assertion's `alg` and `kid`.
+const NO_KEY: &str = "no applicable key found in the JSON Web Key Set";
+
+/// The `error_detail` of the IdP's last token request.
+async fn last_error_detail(idp: &Idp) -> String {
+    let last = idp.token_requests().await.pop().unwrap();
+    last["error_detail"].as_str().unwrap_or_default().to_owned()
+}
+
+/// `jwks_alg` pins the keys' alg; `jwks_kid` names them (a `kid` in the assertion header must
+/// then match); SPKI public keys work like certificates.
+#[tokio::test]
+async fn certificate_clients_with_pinned_alg_kid_and_spki_keys() {
+    let idp = Idp::start().await;
+    let rsa = cert(&rcgen::PKCS_RSA_SHA256);
+    idp.add_cert_client("gw-ps", &[&rsa.pem], json!({ "jwks_alg": "PS256" }))
+        .await;
+    let a = client_assertion(&idp, "gw-ps", Algorithm::RS256, &rsa);
+    assert_eq!(assertion_request(&idp, "gw-ps", &a).await.0, 401);
+    assert_eq!(last_error_detail(&idp).await, NO_KEY);
+    let a = client_assertion(&idp, "gw-ps", Algorithm::PS256, &rsa);
+    assert_eq!(assertion_request(&idp, "gw-ps", &a).await.0, 200);
+
+    // A header kid only matches a JWK with that kid.
+    let ec = cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let with_kid = |client: &str, kid: &str| {
+        let (mut header, claims) =
+            decode_unverified(&client_assertion(&idp, client, Algorithm::ES256, &ec));
+        header["kid"] = json!(kid);
+        let key = EncodingKey::from_ec_pem(ec.key_pem.as_bytes()).unwrap();
+        sign_token(&header, &claims, &key, Algorithm::ES256)
+    };
+    idp.add_cert_client("gw-ec", &[&ec.pem], Value::Null).await;
+    let (status, _) = assertion_request(&idp, "gw-ec", &with_kid("gw-ec", "cert-1")).await;
+    assert_eq!(status, 401);
+    assert_eq!(last_error_detail(&idp).await, NO_KEY);
+    idp.add_cert_client("gw-ec-kid", &[&ec.pem], json!({ "jwks_kid": ["cert-1"] }))
+        .await;
+    let (status, body) =
+        assertion_request(&idp, "gw-ec-kid", &with_kid("gw-ec-kid", "cert-1")).await;
+    assert_eq!(status, 200, "{body}");
+    let a = client_assertion(&idp, "gw-ec-kid", Algorithm::ES256, &ec);
+    assert_eq!(assertion_request(&idp, "gw-ec-kid", &a).await.0, 200);
+
+    // An SPKI public key instead of a certificate; several keys per client.
+    let spki = rcgen::KeyPair::from_pem(&ec.key_pem)
+        .unwrap()
+        .public_key_pem();
+    idp.add_cert_client("gw-spki", &[rsa.pem.as_str(), &spki], Value::Null)
+        .await;
+    for alg in [Algorithm::ES256, Algorithm::RS256] {
+        let cert = if alg == Algorithm::ES256 { &ec } else { &rsa };
+        let a = client_assertion(&idp, "gw-spki", alg, cert);
+        assert_eq!(
+            assertion_request(&idp, "gw-spki", &a).await.0,
+            200,
+            "{alg:?}"
+        );
+    }
+
+    // Malformed registrations are refused with the reason.
+    let resp = common::http()
+        .post(format!("{}/__test/clients", idp.issuer()))
+        .json(&json!({
+            "client_id": "bad", "token_endpoint_auth_method": "private_key_jwt",
+            "jwks_pem": ["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("jwks_pem[0]"),
+        "{body}"
+    );
+}
+
+/// Secret clients, basic and post, with Entra's `.default` scope.
+#[tokio::test]
+async fn secret_clients_basic_and_post_with_a_default_scope() {
+    let idp = Idp::start().await;
+    idp.add_client(json!({ "client_id": "gw-basic", "client_secret": "s3cret/+=" }))
+        .await;
+    idp.add_client(json!({
+        "client_id": "gw-post", "client_secret": "s3cret/+=",
+        "token_endpoint_auth_method": "client_secret_post",
+    }))
+    .await;
+    let params = [
+        ("grant_type", "client_credentials"),
+        ("scope", "api://backend/.default"),
+    ];
+    for client in ["gw-basic", "gw-post"] {
+        let (status, body) = idp.token_request(client, "s3cret/+=", &params).await;
+        assert_eq!(status, 200, "{client}: {body}");
+        assert_eq!(body["token_type"], "Bearer");
+        let (_, claims) = verify(
+            &idp,
+            body["access_token"].as_str().unwrap(),
+            "api://backend",
+        )
+        .await;
+        assert_eq!(claims["client_id"], client);
+        let (status, _) = idp.token_request(client, "wrong", &params).await;
+        assert_eq!(status, 401, "{client}");
+    }
+    let seen = idp.token_requests().await;
+    assert_eq!(seen[0]["auth_scheme"], "Basic");
+    assert_eq!(seen[2]["auth_scheme"], Value::Null);
+    assert_eq!(seen[2]["params"]["client_secret"], "s3cret/+=");
 }
 
 /// The IdP exits on its own when its stdin closes, so a test killed mid-run leaves nothing

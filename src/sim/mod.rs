@@ -2,7 +2,8 @@
 //!
 //! Faithful where a gateway can tell the difference: Azure data-plane paths with a
 //! required `api-version`, Azure v1 and OpenAI paths, `api-key` or bearer credentials with
-//! Azure's 401 body, SSE framed exactly as Azure sends it (`data: {...}\n\n`, a
+//! Azure's 401 body (or Entra ID access tokens verified for real against a JWKS, see
+//! [`bearer`]), SSE framed exactly as Azure sends it (`data: {...}\n\n`, a
 //! `prompt_filter_results` chunk first on Azure paths, a usage chunk when
 //! `stream_options.include_usage` is true, `data: [DONE]\n\n`), `x-ratelimit-*` and
 //! `apim-request-id` headers, and Azure's 429 body with `retry-after` / `retry-after-ms`.
@@ -11,6 +12,7 @@
 //! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>`,
 //! `latency:<ms>`, `echo`); every request it receives is recorded for assertions.
 
+pub mod bearer;
 pub mod issuer;
 mod responses;
 
@@ -28,6 +30,8 @@ use tokio::sync::oneshot;
 
 use crate::error::{full, Body};
 use crate::listener::{self, ServeOptions};
+
+pub use bearer::{BearerCheck, SeenToken};
 
 /// How the simulator answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,7 +55,11 @@ pub enum Behavior {
 #[derive(Debug, Clone)]
 pub struct SimOptions {
     /// The key it requires (as `api-key` or `Authorization: Bearer`); `None` accepts all.
+    /// Ignored when `bearer` is set.
     pub api_key: Option<String>,
+    /// Require an Entra ID access token (`Authorization: Bearer <JWT>`) verified as
+    /// described in [`bearer`]; a key alone is then refused.
+    pub bearer: Option<BearerCheck>,
     /// Delay before each streamed chunk.
     pub token_latency: Duration,
     /// Words in each generated answer (capped by the request's `max_tokens`).
@@ -62,6 +70,7 @@ impl Default for SimOptions {
     fn default() -> Self {
         Self {
             api_key: None,
+            bearer: None,
             token_latency: Duration::ZERO,
             answer_words: 12,
         }
@@ -90,10 +99,13 @@ pub struct SimCounters {
     pub streams_cancelled: AtomicU64,
     /// Chunks written into streams.
     pub chunks_sent: AtomicU64,
+    /// Requests refused for want of a valid bearer token (only with [`SimOptions::bearer`]).
+    pub bearer_rejected: AtomicU64,
 }
 
 struct SimState {
     opts: SimOptions,
+    bearer: Option<bearer::Verifier>,
     behavior: Mutex<Behavior>,
     captured: Mutex<Vec<Captured>>,
     counters: SimCounters,
@@ -118,8 +130,15 @@ impl SimHandle {
     pub async fn start_on(addr: SocketAddr, opts: SimOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let bearer = match &opts.bearer {
+            Some(check) => {
+                Some(bearer::Verifier::new(check.clone()).map_err(std::io::Error::other)?)
+            }
+            None => None,
+        };
         let state = Arc::new(SimState {
             opts,
+            bearer,
             behavior: Mutex::new(Behavior::Normal),
             captured: Mutex::new(Vec::new()),
             counters: SimCounters::default(),
@@ -182,6 +201,15 @@ impl SimHandle {
             .and_then(|g| g.last().cloned())
     }
 
+    /// The bearer tokens accepted so far, oldest first (only with [`SimOptions::bearer`]).
+    pub fn bearer_tokens(&self) -> Vec<SeenToken> {
+        self.state
+            .bearer
+            .as_ref()
+            .map(bearer::Verifier::seen)
+            .unwrap_or_default()
+    }
+
     /// Live counters.
     pub fn counters(&self) -> &SimCounters {
         &self.state.counters
@@ -229,7 +257,16 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
             body: body.clone(),
         });
     }
-    if !authorized(&state.opts, &parts.headers) {
+    if let Some(verifier) = &state.bearer {
+        if let Err(why) = verifier.check(&parts.headers).await {
+            state
+                .counters
+                .bearer_rejected
+                .fetch_add(1, Ordering::SeqCst);
+            tracing::debug!(reason = why, "sim: bearer token refused");
+            return responses::bearer_unauthorized();
+        }
+    } else if !authorized(&state.opts, &parts.headers) {
         return responses::azure_error(
             StatusCode::UNAUTHORIZED,
             "401",

@@ -52,6 +52,19 @@ pub(super) fn azure_error(status: StatusCode, code: &str, message: &str) -> Resp
     )
 }
 
+/// Azure's 401 for a missing or invalid bearer token, with its `WWW-Authenticate: Bearer`.
+pub(super) fn bearer_unauthorized() -> Response<Body> {
+    let body = json!({ "error": { "code": "401", "message": super::bearer::UNAUTHORIZED } });
+    respond(
+        StatusCode::UNAUTHORIZED,
+        &[
+            ("content-type", "application/json".into()),
+            ("www-authenticate", "Bearer".into()),
+        ],
+        crate::error::full(body.to_string()),
+    )
+}
+
 /// Azure's 429: retry-after in seconds (rounded up) and in milliseconds.
 pub(super) fn rate_limited(retry_after_ms: u64) -> Response<Body> {
     let secs = retry_after_ms.div_ceil(1000).max(1);

@@ -128,7 +128,8 @@ impl Idp {
 
     /// Register (or replace) a client. `client` is oidc-provider client metadata —
     /// `client_id`, `client_secret`, `token_endpoint_auth_method` (`client_secret_basic`,
-    /// the default, `client_secret_post` or `private_key_jwt` with `jwks`) — plus the IdP's
+    /// the default, `client_secret_post` or `private_key_jwt` with `jwks`, or `jwks_pem`: see
+    /// [`Idp::add_cert_client`]) — plus the IdP's
     /// extras for its access tokens: `access_token_alg` (`RS256` default, `PS256`, `ES256`,
     /// `ES384`), `access_token_claims` (merged last into the payload; `null` removes a
     /// claim), `access_token_header` (e.g. `{"typ":"JWT"}`), `access_token_ttl` (seconds),
@@ -143,6 +144,25 @@ impl Idp {
             .to_owned();
         self.control("POST", "/__test/clients", Some(client)).await;
         self.auth_methods.lock().unwrap().insert(id, method);
+    }
+
+    /// Register (or replace) a `private_key_jwt` client whose keys are the public keys of
+    /// `pems` (PEM certificates, as Entra registers them, or SPKI public keys). `extra` is
+    /// merged in last (`null` or an object): more client metadata, the IdP's extras, or
+    /// `jwks_alg` / `jwks_kid` to put an `alg` / `kid` on the keys (see tests/idp/README.md;
+    /// without `jwks_kid` an assertion whose header names a `kid` matches no key).
+    pub async fn add_cert_client(&self, client_id: &str, pems: &[impl AsRef<str>], extra: Value) {
+        let mut client = serde_json::json!({
+            "client_id": client_id,
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks_pem": pems.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+        });
+        match extra {
+            Value::Null => {}
+            Value::Object(extra) => client.as_object_mut().unwrap().extend(extra),
+            other => panic!("add_cert_client: extra must be an object or null, not {other}"),
+        }
+        self.add_client(client).await;
     }
 
     /// Remove a client; its tokens stay valid (they are self-contained JWTs).
@@ -420,8 +440,8 @@ fn signing_input(header: &Value, claims: &Value) -> String {
     )
 }
 
-/// `application/x-www-form-urlencoded` serialization.
-fn form(params: &[(&str, &str)]) -> String {
+/// `application/x-www-form-urlencoded` serialization (also good for query strings).
+pub fn form(params: &[(&str, &str)]) -> String {
     params
         .iter()
         .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
@@ -441,4 +461,37 @@ fn form_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// `application/x-www-form-urlencoded` parsing (also of query strings): `+` is a space,
+/// `%XX` a byte; an invalid escape is kept as written.
+pub fn form_decode(s: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let hex = |i: usize| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            Some(digit(*b.get(i)?)? * 16 + digit(*b.get(i + 1)?)?)
+        };
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], hex(i + 1)) {
+                (b'+', _) => out.push(b' '),
+                (b'%', Some(byte)) => {
+                    out.push(byte as u8);
+                    i += 2;
+                }
+                (c, _) => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
 }

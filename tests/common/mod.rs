@@ -1,8 +1,9 @@
 //! Test harness: a simulated backend and a real gateway on loopback, wired by real TOML, and
-//! a real OpenID provider ([`idp`]).
+//! a real OpenID provider ([`idp`]) with a managed-identity endpoint in front of it ([`msi`]).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod idp;
+pub mod msi;
 pub mod pg;
 
 use std::path::PathBuf;

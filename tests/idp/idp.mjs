@@ -130,6 +130,13 @@ class Adapter {
 //                        provider's OpenID scopes, so it cannot say this)
 //   assertion_max_age    private_key_jwt: refuse assertions whose exp - iat (or exp - nbf)
 //                        exceeds this many seconds (Entra allows 10 minutes)
+// and, to register keys the way Entra registers a certificate (turned into the client's
+// `jwks` metadata here, not kept):
+//   jwks_pem             array of PEM certificates or SPKI public keys: the client's `jwks`
+//                        are their public keys as JWKs
+//   jwks_alg             set this `alg` on each of those JWKs (by default none: an RSA key
+//                        then verifies RS256 and PS256 assertions alike)
+//   jwks_kid             array of kids, one per PEM (by default none: see the README on kid)
 
 const EXTRAS = [
   'access_token_alg',
@@ -140,9 +147,48 @@ const EXTRAS = [
   'assertion_max_age',
 ];
 
+const PEM_EXTRAS = ['jwks_pem', 'jwks_alg', 'jwks_kid'];
+
+/** The public key of a PEM certificate or SPKI public key, as a JWK. */
+function pemToJwk(pem, i) {
+  if (typeof pem !== 'string') throw new Error(`jwks_pem[${i}] must be a PEM string`);
+  try {
+    const key = pem.includes('-----BEGIN CERTIFICATE-----')
+      ? new crypto.X509Certificate(pem).publicKey
+      : crypto.createPublicKey(pem);
+    if (key.type !== 'public') throw new Error('not a public key');
+    return key.export({ format: 'jwk' });
+  } catch (err) {
+    throw new Error(`jwks_pem[${i}] is not a certificate or public key: ${err.message}`);
+  }
+}
+
+/** `jwks_pem` (+ `jwks_alg`, `jwks_kid`) → the client's `jwks` metadata. */
+function pemJwks(body) {
+  const { jwks_pem: pems, jwks_alg: alg, jwks_kid: kids } = body;
+  if (pems === undefined) {
+    if (alg !== undefined || kids !== undefined) throw new Error('jwks_alg and jwks_kid need jwks_pem');
+    return undefined;
+  }
+  if (!Array.isArray(pems) || pems.length === 0) throw new Error('jwks_pem must be a non-empty array of PEM strings');
+  if (body.jwks !== undefined) throw new Error('give jwks or jwks_pem, not both');
+  if (alg !== undefined && typeof alg !== 'string') throw new Error('jwks_alg must be a string');
+  if (kids !== undefined && !(Array.isArray(kids) && kids.length === pems.length && kids.every((k) => typeof k === 'string' && k))) {
+    throw new Error('jwks_kid must be an array of non-empty strings, one per jwks_pem entry');
+  }
+  return {
+    keys: pems.map((pem, i) => ({
+      ...pemToJwk(pem, i),
+      ...(alg === undefined ? {} : { alg }),
+      ...(kids === undefined ? {} : { kid: kids[i] }),
+    })),
+  };
+}
+
 function splitClient(body) {
   if (!body || typeof body !== 'object' || Array.isArray(body)) throw new Error('body must be a JSON object');
   if (typeof body.client_id !== 'string' || !body.client_id) throw new Error('client_id is required');
+  const jwks = pemJwks(body);
   const metadata = {
     grant_types: ['client_credentials'],
     response_types: [],
@@ -151,10 +197,12 @@ function splitClient(body) {
   };
   const extras = { access_token_alg: 'RS256', access_token_ttl: 3600 };
   for (const [k, v] of Object.entries(body)) {
+    if (PEM_EXTRAS.includes(k)) continue;
     if (EXTRAS.includes(k)) extras[k] = v;
     else if (/^(access_token|assertion)_/.test(k)) throw new Error(`unknown extra ${k} (one of ${EXTRAS.join(', ')})`);
     else metadata[k] = v;
   }
+  if (jwks) metadata.jwks = jwks;
   if (!KEY_TYPES[extras.access_token_alg]) throw new Error(`access_token_alg must be one of ${Object.keys(KEY_TYPES).join(', ')}`);
   if (extras.access_token_scopes !== undefined && typeof extras.access_token_scopes !== 'string') throw new Error('access_token_scopes must be a string');
   if (!Number.isInteger(extras.access_token_ttl) || extras.access_token_ttl <= 0) throw new Error('access_token_ttl must be a positive integer');
