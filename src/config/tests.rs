@@ -359,8 +359,15 @@ fn entra_secret_resolves_the_entra_token_url() {
 fn entra_sections_name_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let e = auth_problems("type = \"entra_secret\"\nclient_id = \"a\"\nclient_secret = \"s\"", d, &[]);
-    assert!(e.contains("backends[0].auth.tenant_id") && e.contains("token_url"), "{e}");
+    let e = auth_problems(
+        "type = \"entra_secret\"\nclient_id = \"a\"\nclient_secret = \"s\"",
+        d,
+        &[],
+    );
+    assert!(
+        e.contains("backends[0].auth.tenant_id") && e.contains("token_url"),
+        "{e}"
+    );
     let e = auth_problems(
         "type = \"entra_secret\"\ntenant_id = \"t/../evil?\"\nclient_id = \"a\"\nclient_secret = \"s\"",
         d,
@@ -372,7 +379,10 @@ fn entra_sections_name_what_is_wrong() {
         d,
         &[],
     );
-    assert!(e.contains("backends[0].auth.token_url") && e.contains("must use https"), "{e}");
+    assert!(
+        e.contains("backends[0].auth.token_url") && e.contains("must use https"),
+        "{e}"
+    );
     let e = auth_problems(
         "type = \"entra_secret\"\ntoken_url = \"https://idp.example/token\"\ntenant_id = \"t\"\nclient_id = \"a\"\nclient_secret = \"s\"",
         d,
@@ -385,15 +395,29 @@ fn entra_sections_name_what_is_wrong() {
         &[],
     );
     assert!(e.contains("token_endpoint_auth_method"), "{e}");
-    let e = auth_problems("type = \"entra_secret\"\ntenant_id = \"t\"\nclient_id = \"a\"", d, &[]);
-    assert!(e.contains("`client_secret` or `client_secret_file` is required"), "{e}");
+    let e = auth_problems(
+        "type = \"entra_secret\"\ntenant_id = \"t\"\nclient_id = \"a\"",
+        d,
+        &[],
+    );
+    assert!(
+        e.contains("`client_secret` or `client_secret_file` is required"),
+        "{e}"
+    );
     let e = auth_problems(
         "type = \"entra_certificate\"\ntenant_id = \"t\"\nclient_id = \"a\"\ncertificate_file = \"missing.pem\"",
         d,
         &[],
     );
-    assert!(e.contains("backends[0].auth.certificate_file") && e.contains("cannot read"), "{e}");
-    std::fs::write(d.join("bad.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    assert!(
+        e.contains("backends[0].auth.certificate_file") && e.contains("cannot read"),
+        "{e}"
+    );
+    std::fs::write(
+        d.join("bad.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let e = auth_problems(
         "type = \"entra_certificate\"\ntenant_id = \"t\"\nclient_id = \"a\"\ncertificate_file = \"bad.pem\"",
         d,
@@ -410,13 +434,20 @@ fn entra_certificate_checks_the_key_and_algorithm() {
         .unwrap()
         .self_signed(&key)
         .unwrap();
-    std::fs::write(dir.path().join("gw.pem"), format!("{}{}", cert.pem(), key.serialize_pem())).unwrap();
+    std::fs::write(
+        dir.path().join("gw.pem"),
+        format!("{}{}", cert.pem(), key.serialize_pem()),
+    )
+    .unwrap();
     let base = "type = \"entra_certificate\"\ntenant_id = \"t\"\nclient_id = \"a\"\ncertificate_file = \"gw.pem\"";
     let text = format!("{MINIMAL}[backends.auth]\n{base}\n");
     let v = load_env(&text, dir.path(), &[]).unwrap();
     assert_eq!(token_spec(&v).kind, "entra_certificate");
     let e = auth_problems(&format!("{base}\nalgorithm = \"PS256\""), dir.path(), &[]);
-    assert!(e.contains("backends[0].auth.algorithm") && e.contains("signs ES256"), "{e}");
+    assert!(
+        e.contains("backends[0].auth.algorithm") && e.contains("signs ES256"),
+        "{e}"
+    );
     let e = auth_problems(&format!("{base}\nalgorithm = \"HS256\""), dir.path(), &[]);
     assert!(e.contains("'HS256' is not one of"), "{e}");
 }
@@ -429,9 +460,12 @@ fn managed_identity_follows_the_environment() {
     let v = load_env(&text, d, &[]).unwrap();
     let t = token_spec(&v);
     assert_eq!(t.identity, "system");
-    assert!(matches!(&t.source, SourceSpec::Imds { endpoint, selector: None }
-        if endpoint == "http://169.254.169.254/metadata/identity/oauth2/token"));
-    let text = format!("{MINIMAL}[backends.auth]\ntype = \"managed_identity\"\nobject_id = \"oid-1\"\n");
+    assert!(
+        matches!(&t.source, SourceSpec::Imds { endpoint, selector: None }
+        if endpoint == "http://169.254.169.254/metadata/identity/oauth2/token")
+    );
+    let text =
+        format!("{MINIMAL}[backends.auth]\ntype = \"managed_identity\"\nobject_id = \"oid-1\"\n");
     let env = [
         ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
         ("IDENTITY_HEADER", "hdr"),
@@ -444,7 +478,11 @@ fn managed_identity_follows_the_environment() {
             if endpoint == "http://localhost:42356/msi/token" && id == "oid-1"),
         "{t:?}"
     );
-    let e = auth_problems("type = \"managed_identity\"\nclient_id = \"a\"\nmi_res_id = \"b\"", d, &[]);
+    let e = auth_problems(
+        "type = \"managed_identity\"\nclient_id = \"a\"\nmi_res_id = \"b\"",
+        d,
+        &[],
+    );
     assert!(e.contains("at most one of"), "{e}");
 }
 
@@ -475,5 +513,8 @@ fn workload_identity_reads_the_aks_variables() {
         e.contains("backends[0].auth.client_id") && e.contains("AZURE_CLIENT_ID"),
         "{e}"
     );
-    assert!(e.contains("AZURE_FEDERATED_TOKEN_FILE") && e.contains("AZURE_TENANT_ID"), "{e}");
+    assert!(
+        e.contains("AZURE_FEDERATED_TOKEN_FILE") && e.contains("AZURE_TENANT_ID"),
+        "{e}"
+    );
 }

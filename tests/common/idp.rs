@@ -251,6 +251,12 @@ impl Idp {
         self.control("POST", &path, None).await;
     }
 
+    /// Make the token endpoint wait `ms` milliseconds before answering (0: no delay).
+    pub async fn set_token_delay(&self, ms: u64) {
+        self.control("POST", &format!("/__test/token-delay?ms={ms}"), None)
+            .await;
+    }
+
     /// Put an unpublished key back into the JWKS.
     pub async fn publish(&self, kid: &str) {
         let path = format!("/__test/publish?kid={}", form_encode(kid));

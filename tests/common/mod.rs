@@ -63,6 +63,18 @@ impl Gateway {
     /// Start a gateway with explicit identity sections (`[auth]`, `[[issuers]]`,
     /// `[[clients]]`). A `[store]` in a temporary directory is always configured.
     pub async fn start_with(server_extra: &str, identity: &str, backends: &str) -> Gateway {
+        Self::start_env(server_extra, identity, backends, &[]).await
+    }
+
+    /// [`Gateway::start_with`], with the environment variables the config sees for managed
+    /// and workload identity (`IDENTITY_ENDPOINT`, `AZURE_CLIENT_ID`, ...) given here
+    /// instead of read from the process.
+    pub async fn start_env(
+        server_extra: &str,
+        identity: &str,
+        backends: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let audit_path = dir.path().join("audit.log");
         let text = format!(
@@ -70,8 +82,13 @@ impl Gateway {
             audit_path.display(),
             dir.path().join("keys.db").display()
         );
-        let v =
-            config::load_str(&text, "test", dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let v = config::load_str_with_env(&text, "test", dir.path(), &lookup)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
         let running = app::start(&v).await.unwrap();
         Gateway {
             url: format!("http://{}", running.addr),

@@ -47,6 +47,8 @@ const active = {};
 const clients = new Map();
 /** Which endpoint groups answer with an error, and with which status. */
 const outage = { endpoints: new Set(), status: 503 };
+/** Milliseconds the token endpoint waits before answering (a slow IdP). */
+let tokenDelayMs = 0;
 const stats = { discovery: 0, jwks: 0, token: 0 };
 /** The last token requests, newest last (for tests of what a client sent). */
 const tokenRequests = [];
@@ -412,6 +414,12 @@ async function control(req, res, url) {
       outage.status = status;
       return send(res, 204);
     }
+    case 'POST /__test/token-delay': {
+      const ms = Number(q.get('ms') ?? '0');
+      if (!Number.isInteger(ms) || ms < 0 || ms > 60000) throw new Error('ms must be an integer 0..60000');
+      tokenDelayMs = ms;
+      return send(res, 204);
+    }
     case 'POST /__test/up':
       outage.endpoints = new Set();
       return send(res, 204);
@@ -455,6 +463,9 @@ const server = http.createServer(async (req, res) => {
   const endpoint = endpointOf(url.pathname);
   if (endpoint) {
     stats[endpoint] += 1;
+    if (endpoint === 'token' && tokenDelayMs > 0) {
+      await new Promise((resolve) => { setTimeout(resolve, tokenDelayMs); });
+    }
     if (outage.endpoints.has(endpoint)) {
       req.resume();
       send(res, outage.status, { error: 'temporarily_unavailable', error_description: 'IdP outage (test switch)' });
