@@ -1,5 +1,6 @@
-//! The real `portcullis` binary: `check`, `demo` (and the curl it prints), and `serve`
-//! draining a running stream on SIGTERM.
+//! The real `portcullis` binary: `check`, `demo` (and the curl it prints), `serve`
+//! draining a running stream on SIGTERM, and `serve` getting backend tokens without
+//! logging a secret.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -290,4 +291,139 @@ async fn serve_drains_a_stream_on_sigterm() {
     let rec: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
     assert_eq!(rec["outcome"], "complete");
     assert_eq!(rec["stream"], true);
+}
+
+/// `serve` authenticating to backends as itself — a client secret, the App Service managed
+/// identity from the real environment, and a refused secret — logs at debug level without
+/// a secret, a token or an assertion appearing anywhere in its output or audit file.
+#[tokio::test]
+async fn serve_gets_backend_tokens_and_never_logs_secrets_or_tokens() {
+    use common::idp::Idp;
+    use common::msi::Msi;
+    use portcullis::sim::{get, BearerCheck, SimHandle, SimOptions};
+    let idp = Idp::start().await;
+    let good_secret = "gw-secret-value-0123456789";
+    let wrong_secret = "wrong-secret-value-9876543210";
+    idp.add_client(serde_json::json!({
+        "client_id": "gw", "client_secret": good_secret,
+        "token_endpoint_auth_method": "client_secret_post",
+    }))
+    .await;
+    let msi = Msi::start(&idp, &[]).await;
+    let sim = SimHandle::start(SimOptions {
+        bearer: Some(BearerCheck {
+            jwks_uri: idp.jwks_uri(),
+            audience: "https://cognitiveservices.azure.com".into(),
+            issuer: Some(idp.issuer()),
+        }),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("portcullis.toml");
+    let section = |name: &str, deployment: &str, auth: String| {
+        format!(
+            "[[backends]]\nname = \"{name}\"\nurl = \"{}\"\ndeployments = {{ \"{deployment}\" = \"gpt-4o\" }}\n[backends.auth]\n{auth}\n",
+            sim.url()
+        )
+    };
+    let secret = |s: &str| {
+        format!(
+            "type = \"entra_secret\"\ntoken_url = \"{}\"\nclient_id = \"gw\"\nclient_secret = \"{s}\"",
+            idp.token_endpoint()
+        )
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[audit]\npath = \"audit.log\"\n{ANYONE}{}{}{}",
+            section("secret", "a", secret(good_secret)),
+            section("mi", "b", "type = \"managed_identity\"".into()),
+            section("refused", "c", secret(wrong_secret)),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("PORTCULLIS_LOG", "debug")
+        .env("IDENTITY_ENDPOINT", msi.app_service_url())
+        .env("IDENTITY_HEADER", msi.identity_header())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = lines(child.stderr.take().unwrap());
+    let out = lines(child.stdout.take().unwrap());
+    let seen = read_until(&logs, Duration::from_secs(20), |l| {
+        l.contains("portcullis is listening")
+    });
+    let addr = seen
+        .last()
+        .unwrap()
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut all = seen;
+    // Both good credentials acquire a token; the refused one says why.
+    all.extend(read_until(&logs, Duration::from_secs(20), |l| {
+        l.contains("invalid_client")
+    }));
+    for deployment in ["a", "b"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let resp = http()
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .json(&serde_json::json!({"model": deployment, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            if resp.status() == 200 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{deployment}: {}",
+                resp.status()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let resp = http()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "c", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let (status, code) = error_code(resp).await;
+    assert_eq!((status, code.as_str()), (503, "backend_auth_unavailable"));
+    sigterm(&child);
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(15)))
+            .await
+            .unwrap();
+    assert!(status.success());
+    all.extend(logs.try_iter());
+    all.extend(out.try_iter());
+    let text = all.join("\n");
+    assert!(
+        text.contains("backend token acquired") && text.contains("entra_secret:gw"),
+        "{text}"
+    );
+    assert!(text.contains("managed_identity:system"), "{text}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    for (what, haystack) in [("logs", &text), ("audit", &audit)] {
+        for needle in [good_secret, wrong_secret, &msi.identity_header(), "eyJ"] {
+            assert!(
+                !haystack.contains(needle),
+                "{what} contain '{needle}':\n{haystack}"
+            );
+        }
+    }
+    assert!(get(&sim.counters().requests) >= 2);
 }
