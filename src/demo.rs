@@ -2,7 +2,10 @@
 //! on loopback, with no network, files or Azure account needed.
 //!
 //! The demo configuration is ordinary TOML run through the same loader and validation as
-//! `serve`, so what the demo shows is what a deployment runs.
+//! `serve`, so what the demo shows is what a deployment runs. Both identities are real: the
+//! client holds a JWT and an API key, and the gateway authenticates to the backend as an
+//! Entra-style app (`entra_secret` against the embedded issuer's token endpoint); the
+//! simulated backend verifies every bearer token it receives, as Azure OpenAI does.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -10,8 +13,8 @@ use std::time::Duration;
 
 use crate::app::{self, Running};
 use crate::config;
-use crate::sim::issuer::DemoIssuer;
-use crate::sim::{SimHandle, SimOptions};
+use crate::sim::issuer::{DemoIssuer, DEMO_GATEWAY_CLIENT};
+use crate::sim::{BearerCheck, SimHandle, SimOptions};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -38,14 +41,19 @@ pub const DEMO_AUDIENCE: &str = "api://portcullis-demo";
 /// The demo's one client.
 pub const DEMO_CLIENT: &str = "demo-app";
 
+/// The audience of the backend's tokens (Azure OpenAI's, as the default scope names it).
+pub const BACKEND_AUDIENCE: &str = "https://cognitiveservices.azure.com";
+
 /// The demo's configuration text, pointing at the simulator and the demo issuer.
 pub fn demo_config(
     sim_url: &str,
-    sim_key: &str,
-    issuer: &str,
+    issuer: &DemoIssuer,
     store_secret: &str,
     listen: SocketAddr,
 ) -> String {
+    let issuer_url = issuer.issuer();
+    let token_url = issuer.token_url();
+    let client_secret = issuer.client_secret();
     format!(
         r#"# Portcullis demo configuration (generated)
 [server]
@@ -64,7 +72,7 @@ key_hmac_secret = "{store_secret}"
 
 [[issuers]]
 name = "demo"
-issuer = "{issuer}"
+issuer = "{issuer_url}"
 audiences = ["{DEMO_AUDIENCE}"]
 algorithms = ["ES256"]
 
@@ -82,17 +90,23 @@ api_version = "2024-10-21"
 priority = 0
 deployments = {{ "gpt-4o" = "gpt-4o", "gpt-4o-mini" = "gpt-4o-mini", "text-embedding-3-small" = "text-embedding-3-small" }}
 [backends.auth]
-type = "api_key"
-key = "{sim_key}"
+type = "entra_secret"
+token_url = "{token_url}"
+client_id = "{DEMO_GATEWAY_CLIENT}"
+client_secret = "{client_secret}"
 "#
     )
 }
 
 /// Start the simulator and the gateway.
 pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error + Send + Sync>> {
-    let sim_key = format!("sim-{}", uuid::Uuid::new_v4().simple());
+    let issuer = DemoIssuer::start().await?;
     let sim = SimHandle::start(SimOptions {
-        api_key: Some(sim_key.clone()),
+        bearer: Some(BearerCheck {
+            jwks_uri: format!("{}/jwks", issuer.issuer()),
+            audience: BACKEND_AUDIENCE.to_owned(),
+            issuer: Some(issuer.issuer()),
+        }),
         token_latency: opts.token_latency,
         ..SimOptions::default()
     })
@@ -101,25 +115,26 @@ pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error
     if opts.port == 8080 && std::net::TcpListener::bind(listen).is_err() {
         listen.set_port(0);
     }
-    let issuer = DemoIssuer::start().await?;
     let store_secret = format!(
         "{}{}",
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    let text = demo_config(
-        &sim.url(),
-        &sim_key,
-        &issuer.issuer(),
-        &store_secret,
-        listen,
-    );
+    let text = demo_config(&sim.url(), &issuer, &store_secret, listen);
     let validated = config::load_str(&text, "demo configuration", std::path::Path::new("."))?;
     let gateway = app::start(&validated).await?;
     gateway
         .gateway
         .wait_issuer_keys(Duration::from_secs(5))
         .await;
+    // The backend token is acquired in the background; the first request should find it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Err(why) = gateway.gateway.readiness() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the demo gateway is not ready: {}", why.join("; ")).into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let client_jwt = issuer.sign(
         DEMO_AUDIENCE,
         Duration::from_secs(24 * 3600),
@@ -166,6 +181,10 @@ pub fn instructions(demo: &Demo) -> String {
         s,
         "Client '{DEMO_CLIENT}' holds an API key issued by the gateway and a JWT from the demo issuer at {}; requests without either are refused.",
         demo.issuer.issuer()
+    );
+    let _ = writeln!(
+        s,
+        "The gateway authenticates to the backend as app '{DEMO_GATEWAY_CLIENT}' with a token from the issuer's token endpoint (entra_secret); the backend verifies every token. No client holds a backend key."
     );
     let _ = writeln!(
         s,

@@ -1,10 +1,12 @@
 //! A minimal embedded token issuer for `portcullis demo` and the micro-benchmarks: an ES256
 //! and an RS256 key generated at start, an OpenID discovery document and a JWKS on loopback,
-//! and a way to sign access tokens with either.
+//! a way to sign access tokens with either, and a client-credentials token endpoint for one
+//! confidential client (the gateway itself, as Entra's token endpoint would serve it).
 //!
 //! The gateway validates its tokens exactly as it validates Entra ID's or Okta's: it
-//! discovers the JWKS, fetches it and checks every claim. (The test suite uses a real
-//! OpenID provider instead; this exists so the demo needs no network and no IdP.)
+//! discovers the JWKS, fetches it and checks every claim; and it obtains its backend token
+//! from `/token` exactly as from Entra (`entra_secret`). (The test suite uses a real OpenID
+//! provider instead; this exists so the demo needs no network and no IdP.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,13 +45,28 @@ pub enum SigningAlg {
     Rs256,
 }
 
-/// A running demo issuer.
-pub struct DemoIssuer {
-    pub addr: SocketAddr,
+/// The client the token endpoint serves (the gateway, in the demo).
+pub const DEMO_GATEWAY_CLIENT: &str = "portcullis-gateway";
+/// Lifetime of tokens from the token endpoint.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Largest token request read.
+const MAX_FORM_BYTES: usize = 8 * 1024;
+
+/// The issuer's keys and name, shared with its HTTP handlers.
+struct Keys {
+    issuer: String,
     ec_kid: String,
     ec: EcdsaKeyPair,
     rsa_kid: String,
     rsa: RsaKeyPair,
+    /// The secret of [`DEMO_GATEWAY_CLIENT`].
+    client_secret: String,
+}
+
+/// A running demo issuer.
+pub struct DemoIssuer {
+    pub addr: SocketAddr,
+    keys: Arc<Keys>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -89,20 +106,39 @@ impl DemoIssuer {
         let discovery = serde_json::json!({
             "issuer": issuer,
             "jwks_uri": format!("{issuer}/jwks"),
+            "token_endpoint": format!("{issuer}/token"),
             "id_token_signing_alg_values_supported": ["ES256"],
         });
         let docs = Arc::new((
             Bytes::from(discovery.to_string()),
             Bytes::from(jwks.to_string()),
         ));
+        let keys = Arc::new(Keys {
+            issuer,
+            ec_kid,
+            ec,
+            rsa_kid,
+            rsa,
+            client_secret: format!(
+                "demo-{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
+        });
+        let shared = keys.clone();
         let svc = move |req: Request<Incoming>| {
             let docs = docs.clone();
+            let keys = shared.clone();
             async move {
                 match req.uri().path() {
                     "/.well-known/openid-configuration" => {
                         json_response(StatusCode::OK, docs.0.clone())
                     }
                     "/jwks" => json_response(StatusCode::OK, docs.1.clone()),
+                    "/token" if req.method() == http::Method::POST => {
+                        let (status, body) = token_endpoint(&keys, req).await;
+                        json_response(status, Bytes::from(body.to_string()))
+                    }
                     _ => json_response(StatusCode::NOT_FOUND, Bytes::from_static(b"{}")),
                 }
             }
@@ -117,17 +153,24 @@ impl DemoIssuer {
         }));
         Ok(Self {
             addr,
-            ec_kid,
-            ec,
-            rsa_kid,
-            rsa,
+            keys,
             stop: Some(stop),
         })
     }
 
     /// The issuer URL (`iss`).
     pub fn issuer(&self) -> String {
-        format!("http://{}", self.addr)
+        self.keys.issuer.clone()
+    }
+
+    /// The client-credentials token endpoint.
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.keys.issuer)
+    }
+
+    /// The secret of [`DEMO_GATEWAY_CLIENT`] at the token endpoint.
+    pub fn client_secret(&self) -> &str {
+        &self.keys.client_secret
     }
 
     /// Sign an access token for `audience` carrying `claims` (plus `iss`, `aud`, `iat`,
@@ -149,9 +192,28 @@ impl DemoIssuer {
         lifetime: Duration,
         claims: serde_json::Value,
     ) -> Result<String, IssuerError> {
+        self.keys.sign(alg, audience, lifetime, claims)
+    }
+
+    /// Stop serving.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Keys {
+    fn sign(
+        &self,
+        alg: SigningAlg,
+        audience: &str,
+        lifetime: Duration,
+        claims: serde_json::Value,
+    ) -> Result<String, IssuerError> {
         let now = jsonwebtoken::get_current_timestamp();
         let mut body = serde_json::json!({
-            "iss": self.issuer(),
+            "iss": self.issuer,
             "aud": audience,
             "iat": now,
             "nbf": now,
@@ -189,17 +251,146 @@ impl DemoIssuer {
         };
         Ok(format!("{input}.{}", b64(&signature)))
     }
+}
 
-    /// Stop serving.
-    pub fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+/// `POST /token`: the client-credentials grant for [`DEMO_GATEWAY_CLIENT`], with the secret
+/// in the form (as Entra takes it) and the audience named by a `{resource}/.default` scope.
+/// Answers and errors are shaped like Entra's.
+async fn token_endpoint(keys: &Keys, req: Request<Incoming>) -> (StatusCode, serde_json::Value) {
+    use http_body_util::BodyExt as _;
+    let error = |status, code: &str, aadsts: u64, what: &str| {
+        (
+            status,
+            serde_json::json!({
+                "error": code,
+                "error_description": format!("AADSTS{aadsts}: {what}"),
+                "error_codes": [aadsts],
+            }),
+        )
+    };
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_FORM_BYTES);
+    let Ok(body) = limited.collect().await.map(|b| b.to_bytes()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            900144,
+            "the request body could not be read",
+        );
+    };
+    let form: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(&body).into_owned().collect();
+    let field = |k: &str| form.get(k).map(String::as_str);
+    if field("grant_type") != Some("client_credentials") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            70003,
+            "only client_credentials is supported",
+        );
+    }
+    let secret_ok = field("client_secret").is_some_and(|s| {
+        subtle::ConstantTimeEq::ct_eq(s.as_bytes(), keys.client_secret.as_bytes()).into()
+    });
+    if field("client_id") != Some(DEMO_GATEWAY_CLIENT) || !secret_ok {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "invalid client secret provided",
+        );
+    }
+    let Some(resource) = field("scope").and_then(|s| s.strip_suffix("/.default")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            1002012,
+            "the scope must be {resource}/.default",
+        );
+    };
+    let claims = serde_json::json!({
+        "sub": DEMO_GATEWAY_CLIENT, "appid": DEMO_GATEWAY_CLIENT, "azp": DEMO_GATEWAY_CLIENT,
+        "idtyp": "app", "jti": uuid::Uuid::new_v4().to_string(),
+    });
+    match keys.sign(SigningAlg::Es256, resource, TOKEN_LIFETIME, claims) {
+        Ok(token) => (
+            StatusCode::OK,
+            serde_json::json!({
+                "token_type": "Bearer",
+                "expires_in": TOKEN_LIFETIME.as_secs(),
+                "ext_expires_in": TOKEN_LIFETIME.as_secs(),
+                "access_token": token,
+            }),
+        ),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            50000,
+            "signing failed",
+        ),
     }
 }
 
 impl Drop for DemoIssuer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn post(issuer: &DemoIssuer, form: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let resp = reqwest::Client::new()
+            .post(issuer.token_url())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn token_endpoint_serves_only_its_client() {
+        let issuer = DemoIssuer::start().await.unwrap();
+        let secret = issuer.client_secret().to_owned();
+        let scope = "https://cognitiveservices.azure.com/.default";
+        let good = [
+            ("grant_type", "client_credentials"),
+            ("client_id", DEMO_GATEWAY_CLIENT),
+            ("client_secret", secret.as_str()),
+            ("scope", scope),
+        ];
+        let (status, body) = post(&issuer, &good).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["token_type"], "Bearer");
+        let token = body["access_token"].as_str().unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["aud"], "https://cognitiveservices.azure.com");
+        assert_eq!(claims["appid"], DEMO_GATEWAY_CLIENT);
+
+        let mut wrong = good;
+        wrong[2].1 = "guess";
+        let (status, body) = post(&issuer, &wrong).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client"))
+        );
+        let mut grant = good;
+        grant[0].1 = "password";
+        assert_eq!(post(&issuer, &grant).await.0, 400);
+        let mut no_scope = good;
+        no_scope[3].1 = "openid";
+        assert_eq!(post(&issuer, &no_scope).await.1["error"], "invalid_scope");
     }
 }
