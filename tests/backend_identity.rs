@@ -18,25 +18,12 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use common::idp::{decode_unverified, Idp};
 use common::msi::{Identity, Msi};
-use common::{error_code, http, Gateway, ANYONE};
-use portcullis::sim::{get, BearerCheck, SimHandle, SimOptions};
+use common::{bearer_sim, error_code, http, Gateway, ANYONE};
+use portcullis::sim::{get, SimHandle, SimOptions};
 use serde_json::{json, Value};
 
 /// The audience of the default scope (`https://cognitiveservices.azure.com/.default`).
 const AUD: &str = "https://cognitiveservices.azure.com";
-
-async fn bearer_sim(idp: &Idp) -> SimHandle {
-    SimHandle::start(SimOptions {
-        bearer: Some(BearerCheck {
-            jwks_uri: idp.jwks_uri(),
-            audience: AUD.to_owned(),
-            issuer: Some(idp.issuer()),
-        }),
-        ..SimOptions::default()
-    })
-    .await
-    .unwrap()
-}
 
 /// A `[[backends]]` section serving `deployment` with the given `[backends.auth]` body.
 fn backend(name: &str, url: &str, deployment: &str, extra: &str, auth: &str) -> String {

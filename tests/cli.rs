@@ -300,7 +300,7 @@ async fn serve_drains_a_stream_on_sigterm() {
 async fn serve_gets_backend_tokens_and_never_logs_secrets_or_tokens() {
     use common::idp::Idp;
     use common::msi::Msi;
-    use portcullis::sim::{get, BearerCheck, SimHandle, SimOptions};
+    use portcullis::sim::get;
     let idp = Idp::start().await;
     let good_secret = "gw-secret-value-0123456789";
     let wrong_secret = "wrong-secret-value-9876543210";
@@ -310,16 +310,7 @@ async fn serve_gets_backend_tokens_and_never_logs_secrets_or_tokens() {
     }))
     .await;
     let msi = Msi::start(&idp, &[]).await;
-    let sim = SimHandle::start(SimOptions {
-        bearer: Some(BearerCheck {
-            jwks_uri: idp.jwks_uri(),
-            audience: "https://cognitiveservices.azure.com".into(),
-            issuer: Some(idp.issuer()),
-        }),
-        ..SimOptions::default()
-    })
-    .await
-    .unwrap();
+    let sim = bearer_sim(&idp).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("portcullis.toml");
     let section = |name: &str, deployment: &str, auth: String| {

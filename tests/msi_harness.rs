@@ -6,25 +6,13 @@
 
 mod common;
 
+use common::bearer_sim;
 use common::idp::{decode_unverified, form, Idp};
 use common::msi::{Identity, Msi};
-use portcullis::sim::{BearerCheck, SimHandle, SimOptions};
+use portcullis::sim::SimHandle;
 use serde_json::{json, Value};
 
 const AUD: &str = "https://cognitiveservices.azure.com";
-
-async fn bearer_sim(idp: &Idp) -> SimHandle {
-    SimHandle::start(SimOptions {
-        bearer: Some(BearerCheck {
-            jwks_uri: idp.jwks_uri(),
-            audience: AUD.to_owned(),
-            issuer: Some(idp.issuer()),
-        }),
-        ..SimOptions::default()
-    })
-    .await
-    .unwrap()
-}
 
 /// GET `url?query` with these headers: the status and the JSON body.
 async fn get(url: &str, query: &[(&str, &str)], headers: &[(&str, &str)]) -> (u16, Value) {

@@ -456,48 +456,11 @@ pub fn form(params: &[(&str, &str)]) -> String {
 }
 
 fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// `application/x-www-form-urlencoded` parsing (also of query strings): `+` is a space,
 /// `%XX` a byte; an invalid escape is kept as written.
 pub fn form_decode(s: &str) -> Vec<(String, String)> {
-    fn decode(s: &str) -> String {
-        let b = s.as_bytes();
-        let hex = |i: usize| {
-            let digit = |c: u8| (c as char).to_digit(16);
-            Some(digit(*b.get(i)?)? * 16 + digit(*b.get(i + 1)?)?)
-        };
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            match (b[i], hex(i + 1)) {
-                (b'+', _) => out.push(b' '),
-                (b'%', Some(byte)) => {
-                    out.push(byte as u8);
-                    i += 2;
-                }
-                (c, _) => out.push(c),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
+    form_urlencoded::parse(s.as_bytes()).into_owned().collect()
 }

@@ -23,6 +23,21 @@ pub const STORE_SECRET: &str = "test-store-hmac-secret-0123456789abcdef";
 pub const ANYONE: &str =
     "[[clients]]\nid = \"anyone\"\nanonymous = true\ndeployments = [\"*\"]\noperations = [\"*\"]\n";
 
+/// A simulated backend that requires access tokens from `idp` for Azure OpenAI's audience
+/// (`https://cognitiveservices.azure.com`, what the default scope asks for).
+pub async fn bearer_sim(idp: &idp::Idp) -> SimHandle {
+    SimHandle::start(SimOptions {
+        bearer: Some(portcullis::sim::BearerCheck {
+            jwks_uri: idp.jwks_uri(),
+            audience: "https://cognitiveservices.azure.com".to_owned(),
+            issuer: Some(idp.issuer()),
+        }),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// Wait until `cond` holds, failing the test after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
