@@ -111,8 +111,11 @@ impl Certificate {
     pub fn from_pem(cert_pem: &[u8], key_pem: Option<&[u8]>, rsa: RsaAlg) -> Result<Self, String> {
         let mut chain = Vec::new();
         let mut keys = Vec::new();
+        // The parser's own error quotes the text it choked on, which may be a private key
+        // (a PEM flattened onto one line): never show it.
+        const FLAT: &str = "is not valid PEM (flattened onto one line, or cut short?)";
         for item in rustls_pemfile::read_all(&mut &cert_pem[..]) {
-            match item.map_err(|e| format!("not valid PEM: {e}"))? {
+            match item.map_err(|_| FLAT.to_owned())? {
                 Item::X509Certificate(c) => chain.push(c.as_ref().to_vec()),
                 other if key_pem.is_none() => keys.push(other),
                 _ => {}
@@ -120,7 +123,7 @@ impl Certificate {
         }
         if let Some(k) = key_pem {
             for item in rustls_pemfile::read_all(&mut &k[..]) {
-                keys.push(item.map_err(|e| format!("key file is not valid PEM: {e}"))?);
+                keys.push(item.map_err(|_| format!("the key file {FLAT}"))?);
             }
         }
         let leaf = chain
@@ -365,6 +368,23 @@ mod tests {
             .unwrap();
         assert_ne!(parts(&again).1["jti"], claims["jti"], "jti is unique");
         assert!(parts(&again).0.get("x5c").is_none());
+    }
+
+    #[test]
+    fn a_flattened_pem_is_refused_without_quoting_the_key() {
+        let (c, k) = cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let secret_line = k.lines().nth(1).unwrap().to_owned();
+        let flat = format!("{c}{k}").replace('\n', " ");
+        let e = Certificate::from_pem(flat.as_bytes(), None, RsaAlg::Ps256).unwrap_err();
+        assert!(e.contains("not valid PEM"), "{e}");
+        assert!(!e.contains(&secret_line[..20]), "the key leaked: {e}");
+        let flat_key = k.replace('\n', " ");
+        let e = Certificate::from_pem(c.as_bytes(), Some(flat_key.as_bytes()), RsaAlg::Ps256)
+            .unwrap_err();
+        assert!(
+            e.contains("key file") && !e.contains(&secret_line[..20]),
+            "{e}"
+        );
     }
 
     #[test]

@@ -238,6 +238,9 @@ impl NumberOrString {
     }
 }
 
+/// Longest token lifetime believed (managed-identity tokens live 24 h).
+const MAX_LIFETIME_SECS: u64 = 24 * 3600;
+
 /// Longest response accepted from a token endpoint.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
@@ -305,6 +308,9 @@ async fn parse_token_response(resp: reqwest::Response) -> Result<Fetched, FetchE
             true,
         ));
     }
+    // Nobody issues day-long access tokens; a larger value is a bug or an attack, and would
+    // overflow deadline arithmetic. Believe at most a day.
+    let expires_in = expires_in.min(MAX_LIFETIME_SECS);
     Ok(Fetched {
         access_token: token,
         expires_in: Duration::from_secs(expires_in),

@@ -30,6 +30,9 @@ const MIN_BACKOFF_CAP: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// A `Retry-After` longer than this is not believed.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// Longest lifetime believed (the token sources clamp to it too): keeps deadline
+/// arithmetic far from overflow.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// One exchange may take this long before it counts as failed.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -132,7 +135,7 @@ impl TokenCache {
                 }
             })?;
         header.set_sensitive(true);
-        let lifetime = f.expires_in;
+        let lifetime = f.expires_in.min(MAX_LIFETIME);
         self.current.store(Some(Arc::new(Token {
             header,
             usable_until: started + lifetime - safety_margin(lifetime),
@@ -148,12 +151,26 @@ fn safety_margin(lifetime: Duration) -> Duration {
     (lifetime / 6).min(Duration::from_secs(60))
 }
 
-/// When to refresh a token of `lifetime`: at `refresh_in` if the IdP sent it, else at the
-/// later of half-life and five minutes before expiry (but always before the margin).
+/// Tokens living this long or longer are refreshed at half-life when the IdP sends no
+/// `refresh_in` (MSAL's rule: a 24 h managed-identity token then survives a 12 h outage,
+/// not five minutes).
+const LONG_LIVED: Duration = Duration::from_secs(2 * 3600);
+
+/// When to refresh a token of `lifetime`: at `refresh_in` if the IdP sent it; else at
+/// half-life for tokens of two hours or more, and at the later of half-life and five
+/// minutes before expiry for shorter ones. Always before the safety margin, and never
+/// sooner than 30 s (or half-life) so a bogus `refresh_in` cannot make a refresh loop.
 pub fn refresh_after(lifetime: Duration, refresh_in: Option<Duration>) -> Duration {
-    let usable = lifetime - safety_margin(lifetime);
-    let at = refresh_in
-        .unwrap_or_else(|| (lifetime / 2).max(lifetime.saturating_sub(Duration::from_secs(300))));
+    let usable = lifetime.saturating_sub(safety_margin(lifetime));
+    let half = lifetime / 2;
+    let at = refresh_in.unwrap_or_else(|| {
+        if lifetime >= LONG_LIVED {
+            half
+        } else {
+            half.max(lifetime.saturating_sub(Duration::from_secs(300)))
+        }
+    });
+    let at = at.max(half.min(Duration::from_secs(30)));
     if at < usable {
         at
     } else {
@@ -188,21 +205,35 @@ pub fn spawn_refresher(cache: Arc<TokenCache>, source: Source) -> tokio::task::J
         let mut lifetime = None;
         loop {
             let started = Instant::now();
-            let outcome = match tokio::time::timeout(EXCHANGE_TIMEOUT, source.fetch()).await {
-                Ok(r) => r,
-                Err(_) => Err(FetchError {
-                    message: format!(
-                        "the token request took longer than {}s",
-                        EXCHANGE_TIMEOUT.as_secs()
-                    ),
-                    retryable: true,
-                    retry_after: None,
-                }),
-            };
-            let wait = match outcome.and_then(|f| {
-                let l = f.expires_in;
-                cache.store(f, started).map(|wait| (wait, l))
-            }) {
+            // A panic in one exchange (a bug, a hostile answer) must not end the refresher:
+            // it counts as a failed attempt and is retried like one.
+            let attempt = std::panic::AssertUnwindSafe(async {
+                let fetched = match tokio::time::timeout(EXCHANGE_TIMEOUT, source.fetch()).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(FetchError {
+                            message: format!(
+                                "the token request took longer than {}s",
+                                EXCHANGE_TIMEOUT.as_secs()
+                            ),
+                            retryable: true,
+                            retry_after: None,
+                        })
+                    }
+                };
+                let l = fetched.expires_in.min(MAX_LIFETIME);
+                cache.store(fetched, started).map(|wait| (wait, l))
+            });
+            let outcome = futures_util::FutureExt::catch_unwind(attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(FetchError {
+                        message: "internal error in the token refresher".into(),
+                        retryable: true,
+                        retry_after: None,
+                    })
+                });
+            let wait = match outcome {
                 Ok((wait, l)) => {
                     failures = 0;
                     lifetime = Some(l);
@@ -248,10 +279,13 @@ mod tests {
         assert_eq!(refresh_after(s(3600), None), s(3300));
         // 30 s: half-life
         assert_eq!(refresh_after(s(30), None), s(15));
+        // a 24 h managed-identity token: half-life
+        assert_eq!(refresh_after(s(86400), None), s(43200));
         // the IdP's refresh_in wins
-        assert_eq!(refresh_after(s(86400), Some(s(43200))), s(43200));
-        // but never past the margin
+        assert_eq!(refresh_after(s(86400), Some(s(3600))), s(3600));
+        // but never past the margin, nor in a loop
         assert!(refresh_after(s(60), Some(s(59))) < s(50));
+        assert_eq!(refresh_after(s(3600), Some(s(1))), s(30));
     }
 
     #[test]
@@ -296,6 +330,40 @@ mod tests {
                 })
             })
         }
+    }
+
+    /// Answers absurd lifetimes, or panics, on alternate calls.
+    struct Hostile(AtomicU32);
+
+    impl TokenSource for Hostile {
+        fn fetch(&self) -> FetchFuture<'_> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                assert!(n % 2 == 0, "a bug in a token source");
+                Ok(Fetched {
+                    access_token: format!("t{n}"),
+                    expires_in: Duration::MAX,
+                    refresh_in: None,
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_lifetimes_and_panics_do_not_stop_the_refresher() {
+        let cache = TokenCache::new("test:hostile".into(), Arc::new(Metrics::new()));
+        let source = Arc::new(Hostile(AtomicU32::new(0)));
+        let task = spawn_refresher(cache.clone(), source.clone());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(cache.header().unwrap(), "Bearer t0");
+        // a day at most is believed: refreshed at half a day, not in a loop
+        assert_eq!(source.0.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(12 * 3600 + 5)).await;
+        // the second call panicked; the refresher retried and got t2
+        assert!(source.0.load(Ordering::SeqCst) >= 3);
+        assert_eq!(cache.header().unwrap(), "Bearer t2");
+        assert!(!task.is_finished());
+        task.abort();
     }
 
     #[tokio::test(start_paused = true)]
