@@ -471,6 +471,17 @@ async fn managed_identity_by_imds_with_a_user_assigned_identity_and_by_app_servi
             ),
         ),
         backend(
+            "imds-res",
+            &sim.url(),
+            "imds-res",
+            "",
+            &format!(
+                "type = \"managed_identity\"\nendpoint = \"{}\"\nmi_res_id = \"{}\"",
+                msi.imds_url(),
+                ua.mi_res_id
+            ),
+        ),
+        backend(
             "appsvc",
             &sim.url(),
             "appsvc",
@@ -494,6 +505,9 @@ async fn managed_identity_by_imds_with_a_user_assigned_identity_and_by_app_servi
         gw.audit_for("rid-imds").await["backend_identity"],
         format!("client_id={}", ua.client_id)
     );
+    // IMDS names the resource id `msi_res_id` (App Service: `mi_res_id`).
+    assert_eq!(chat(&gw, "imds-res", "rid-imds-res").await.status(), 200);
+    assert_eq!(last_claims(&sim)["xms_mirid"], ua.mi_res_id.as_str());
     assert_eq!(chat(&gw, "appsvc", "rid-appsvc").await.status(), 200);
     assert_eq!(
         last_claims(&sim)["appid"],
@@ -504,7 +518,10 @@ async fn managed_identity_by_imds_with_a_user_assigned_identity_and_by_app_servi
     assert_eq!(audit["backend_identity"], "system");
 
     let reqs = msi.requests();
-    let imds = reqs.iter().find(|r| r.path.contains("metadata")).unwrap();
+    let imds = reqs
+        .iter()
+        .find(|r| r.path.contains("metadata") && r.query.contains_key("client_id"))
+        .unwrap();
     assert_eq!(imds.status, 200);
     assert_eq!(imds.headers["metadata"], "true");
     assert_eq!(imds.query["api-version"], "2018-02-01");

@@ -60,7 +60,6 @@ async fn imds_and_app_service_tokens_are_accepted_by_the_backend() {
         (None, &system),
         (Some(("client_id", ua.client_id.as_str())), &ua),
         (Some(("object_id", ua.object_id.as_str())), &ua),
-        (Some(("mi_res_id", ua.mi_res_id.as_str())), &ua),
         (Some(("msi_res_id", ua.mi_res_id.as_str())), &ua),
     ] {
         let mut q = vec![("api-version", "2018-02-01"), ("resource", AUD)];
@@ -156,7 +155,7 @@ async fn imds_and_app_service_tokens_are_accepted_by_the_backend() {
         assert_eq!(claims["oid"], who.object_id.as_str());
         assert_eq!(epoch(&body["expires_on"]), claims["exp"]);
     }
-    assert_eq!(sim.bearer_tokens().len(), 9);
+    assert_eq!(sim.bearer_tokens().len(), 8);
 
     // Shorter-lived tokens on demand, for refresh tests.
     msi.set_token_ttl(&idp, 5).await;

@@ -289,12 +289,30 @@ pub fn resolve(
                 env("IDENTITY_ENDPOINT").filter(|s| !s.is_empty()),
                 env("IDENTITY_HEADER").filter(|s| !s.is_empty()),
             );
+            // IMDS documents the resource id as `msi_res_id`; App Service as `mi_res_id`.
+            let imds_selector = selector
+                .clone()
+                .map(|(k, v)| (if k == "mi_res_id" { "msi_res_id" } else { k }, v));
+            if endpoint.is_none() {
+                for (var, what) in [
+                    ("IDENTITY_SERVER_THUMBPRINT", "Service Fabric"),
+                    ("IMDS_ENDPOINT", "Azure Arc"),
+                ] {
+                    if env(var).is_some_and(|v| !v.is_empty()) {
+                        problem(
+                            problems,
+                            path,
+                            format!("{var} is set: the {what} managed identity is not supported; set `endpoint` to an IMDS-compatible token endpoint"),
+                        );
+                    }
+                }
+            }
             let source = match (endpoint, app_service) {
                 (Some(e), _) => {
                     check_url(e.as_str(), &format!("{path}.endpoint"), problems);
                     SourceSpec::Imds {
                         endpoint: e.to_string(),
-                        selector: selector.clone(),
+                        selector: imds_selector,
                     }
                 }
                 (None, (Some(url), Some(header))) => {
@@ -308,9 +326,17 @@ pub fn resolve(
                             .map(|(k, v)| (if k == "object_id" { "principal_id" } else { k }, v)),
                     }
                 }
+                (None, (Some(_), None)) => {
+                    problem(
+                        problems,
+                        path,
+                        "IDENTITY_ENDPOINT is set without IDENTITY_HEADER: not an App Service or Container Apps identity",
+                    );
+                    return None;
+                }
                 (None, _) => SourceSpec::Imds {
                     endpoint: IMDS_ENDPOINT.to_owned(),
-                    selector: selector.clone(),
+                    selector: imds_selector,
                 },
             };
             Some(ResolvedAuth::Token(TokenSpec {

@@ -484,6 +484,38 @@ fn managed_identity_follows_the_environment() {
         &[],
     );
     assert!(e.contains("at most one of"), "{e}");
+    // IMDS calls the resource id msi_res_id
+    let text =
+        format!("{MINIMAL}[backends.auth]\ntype = \"managed_identity\"\nmi_res_id = \"/sub/x\"\n");
+    let v = load_env(&text, d, &[]).unwrap();
+    assert!(matches!(
+        &token_spec(&v).source,
+        SourceSpec::Imds {
+            selector: Some(("msi_res_id", _)),
+            ..
+        }
+    ));
+    // hosts whose protocol is not supported are named, not silently sent to IMDS
+    let mi = "type = \"managed_identity\"";
+    let arc = [
+        (
+            "IDENTITY_ENDPOINT",
+            "http://localhost:40342/metadata/identity/oauth2/token",
+        ),
+        ("IMDS_ENDPOINT", "http://localhost:40342"),
+    ];
+    let e = auth_problems(mi, d, &arc);
+    assert!(e.contains("Azure Arc"), "{e}");
+    let fabric = [
+        (
+            "IDENTITY_ENDPOINT",
+            "https://localhost:2377/metadata/identity/oauth2/token",
+        ),
+        ("IDENTITY_HEADER", "h"),
+        ("IDENTITY_SERVER_THUMBPRINT", "ab"),
+    ];
+    let e = auth_problems(mi, d, &fabric);
+    assert!(e.contains("Service Fabric"), "{e}");
 }
 
 #[test]

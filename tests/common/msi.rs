@@ -1,7 +1,7 @@
 //! A local managed-identity endpoint for the tests, speaking both wire forms Azure has:
 //!
 //! - IMDS (VMs, AKS node identity): `GET /metadata/identity/oauth2/token?api-version=2018-02-01
-//!   &resource=R[&client_id=|&object_id=|&mi_res_id=]` with `Metadata: true`; a request
+//!   &resource=R[&client_id=|&object_id=|&msi_res_id=]` with `Metadata: true`; a request
 //!   carrying `X-Forwarded-For` is refused (IMDS only answers the VM itself).
 //! - App Service / Container Apps: `GET /msi/token?api-version=2019-08-01&resource=R
 //!   [&client_id=|&principal_id=|&mi_res_id=]` with `X-IDENTITY-HEADER: <secret>`
@@ -317,8 +317,7 @@ fn select<'a>(
         Flavor::Imds => &[
             ("client_id", |i| &i.client_id),
             ("object_id", |i| &i.object_id),
-            ("mi_res_id", |i| &i.mi_res_id),
-            // The older name, still sent by some SDKs.
+            // IMDS documents only this name (App Service's `mi_res_id` is not accepted).
             ("msi_res_id", |i| &i.mi_res_id),
         ],
         Flavor::AppService => &[
