@@ -339,7 +339,7 @@ mod tests {
         fn fetch(&self) -> FetchFuture<'_> {
             let n = self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
-                assert!(n % 2 == 0, "a bug in a token source");
+                assert!(n.is_multiple_of(2), "a bug in a token source");
                 Ok(Fetched {
                     access_token: format!("t{n}"),
                     expires_in: Duration::MAX,
