@@ -569,6 +569,8 @@ async fn workload_identity_reads_the_token_file_again_for_every_exchange() {
     let env = [
         ("AZURE_CLIENT_ID", "wi-app"),
         ("AZURE_TENANT_ID", "ignored-with-token-url"),
+        // AKS always sets it; an explicit token_url wins.
+        ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/"),
         ("AZURE_FEDERATED_TOKEN_FILE", file_s.as_str()),
     ];
     let auth = format!(

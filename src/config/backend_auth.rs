@@ -75,6 +75,21 @@ pub enum SourceSpec {
 }
 
 impl TokenSpec {
+    /// Whether token requests must bypass any configured HTTP proxy: managed-identity
+    /// endpoints and token URLs on this machine.
+    pub fn must_not_be_proxied(&self) -> bool {
+        match &self.source {
+            SourceSpec::Imds { .. } | SourceSpec::AppService { .. } => true,
+            SourceSpec::ClientSecret { token_url, .. }
+            | SourceSpec::Certificate { token_url, .. }
+            | SourceSpec::Federated { token_url, .. } => token_url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_owned))
+                .is_some_and(|h| is_loopback(&h)),
+        }
+    }
+
     /// Backends whose specs have equal keys share one token cache (and one refresher).
     pub fn cache_key(&self) -> String {
         let src = match &self.source {
@@ -309,14 +324,24 @@ pub fn resolve(
             }
             let source = match (endpoint, app_service) {
                 (Some(e), _) => {
-                    check_url(e.as_str(), &format!("{path}.endpoint"), problems);
+                    check_url(
+                        e.as_str(),
+                        &format!("{path}.endpoint"),
+                        Plain::LoopbackOrImds,
+                        problems,
+                    );
                     SourceSpec::Imds {
                         endpoint: e.to_string(),
                         selector: imds_selector,
                     }
                 }
                 (None, (Some(url), Some(header))) => {
-                    check_url(&url, &format!("{path} (IDENTITY_ENDPOINT)"), problems);
+                    check_url(
+                        &url,
+                        &format!("{path} (IDENTITY_ENDPOINT)"),
+                        Plain::LoopbackOrImds,
+                        problems,
+                    );
                     SourceSpec::AppService {
                         endpoint: url,
                         header: Secret::new(header),
@@ -383,9 +408,10 @@ pub fn resolve(
                 (None, Some(_)) => None,
                 _ => from_env(tenant_id, "AZURE_TENANT_ID", "tenant_id", problems),
             };
+            // AKS always sets AZURE_AUTHORITY_HOST: it only matters when no token_url is given.
             let authority = authority.clone().or_else(|| {
                 env("AZURE_AUTHORITY_HOST")
-                    .filter(|s| !s.is_empty())
+                    .filter(|s| !s.is_empty() && token_url.is_none())
                     .map(Text)
             });
             let url = token_url_of(path, &tenant, &authority, token_url, problems);
@@ -437,7 +463,8 @@ fn token_url_of(
                 "give either token_url or tenant_id/authority, not both",
             );
         }
-        return check_url(url.as_str(), &key, problems).then(|| url.to_string());
+        return check_url(url.as_str(), &key, Plain::LoopbackOnly, problems)
+            .then(|| url.to_string());
     }
     let Some(tenant) = tenant_id else {
         problem(
@@ -448,7 +475,9 @@ fn token_url_of(
         return None;
     };
     let t = tenant.as_str();
-    if t.is_empty()
+    if !t.chars().any(|c| c.is_ascii_alphanumeric())
+        || t.contains("..")
+        || t.starts_with('.')
         || !t
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
@@ -464,30 +493,58 @@ fn token_url_of(
         .as_ref()
         .map_or(DEFAULT_AUTHORITY, Text::as_str)
         .trim_end_matches('/');
-    check_url(authority, &format!("{path}.authority"), problems)
+    let key = format!("{path}.authority");
+    if authority.contains('?') {
+        problem(problems, &key, "must not carry a query string");
+        return None;
+    }
+    check_url(authority, &key, Plain::LoopbackOnly, problems)
         .then(|| format!("{authority}/{t}/oauth2/v2.0/token"))
 }
 
-/// Credentials go only over TLS, except to this machine (tests, local proxies) and the
-/// link-local IMDS address, which Azure serves over plain HTTP.
-fn check_url(url: &str, key: &str, problems: &mut Vec<Problem>) -> bool {
+/// A host name or address of this machine.
+fn is_loopback(host: &str) -> bool {
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1")
+}
+
+/// Where plain `http://` is allowed besides this machine.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plain {
+    /// Token endpoints: secrets go only over TLS, except to localhost (tests, local proxies).
+    LoopbackOnly,
+    /// Managed-identity endpoints: also the link-local IMDS address, which Azure serves over
+    /// plain HTTP.
+    LoopbackOrImds,
+}
+
+/// Check a URL credentials are sent to. Never echoes a URL carrying `user:password@`.
+fn check_url(url: &str, key: &str, plain: Plain, problems: &mut Vec<Problem>) -> bool {
     let Ok(u) = url.parse::<http::Uri>() else {
-        problem(problems, key, format!("'{url}' is not a URL"));
+        problem(problems, key, "is not a URL");
         return false;
     };
+    if u.authority().is_some_and(|a| a.as_str().contains('@')) {
+        problem(problems, key, "must not carry a user name or password (`user:pass@`); secrets belong in their own keys");
+        return false;
+    }
+    if u.path_and_query().is_some_and(|p| p.as_str().contains('#')) {
+        problem(problems, key, format!("'{url}' must not carry a fragment"));
+        return false;
+    }
     let host = u.host().unwrap_or("");
-    let local = matches!(
-        host,
-        "localhost" | "127.0.0.1" | "[::1]" | "::1" | "169.254.169.254"
-    );
+    let local = is_loopback(host) || (plain == Plain::LoopbackOrImds && host == "169.254.169.254");
     match u.scheme_str() {
         Some("https") if !host.is_empty() => true,
         Some("http") if local => true,
         Some("http") => {
+            let what = match plain {
+                Plain::LoopbackOnly => "localhost",
+                Plain::LoopbackOrImds => "localhost or IMDS",
+            };
             problem(
                 problems,
                 key,
-                format!("'{url}' must use https (plain http only to localhost or IMDS)"),
+                format!("'{url}' must use https (plain http only to {what})"),
             );
             false
         }

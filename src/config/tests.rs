@@ -390,6 +390,29 @@ fn entra_sections_name_what_is_wrong() {
     );
     assert!(e.contains("not both"), "{e}");
     let e = auth_problems(
+        "type = \"entra_secret\"\ntoken_url = \"https://app:hunter2@idp.example/token\"\nclient_id = \"a\"\nclient_secret = \"s\"",
+        d,
+        &[],
+    );
+    assert!(
+        e.contains("user name or password") && !e.contains("hunter2"),
+        "{e}"
+    );
+    let e = auth_problems(
+        "type = \"entra_secret\"\ntoken_url = \"http://169.254.169.254/token\"\nclient_id = \"a\"\nclient_secret = \"s\"",
+        d,
+        &[],
+    );
+    assert!(e.contains("plain http only to localhost)"), "{e}");
+    for tenant in ["..", ".", "a..b", "-"] {
+        let e = auth_problems(
+            &format!("type = \"entra_secret\"\ntenant_id = \"{tenant}\"\nclient_id = \"a\"\nclient_secret = \"s\""),
+            d,
+            &[],
+        );
+        assert!(e.contains("not a tenant id"), "{tenant}: {e}");
+    }
+    let e = auth_problems(
         "type = \"entra_secret\"\ntenant_id = \"t\"\nclient_id = \"a\"\nclient_secret = \"s\"\ntoken_endpoint_auth_method = \"private_key_jwt\"",
         d,
         &[],

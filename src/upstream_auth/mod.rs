@@ -147,7 +147,8 @@ impl BackendCredentials {
     pub fn start(v: &Validated, metrics: &Arc<Metrics>) -> Result<Self, SetupError> {
         let mut caches: HashMap<String, Arc<TokenCache>> = HashMap::new();
         let mut refreshers = Vec::new();
-        let mut http = None;
+        // [direct, through the environment's proxy], created when first needed.
+        let mut clients: [Option<reqwest::Client>; 2] = [None, None];
         let mut credentials = Vec::with_capacity(v.backend_auth.len());
         for (i, (auth, b)) in v.backend_auth.iter().zip(&v.config.backends).enumerate() {
             let c = match auth {
@@ -158,9 +159,10 @@ impl BackendCredentials {
                     let cache = match caches.get(&spec.cache_key()) {
                         Some(c) => c.clone(),
                         None => {
-                            let client = match &http {
+                            let direct = spec.must_not_be_proxied();
+                            let client = match &mut clients[usize::from(!direct)] {
                                 Some(c) => c,
-                                None => http.insert(token_http_client()?),
+                                slot => slot.insert(token_http_client(direct)?),
                             };
                             let name = format!("{}:{}", spec.kind, spec.identity);
                             let cache = TokenCache::new(name, metrics.clone());
@@ -202,9 +204,14 @@ impl Drop for BackendCredentials {
 }
 
 /// The client token requests go through: no redirects (a redirected POST would carry the
-/// secret elsewhere), bounded connect and total time.
-fn token_http_client() -> Result<reqwest::Client, SetupError> {
-    reqwest::Client::builder()
+/// secret elsewhere), bounded connect and total time. `direct` ignores `HTTPS_PROXY` and
+/// friends: managed-identity and loopback endpoints are plain HTTP on this host, and a proxy
+/// would see the identity header, the secret and the token (or answer with its own
+/// identity).
+fn token_http_client(direct: bool) -> Result<reqwest::Client, SetupError> {
+    let builder = reqwest::Client::builder();
+    let builder = if direct { builder.no_proxy() } else { builder };
+    builder
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .timeout(token::EXCHANGE_TIMEOUT)

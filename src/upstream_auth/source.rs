@@ -250,8 +250,7 @@ async fn parse_token_response(resp: reqwest::Response) -> Result<Fetched, FetchE
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(retry_after);
     let body = read_limited(resp).await?;
     if !status.is_success() {
         let retryable =
@@ -275,7 +274,7 @@ async fn parse_token_response(resp: reqwest::Response) -> Result<Fetched, FetchE
             return Err(FetchError::new(
                 format!(
                     "the token endpoint issued a '{}' token, not a bearer token",
-                    t.escape_default()
+                    t.chars().take(32).collect::<String>().escape_default()
                 ),
                 false,
             ));
@@ -374,10 +373,25 @@ fn network_error(e: reqwest::Error) -> FetchError {
     } else {
         "failed"
     };
-    // reqwest's message names the URL (no secret in it) but not the form or headers.
+    // Without the URL: the credential's name says which endpoint, and a URL is no place
+    // for a reader of logs or /ready to learn anything more.
+    let e = e.without_url();
     FetchError::new(
         format!("token request {what}: {}", crate::proxy::error_chain(&e)),
         true,
+    )
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 10.2.3).
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
     )
 }
 
@@ -421,6 +435,22 @@ mod tests {
         assert_eq!(NumberOrString::Number(12.0).secs(), Some(12));
         assert_eq!(NumberOrString::Number(-1.0).secs(), None);
         assert_eq!(NumberOrString::Text("soon".into()).secs(), None);
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(retry_after(" 7 "), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let d = retry_after(&later).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        assert_eq!(
+            retry_after("Mon, 01 Jan 2001 00:00:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon"), None);
     }
 
     #[test]
