@@ -157,7 +157,7 @@ impl Gateway {
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut reasons = Vec::new();
         if self.draining.load(Ordering::SeqCst) {
-            reasons.push("shutting down".to_owned());
+            reasons.push(SHUTTING_DOWN.to_owned());
         }
         let snap = self.snapshot.load();
         for b in snap.backends.backends() {
@@ -188,7 +188,7 @@ impl Gateway {
     {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/health") => return health(),
-            (&Method::GET, "/ready") => return ready(self.readiness()),
+            (&Method::GET, "/ready") => return ready(self.readiness().map_err(public_reasons)),
             (&Method::GET, RESOURCE_METADATA_PATH) => {
                 let body = self.snapshot.load().resource_metadata(host(&req));
                 let mut resp = json_response(StatusCode::OK, body);
@@ -506,6 +506,29 @@ fn host<B>(req: &Request<B>) -> Option<&HeaderValue> {
 pub fn health() -> Response<Body> {
     json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
 }
+
+/// What `/ready` on the client listener may say: that the gateway is shutting down, or that
+/// some backend credential is not ready — not which, as whom, or the IdP's answer (backend
+/// names, client ids, tenants). The admin listener's `/ready` has the details.
+fn public_reasons(reasons: Vec<String>) -> Vec<String> {
+    const CREDENTIALS: &str =
+        "a backend credential is not ready (details on the admin listener's /ready)";
+    let mut out: Vec<String> = Vec::new();
+    for r in reasons {
+        let r = if r == SHUTTING_DOWN {
+            r
+        } else {
+            CREDENTIALS.to_owned()
+        };
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// The readiness reason while draining.
+const SHUTTING_DOWN: &str = "shutting down";
 
 /// `GET /ready`: 200 when ready, 503 with the reasons otherwise.
 pub fn ready(state: Result<(), Vec<String>>) -> Response<Body> {

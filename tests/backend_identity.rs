@@ -49,9 +49,10 @@ async fn add_secret_client(idp: &Idp, client: &str, secret: &str, method: &str, 
     .await;
 }
 
+/// `/ready` on the admin listener, which gives the reasons in full.
 async fn ready(gw: &Gateway) -> (u16, String) {
     let resp = http()
-        .get(format!("{}/ready", gw.url))
+        .get(format!("{}/ready", gw.admin_url))
         .send()
         .await
         .unwrap();
@@ -729,7 +730,7 @@ async fn an_idp_outage_is_invisible_until_the_token_expires_then_503_then_recove
     }
     let refused_at = refused_at.expect("requests fail once the token has expired");
     assert!(
-        refused_at >= Duration::from_secs(2),
+        refused_at >= Duration::from_secs(4),
         "the valid token was used during the outage ({refused_at:?})"
     );
     let (status, body) = ready(&gw).await;
@@ -811,6 +812,22 @@ async fn routing_skips_a_backend_without_a_valid_token_and_says_why() {
     );
     assert!(body.contains("cannot connect"), "{body}");
     assert!(!body.contains("never-sent-secret"));
+    // The client listener says only that a credential is not ready, not whose or why.
+    let public = http()
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 503);
+    let public = public.text().await.unwrap();
+    assert!(
+        public.contains("a backend credential is not ready"),
+        "{public}"
+    );
+    assert!(
+        !public.contains("ptu") && !public.contains("nobody"),
+        "{public}"
+    );
 
     // With no other backend, the request fails fast with the documented error.
     let only = backend("ptu", &broken_sim.url(), "gpt-4o", "", &broken_auth);

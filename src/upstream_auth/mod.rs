@@ -164,7 +164,11 @@ impl BackendCredentials {
                                 Some(c) => c,
                                 slot => slot.insert(token_http_client(direct)?),
                             };
-                            let name = format!("{}:{}", spec.kind, spec.identity);
+                            // Unique per cache: the same app with two scopes gets two names.
+                            let mut name = format!("{}:{}", spec.kind, spec.identity);
+                            if caches.values().any(|c| c.name() == name) {
+                                name = format!("{name}:{}", spec.scope);
+                            }
                             let cache = TokenCache::new(name, metrics.clone());
                             refreshers.push(token::spawn_refresher(
                                 cache.clone(),
