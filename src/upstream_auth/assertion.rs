@@ -275,9 +275,20 @@ impl CertificateFile {
     }
 
     /// The certificate as the files hold it now. When they changed but no longer parse,
-    /// the previous certificate is returned and the problem logged.
+    /// the previous certificate is returned and the problem logged; so it is while the
+    /// files cannot be read (a rotation that deletes, then recreates them).
     pub fn current(&self) -> Result<std::sync::Arc<Certificate>, String> {
-        let (cert_pem, key_pem) = read(&self.cert_path, self.key_path.as_deref())?;
+        let (cert_pem, key_pem) = match read(&self.cert_path, self.key_path.as_deref()) {
+            Ok(files) => files,
+            Err(e) => {
+                let slot = self.current.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(l) = slot.as_ref() else {
+                    return Err(e);
+                };
+                tracing::error!(error = %e, "certificate file unreadable; still signing with the previous certificate");
+                return Ok(l.cert.clone());
+            }
+        };
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(&cert_pem);
         if let Some(k) = &key_pem {
@@ -442,6 +453,15 @@ mod tests {
         std::fs::write(&path, "-----BEGIN CERTIFICATE-----\ntrunc").unwrap();
         assert_eq!(f.current().unwrap().thumbprint(), second, "last good kept");
         std::fs::remove_file(&path).unwrap();
-        assert!(f.current().is_err(), "a missing file is an error");
+        assert_eq!(
+            f.current().unwrap().thumbprint(),
+            second,
+            "a file missing mid-rotation keeps the last good certificate"
+        );
+        let never = CertificateFile::new(dir.path().join("never.pem"), None, RsaAlg::Ps256);
+        assert!(
+            never.current().is_err(),
+            "with no certificate ever read, an error"
+        );
     }
 }

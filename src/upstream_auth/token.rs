@@ -2,11 +2,12 @@
 //!
 //! Requests only ever read the cache (an atomic load): they never wait on the identity
 //! provider. The refresher acquires the first token at start, then refreshes ahead of
-//! expiry — at the IdP's `refresh_in` when it sends one, else at the later of half the
-//! lifetime and five minutes before expiry — so there is always a valid token while the
-//! IdP answers. Failed exchanges are retried with exponential backoff and full jitter,
-//! honouring `Retry-After`, and never more than a quarter of the token lifetime apart, so
-//! an outage shorter than the remaining lifetime is invisible to clients. With no valid
+//! expiry — at the IdP's `refresh_in` when it sends one, at half-life for tokens of two
+//! hours or more, else at the later of half-life and five minutes before expiry — so there
+//! is always a valid token while the IdP answers. Failed exchanges are retried with
+//! exponential backoff and jitter, honouring `Retry-After`, and otherwise never more than a
+//! quarter of the token lifetime apart: an outage is invisible to clients as long as it
+//! ends before the token held at its start stops being usable. With no valid
 //! token, [`TokenCache::header`] returns `None`: the request fails fast and routing moves
 //! to a backend whose credential is ready.
 
@@ -179,7 +180,7 @@ pub fn refresh_after(lifetime: Duration, refresh_in: Option<Duration>) -> Durati
 }
 
 /// The pause before retry number `failures` (1-based): exponential from one second, capped
-/// at a quarter of the token lifetime (between 2 and 30 seconds), with full jitter in the
+/// at a quarter of the token lifetime (between 2 and 30 seconds), with jitter in the
 /// upper half; at least `Retry-After`.
 pub fn backoff(
     failures: u32,
