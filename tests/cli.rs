@@ -52,6 +52,12 @@ fn read_until(
     }
 }
 
+/// The address in `serve`'s "portcullis is listening addr=..." log line.
+fn listening_addr(line: &str) -> String {
+    let after = line.split("addr=").nth(1).expect("a listening line");
+    after.split_whitespace().next().unwrap().to_owned()
+}
+
 fn sigterm(child: &Child) {
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -255,14 +261,7 @@ async fn serve_drains_a_stream_on_sigterm() {
         l.contains("portcullis is listening")
     });
     let line = seen.last().unwrap();
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let addr = listening_addr(line);
     assert!(!line.contains(BACKEND_KEY));
 
     let resp = http()
@@ -350,16 +349,7 @@ async fn serve_gets_backend_tokens_and_never_logs_secrets_or_tokens() {
     let seen = read_until(&logs, Duration::from_secs(20), |l| {
         l.contains("portcullis is listening")
     });
-    let addr = seen
-        .last()
-        .unwrap()
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let addr = listening_addr(seen.last().unwrap());
     let mut all = seen;
     // Both good credentials acquire a token; the refused one says why.
     all.extend(read_until(&logs, Duration::from_secs(20), |l| {
