@@ -245,11 +245,7 @@ pub fn resolve(
                             }
                         }
                     }
-                    Err(e) => problem(
-                        problems,
-                        format!("{path}.certificate_file"),
-                        format!("{}: {e}", cert_path.display()),
-                    ),
+                    Err(e) => problem(problems, format!("{path}.certificate_file"), e),
                 }
             }
             let (token_url, client_id, rsa) = (url?, client_id?, rsa?);

@@ -272,6 +272,7 @@ impl CertificateFile {
     ) -> Result<Certificate, String> {
         let (cert, key) = read(cert_path, key_path)?;
         Certificate::from_pem(&cert, key.as_deref(), rsa)
+            .map_err(|e| format!("{}: {e}", cert_path.display()))
     }
 
     /// The certificate as the files hold it now. When they changed but no longer parse,
