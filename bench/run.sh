@@ -2,6 +2,7 @@
 # Benchmark: direct vs nginx reverse proxy vs Portcullis, on this machine, in one run.
 #
 #   bench/run.sh [duration-seconds]      (default 10)
+#   PORTCULLIS_BIN=path bench/run.sh 5    (an already-built binary, e.g. a saved earlier build)
 #
 # (1) direct: wrk → nginx "upstream" answering a canned chat completion (`return 200`)
 # (2) nginx:  wrk → nginx reverse proxy (keepalive upstream, proxy_buffering off) → upstream
@@ -26,9 +27,14 @@ if ! need nginx || ! need wrk; then
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-echo "==> building portcullis (release)"
-cargo build --release --locked -q
-BIN="$PWD/target/release/portcullis"
+# PORTCULLIS_BIN: benchmark that binary instead of building (e.g. a saved earlier build).
+if [ -n "${PORTCULLIS_BIN:-}" ]; then
+  BIN="$PORTCULLIS_BIN"
+else
+  echo "==> building portcullis (release)"
+  cargo build --release --locked -q
+  BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/portcullis"
+fi
 
 JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

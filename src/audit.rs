@@ -128,14 +128,19 @@ impl AuditSink {
 
 fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, out: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
+    // Each line is serialised into this buffer, then written in one call: serde_json's many
+    // small writes cost far less into a `Vec` than through `BufWriter<Box<dyn Write>>`.
+    let mut line = Vec::with_capacity(1024);
     loop {
         let mut wrote = false;
         let closed = loop {
             match rx.try_recv() {
                 Ok(rec) => {
                     wrote = true;
-                    if serde_json::to_writer(&mut out, &rec).is_ok() {
-                        let _ = out.write_all(b"\n");
+                    line.clear();
+                    if serde_json::to_writer(&mut line, &rec).is_ok() {
+                        line.push(b'\n');
+                        let _ = out.write_all(&line);
                     }
                 }
                 Err(mpsc::error::TryRecvError::Empty) => break false,

@@ -64,21 +64,30 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        // `keep-alive` (what most servers send) names a header removed anyway: not parsed.
+        .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect()
 }
 
-/// Remove hop-by-hop headers, including any the `Connection` header names. Responses
-/// rarely carry any, so the common case is one pass over the names and no change.
+/// Remove hop-by-hop headers, including any the `Connection` header names. One pass over
+/// the names finds those present (typically just `Connection: keep-alive`); only they are
+/// removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    if present.is_empty() {
         return;
     }
     for n in connection_named(headers) {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
-        headers.remove(h);
+    for n in present {
+        headers.remove(n);
     }
 }
 
