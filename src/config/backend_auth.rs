@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::model::BackendAuthConfig;
 use super::values::{Secret, Text};
-use super::{problem, resolve_secret, Problem};
+use super::{is_loopback_host, problem, resolve_secret, Problem};
 use crate::upstream_auth::assertion::{CertificateFile, RsaAlg};
 
 /// Entra ID's public cloud.
@@ -86,7 +86,7 @@ impl TokenSpec {
                 .parse::<http::Uri>()
                 .ok()
                 .and_then(|u| u.host().map(str::to_owned))
-                .is_some_and(|h| is_loopback(&h)),
+                .is_some_and(|h| is_loopback_host(&h)),
         }
     }
 
@@ -287,13 +287,7 @@ pub fn resolve(
                 );
             }
             for (k, v) in &chosen {
-                if v.is_empty() || v.chars().any(|c| c.is_control() || c == ' ') {
-                    problem(
-                        problems,
-                        format!("{path}.{k}"),
-                        "must be a non-empty identifier",
-                    );
-                }
+                required_id(&Text(v.clone()), path, k, problems);
             }
             let selector = chosen.into_iter().next();
             let app_service = (
@@ -498,11 +492,6 @@ fn token_url_of(
         .then(|| format!("{authority}/{t}/oauth2/v2.0/token"))
 }
 
-/// A host name or address of this machine.
-fn is_loopback(host: &str) -> bool {
-    matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1")
-}
-
 /// Where plain `http://` is allowed besides this machine.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Plain {
@@ -528,7 +517,8 @@ fn check_url(url: &str, key: &str, plain: Plain, problems: &mut Vec<Problem>) ->
         return false;
     }
     let host = u.host().unwrap_or("");
-    let local = is_loopback(host) || (plain == Plain::LoopbackOrImds && host == "169.254.169.254");
+    let local =
+        is_loopback_host(host) || (plain == Plain::LoopbackOrImds && host == "169.254.169.254");
     match u.scheme_str() {
         Some("https") if !host.is_empty() => true,
         Some("http") if local => true,

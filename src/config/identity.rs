@@ -443,15 +443,9 @@ pub fn check_url(url: &str, path: &str, problems: &mut Vec<Problem>) {
     match url.parse::<http::Uri>() {
         Ok(u) if u.authority().is_some() => {
             let host = u.host().unwrap_or("");
-            let loopback = host == "localhost"
-                || host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
             match u.scheme_str() {
                 Some("https") => {}
-                Some("http") if loopback => {}
+                Some("http") if super::is_loopback_host(host) => {}
                 Some("http") => problem(
                     problems,
                     path,

@@ -205,6 +205,17 @@ fn parse_addr(value: &str, path: &str, problems: &mut Vec<Problem>) -> Option<So
     }
 }
 
+/// `localhost` or a loopback address (`127.0.0.0/8`, `[::1]`): plain http to it stays on
+/// this machine.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Read a secret given either inline or as a `_file`; exactly one of them is required
 /// when `required`.
 pub(crate) fn resolve_secret(
