@@ -507,7 +507,7 @@ impl Fetcher {
             .header("accept", "application/json")
             .send()
             .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+            .map_err(|e| format!("GET {url}: {}", crate::proxy::error_chain(&e)))?;
         if !resp.status().is_success() {
             return Err(format!("GET {url}: HTTP {}", resp.status()));
         }
@@ -520,7 +520,7 @@ impl Fetcher {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?
+            .map_err(|e| format!("GET {url}: {}", crate::proxy::error_chain(&e)))?
         {
             if body.len() + chunk.len() > MAX_DOC_BYTES {
                 return Err(format!(
@@ -531,17 +531,6 @@ impl Fetcher {
         }
         Ok((body, max_age))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// `max-age=N` from a `Cache-Control` value (`no-store`/`no-cache` → the minimum).

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 
 use crate::config::{BackendKind, ResolvedAuth, SourceSpec, TokenSpec, Validated};
 use crate::metrics::Metrics;
@@ -111,18 +111,6 @@ impl Credential {
             Self::None => Ok(None),
         }
     }
-
-    /// Add the credential to headers; `false` (and nothing added) when not ready.
-    pub fn apply(&self, headers: &mut HeaderMap) -> bool {
-        match self.header() {
-            Ok(Some((name, value))) => {
-                headers.insert(name, value);
-                true
-            }
-            Ok(None) => true,
-            Err(NotReady) => false,
-        }
-    }
 }
 
 /// The credentials of all backends and the tasks that keep their tokens fresh.
@@ -156,7 +144,8 @@ impl BackendCredentials {
                 ResolvedAuth::ApiKey(key) => Credential::api_key(key.expose(), b.kind)
                     .map_err(|e| SetupError::Invalid(i, e))?,
                 ResolvedAuth::Token(spec) => {
-                    let cache = match caches.get(&spec.cache_key()) {
+                    let key = spec.cache_key();
+                    let cache = match caches.get(&key) {
                         Some(c) => c.clone(),
                         None => {
                             let direct = spec.must_not_be_proxied();
@@ -174,7 +163,7 @@ impl BackendCredentials {
                                 cache.clone(),
                                 source_for(spec, client.clone()),
                             ));
-                            caches.insert(spec.cache_key(), cache.clone());
+                            caches.insert(key, cache.clone());
                             cache
                         }
                     };
@@ -314,15 +303,15 @@ mod tests {
 
     #[test]
     fn azure_uses_api_key_header_and_openai_bearer() {
-        let mut h = HeaderMap::new();
-        assert!(Credential::api_key("k1", BackendKind::Azure)
-            .unwrap()
-            .apply(&mut h));
-        assert_eq!(h["api-key"], "k1");
-        let mut h = HeaderMap::new();
+        let azure = Credential::api_key("k1", BackendKind::Azure).unwrap();
+        let (name, value) = azure.header().unwrap().unwrap();
+        assert_eq!((name.as_str(), value.to_str().unwrap()), ("api-key", "k1"));
         let c = Credential::api_key("k1", BackendKind::Openai).unwrap();
-        c.apply(&mut h);
-        assert_eq!(h["authorization"], "Bearer k1");
+        let (name, value) = c.header().unwrap().unwrap();
+        assert_eq!(
+            (name.as_str(), value.to_str().unwrap()),
+            ("authorization", "Bearer k1")
+        );
         assert!(!format!("{c:?}").contains("k1"));
     }
 
