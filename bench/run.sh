@@ -166,12 +166,19 @@ run() { # name port conns [lua script]
   wrk -t"$threads" -c"$3" -d"${DUR}s" --latency -s "$script" "http://127.0.0.1:$2$PATH_Q" > "$OUT/$1-c$3.txt"
   echo "$(( $(cpu_ticks "$2") - before ))" > "$OUT/$1-c$3.cpu"
 }
-# CPU time (clock ticks, user + system) of the gateway serving PORT; 0 for the others.
+# CPU time (clock ticks, user + system) of the proxy serving PORT — the Portcullis process,
+# or the nginx reverse proxy's master and workers; 0 for the direct upstream.
 cpu_ticks() {
-  local pid=""
-  [ "$1" = "$PCL_PORT" ] && pid=$PCL_PID
-  [ "$1" = "$PCL1_PORT" ] && pid=$PCL1_PID
-  if [ -n "$pid" ]; then awk '{print $14 + $15}' "/proc/$pid/stat"; else echo 0; fi
+  local pids=""
+  [ "$1" = "$PCL_PORT" ] && pids=$PCL_PID
+  [ "$1" = "$PCL1_PORT" ] && pids=$PCL1_PID
+  if [ "$1" = "$NGX_PORT" ]; then
+    local master; master=$(cat "$OUT/proxy.pid")
+    pids="$master $(pgrep -P "$master" | tr '\n' ' ')"
+  fi
+  local total=0 p
+  for p in $pids; do total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done
+  echo "$total"
 }
 for c in 1 64; do
   run direct "$UP_PORT" "$c"
@@ -223,6 +230,10 @@ def cpu_us(name, c):
     # CPU microseconds the gateway spent per request it answered during the run.
     reqs = int(re.search(r"(\d+) requests in", open(f"{out}/{name}-c{c}.txt").read()).group(1))
     return int(open(f"{out}/{name}-c{c}.cpu").read()) * tick / max(reqs, 1)
+for c in (1, 64):
+    n = cpu_us("nginx", c)
+    print(f"- {c} conn, proxy CPU per request: nginx {n:.1f} us, portcullis {cpu_us('portcullis', c):.1f} us "
+          f"({cpu_us('portcullis', c)/max(n, 1e-9):.2f}x), portcullis-w1 {cpu_us('portcullis-w1', c):.1f} us")
 for c in (1, 64):
     base = r[("portcullis", c)][0]
     print(f"- {c} conn, authenticated throughput vs unauthenticated: API key "
