@@ -123,7 +123,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         metrics.clone(),
     );
     let credentials = BackendCredentials::start(v, &metrics)?;
-    let snapshot = Snapshot::build(v, identity, &credentials.credentials)?;
+    let snapshot = Snapshot::build(v, identity, &credentials.credentials, &metrics)?;
     let gateway = Arc::new(Gateway::new(snapshot, metrics, audit));
 
     let bind_err = |source| StartError::Bind {

@@ -27,7 +27,7 @@ use crate::identify::{Caller, Identifier};
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
 use crate::route::{self, Route};
-use crate::routing::{BackendTable, BuildError};
+use crate::routing::{Backend, BackendTable, BuildError};
 use crate::upstream_auth::Credential;
 
 /// Everything a request needs from the configuration, immutable once built.
@@ -48,9 +48,10 @@ impl Snapshot {
         v: &Validated,
         identity: Identifier,
         credentials: &[Credential],
+        metrics: &Metrics,
     ) -> Result<Self, BuildError> {
         Ok(Self {
-            backends: BackendTable::build(v, credentials)?,
+            backends: BackendTable::build(v, credentials, metrics)?,
             identity,
             max_body_bytes: v.config.server.max_body_bytes,
             body_timeout: v.config.server.body_timeout.0,
@@ -236,7 +237,7 @@ impl Gateway {
                     .challenges()
                     .then(|| format!("{}{RESOURCE_METADATA_PATH}", snap.resource(host.as_ref())));
                 let resp = e.into_response(metadata.as_deref());
-                self.count(&rec, started);
+                self.count(&rec, started, None);
                 self.audit.emit(rec);
                 resp
             }
@@ -245,7 +246,14 @@ impl Gateway {
         resp
     }
 
-    fn count(&self, rec: &AuditRecord, started: Instant) {
+    /// Count a request in the metrics; `answered_by` when a backend's answer is relayed.
+    fn count(&self, rec: &AuditRecord, started: Instant, answered_by: Option<&Backend>) {
+        if let Some(b) = answered_by {
+            b.series.request(rec.operation, rec.status);
+            b.series
+                .latency(rec.operation, started.elapsed().as_secs_f64());
+            return;
+        }
         let backend = rec.backend.clone().unwrap_or_else(|| NO_BACKEND.clone());
         self.metrics
             .requests
@@ -342,7 +350,7 @@ impl Gateway {
             body,
             content_type,
         };
-        let answer = match proxy::forward(out, candidates, &self.metrics).await {
+        let answer = match proxy::forward(out, candidates).await {
             Ok(a) => a,
             Err(failed) => {
                 rec.note_backend(failed.backend.as_deref(), failed.attempts);
@@ -359,7 +367,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
         rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.count(rec, started);
+        self.count(rec, started, Some(&answer.backend));
         let finish = Finish {
             record: std::mem::take(rec),
             started,
@@ -414,7 +422,7 @@ impl Gateway {
         rec.bytes_out = body.len() as u64;
         rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         rec.duration_ms = rec.latency_ms;
-        self.count(rec, started);
+        self.count(rec, started, None);
         self.audit.emit(std::mem::take(rec));
         Ok(json_response(StatusCode::OK, body))
     }
@@ -442,7 +450,7 @@ impl Drop for Unanswered<'_> {
         let elapsed = self.started.elapsed().as_secs_f64() * 1000.0;
         rec.latency_ms = elapsed;
         rec.duration_ms = elapsed;
-        self.gateway.count(&rec, self.started);
+        self.gateway.count(&rec, self.started, None);
         self.gateway.audit.emit(rec);
     }
 }

@@ -4,7 +4,7 @@
 //! names — never a request path, client-supplied string or credential.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -189,6 +189,19 @@ impl Metrics {
         }
     }
 
+    /// The request-path series of the backend labelled `backend`; see [`BackendSeries`].
+    pub fn backend_series(&self, backend: Arc<String>) -> BackendSeries {
+        BackendSeries {
+            backend,
+            requests: self.requests.clone(),
+            latency: self.latency.clone(),
+            attempts: self.upstream_attempts.clone(),
+            ok: Default::default(),
+            latency_by_op: Default::default(),
+            answered: OnceLock::new(),
+        }
+    }
+
     /// Gauge of keys cached for `issuer` (a configured issuer name).
     pub fn jwks_keys(&self, issuer: &str) -> Gauge {
         self.jwks_keys
@@ -250,5 +263,128 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// Operation names with a slot of their own in [`BackendSeries`] (others use the families).
+const OPERATIONS: [&str; crate::route::Operation::ALL.len()] = {
+    let mut names = [""; crate::route::Operation::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = crate::route::Operation::ALL[i].as_str();
+        i += 1;
+    }
+    names
+};
+
+fn operation_slot(operation: &str) -> Option<usize> {
+    OPERATIONS.iter().position(|o| *o == operation)
+}
+
+/// One backend's request-path series, each looked up in its family on first use and then
+/// kept. A family lookup hashes the labels (SipHash) and takes the family's lock, four times
+/// per request, with the lock's cache line shared by every worker; the common case — a
+/// backend answering 200 — now costs an atomic add. Other statuses and outcomes go through
+/// the families: the series exported are the same either way.
+pub struct BackendSeries {
+    backend: Arc<String>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    attempts: Family<AttemptLabels, Counter>,
+    /// `requests{operation, status="200", backend}` per operation.
+    ok: [OnceLock<Counter>; OPERATIONS.len()],
+    latency_by_op: [OnceLock<Histogram>; OPERATIONS.len()],
+    /// `upstream_attempts{backend, outcome="response"}`.
+    answered: OnceLock<Counter>,
+}
+
+impl BackendSeries {
+    /// Count a request this backend answered with `status`.
+    pub fn request(&self, operation: &'static str, status: u16) {
+        let labels = || RequestLabels {
+            operation,
+            status,
+            backend: self.backend.clone(),
+        };
+        match operation_slot(operation) {
+            Some(i) if status == 200 => self.ok[i]
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            _ => self.requests.get_or_create(&labels()).inc(),
+        };
+    }
+
+    /// Record the time until a response head for `operation`.
+    pub fn latency(&self, operation: &'static str, seconds: f64) {
+        let labels = || LatencyLabels {
+            operation,
+            backend: self.backend.clone(),
+        };
+        match operation_slot(operation) {
+            Some(i) => self.latency_by_op[i]
+                .get_or_init(|| self.latency.get_or_create(&labels()).clone())
+                .observe(seconds),
+            None => self.latency.get_or_create(&labels()).observe(seconds),
+        }
+    }
+
+    /// Count an attempt on this backend that ended with `outcome`.
+    pub fn attempt(&self, outcome: &'static str) {
+        let labels = || AttemptLabels {
+            backend: self.backend.clone(),
+            outcome,
+        };
+        if outcome == "response" {
+            self.answered
+                .get_or_init(|| self.attempts.get_or_create(&labels()).clone())
+                .inc();
+        } else {
+            self.attempts.get_or_create(&labels()).inc();
+        }
+    }
+}
+
+impl std::fmt::Debug for BackendSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendSeries")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_series_feed_the_same_exported_series_as_the_families() {
+        let m = Metrics::new();
+        let b = m.backend_series(Arc::new("ptu".to_owned()));
+        b.request("chat", 200);
+        b.request("chat", 200);
+        b.request("chat", 429);
+        b.request("unknown", 200);
+        b.latency("chat", 0.01);
+        b.attempt("response");
+        b.attempt("response");
+        b.attempt("rate_limited");
+        // A second handle set (a reloaded configuration) adds to the same series.
+        m.backend_series(Arc::new("ptu".to_owned()))
+            .request("chat", 200);
+        let text = m.render();
+        for line in [
+            r#"portcullis_requests_total{operation="chat",status="200",backend="ptu"} 3"#,
+            r#"portcullis_requests_total{operation="chat",status="429",backend="ptu"} 1"#,
+            r#"portcullis_requests_total{operation="unknown",status="200",backend="ptu"} 1"#,
+            r#"portcullis_request_duration_seconds_count{operation="chat",backend="ptu"} 1"#,
+            r#"portcullis_upstream_attempts_total{backend="ptu",outcome="response"} 2"#,
+            r#"portcullis_upstream_attempts_total{backend="ptu",outcome="rate_limited"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"operation="embeddings""#),
+            "no series before first use"
+        );
     }
 }

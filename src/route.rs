@@ -34,7 +34,7 @@ pub enum Operation {
 
 impl Operation {
     /// The name used in config (`operations = [...]`), metrics and audit lines.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Chat => "chat",
             Self::Completions => "completions",

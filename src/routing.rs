@@ -13,6 +13,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 use crate::config::{BackendKind, Validated};
+use crate::metrics::{BackendSeries, Metrics};
 use crate::proxy::pool::{self, Pool};
 use crate::upstream_auth::Credential;
 
@@ -38,6 +39,8 @@ pub struct Backend {
     pub credential: Credential,
     /// Upstream connections, one slot per worker, so a worker only uses connections it owns.
     pub pool: Pool,
+    /// This backend's request and attempt counters and latency histograms.
+    pub series: BackendSeries,
 }
 
 /// Default Azure data-plane API version when neither client nor config names one.
@@ -66,7 +69,11 @@ pub struct BackendTable {
 impl BackendTable {
     /// Build the table, creating one upstream connection pool per backend.
     /// `credentials` is index-aligned with `config.backends`.
-    pub fn build(v: &Validated, credentials: &[Credential]) -> Result<Self, BuildError> {
+    pub fn build(
+        v: &Validated,
+        credentials: &[Credential],
+        metrics: &Metrics,
+    ) -> Result<Self, BuildError> {
         let mut backends = Vec::with_capacity(v.config.backends.len());
         for ((i, b), credential) in v.config.backends.iter().enumerate().zip(credentials) {
             let uri: http::Uri = b
@@ -89,9 +96,11 @@ impl BackendTable {
             };
             let pool =
                 Pool::new(&scheme, &authority, &opts).map_err(|e| BuildError::Client(i, e))?;
+            let label = Arc::new(b.name.to_string());
             backends.push(Arc::new(Backend {
                 name: b.name.to_string(),
-                label: Arc::new(b.name.to_string()),
+                series: metrics.backend_series(label.clone()),
+                label,
                 kind: b.kind,
                 scheme,
                 authority,
@@ -208,7 +217,7 @@ mod tests {
         let v = crate::config::load_str(toml, "t", std::path::Path::new(".")).unwrap();
         let creds =
             crate::upstream_auth::BackendCredentials::start(&v, &Default::default()).unwrap();
-        BackendTable::build(&v, &creds.credentials).unwrap()
+        BackendTable::build(&v, &creds.credentials, &Metrics::new()).unwrap()
     }
 
     const THREE: &str = r#"

@@ -20,42 +20,45 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::error::GatewayError;
-use crate::metrics::{AttemptLabels, Metrics};
 use crate::route::Route;
 use crate::routing::Backend;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Whether a header describes the connection rather than the message (RFC 9110 §7.6.1).
+/// Matched on the (lower-case) name: comparing strings costs less than building and
+/// comparing `HeaderName` values, and this runs for every header of every message.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 /// Client headers that carry the client's credentials, or choose which account the
 /// gateway's credential bills (`OpenAI-Organization`, `OpenAI-Project`): never sent upstream.
-const CLIENT_CREDENTIALS: [HeaderName; 8] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("api-key"),
-    header::COOKIE,
-    HeaderName::from_static("ocp-apim-subscription-key"),
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("x-goog-api-key"),
-    HeaderName::from_static("openai-organization"),
-    HeaderName::from_static("openai-project"),
-];
+fn is_client_credential(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization"
+            | "api-key"
+            | "cookie"
+            | "ocp-apim-subscription-key"
+            | "x-api-key"
+            | "x-goog-api-key"
+            | "openai-organization"
+            | "openai-project"
+    )
+}
 
 /// The request id header, taken from the client or generated.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Whether a header describes the connection rather than the message.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::UPGRADE
-}
 
 /// Headers named as hop-by-hop by the `Connection` header(s) (rare: parsed only when present).
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
@@ -103,7 +106,7 @@ pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderM
     let mut h = HeaderMap::with_capacity(client.len() + 2);
     for (name, value) in client {
         let drop = is_hop_by_hop(name)
-            || CLIENT_CREDENTIALS.contains(name)
+            || is_client_credential(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == REQUEST_ID
@@ -148,7 +151,6 @@ pub struct Failed {
 pub async fn forward(
     mut out: Outgoing<'_>,
     candidates: Vec<Arc<Backend>>,
-    metrics: &Metrics,
 ) -> Result<Answer, Failed> {
     let total = candidates.len();
     let mut last_error = GatewayError::BackendUnavailable("no backend available".into());
@@ -160,7 +162,7 @@ pub async fn forward(
         let is_last = i + 1 == total;
         // Read once: the token applied is the one checked (it may expire meanwhile).
         let Ok(credential) = backend.credential.header() else {
-            record(metrics, &backend, "credential_unavailable");
+            record(&backend, "credential_unavailable");
             last_error = GatewayError::BackendAuthUnavailable(format!(
                 "the gateway holds no valid credential for backend '{}'",
                 backend.name
@@ -186,7 +188,7 @@ pub async fn forward(
         };
         let mut req = Request::new(Full::new(up.body.clone()));
         *req.method_mut() = out.method.clone();
-        *req.uri_mut() = up.uri;
+        *req.uri_mut() = http::Uri::from(up.path_and_query);
         // Only a failover needs the headers again: the last candidate takes them.
         *req.headers_mut() = if is_last {
             std::mem::take(&mut out.headers)
@@ -205,7 +207,7 @@ pub async fn forward(
         let outcome = match sent {
             Ok(Ok((resp, lease))) => {
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
-                    record(metrics, &backend, "rate_limited");
+                    record(&backend, "rate_limited");
                     tracing::info!(backend = %backend.name, "backend answered 429; trying the next one");
                     rate_limited = Some(Answer {
                         response: resp,
@@ -215,7 +217,7 @@ pub async fn forward(
                     });
                     continue;
                 }
-                record(metrics, &backend, "response");
+                record(&backend, "response");
                 return Ok(Answer {
                     response: resp,
                     lease,
@@ -224,7 +226,7 @@ pub async fn forward(
                 });
             }
             Ok(Err(e)) if e.is_connect() => {
-                record(metrics, &backend, "connect_error");
+                record(&backend, "connect_error");
                 tracing::warn!(backend = %backend.name, error = %error_chain(&e), "cannot connect to backend");
                 GatewayError::BackendUnavailable(format!(
                     "cannot connect to backend '{}'",
@@ -232,7 +234,7 @@ pub async fn forward(
                 ))
             }
             Ok(Err(e)) => {
-                record(metrics, &backend, "error");
+                record(&backend, "error");
                 tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend request failed");
                 // The backend may have processed it: never resend.
                 return Err(Failed {
@@ -245,7 +247,7 @@ pub async fn forward(
                 });
             }
             Err(_) => {
-                record(metrics, &backend, "timeout");
+                record(&backend, "timeout");
                 return Err(Failed {
                     error: GatewayError::BackendTimeout(
                         humantime::format_duration(backend.first_byte_timeout).to_string(),
@@ -269,14 +271,8 @@ pub async fn forward(
     })
 }
 
-fn record(metrics: &Metrics, backend: &Backend, outcome: &'static str) {
-    metrics
-        .upstream_attempts
-        .get_or_create(&AttemptLabels {
-            backend: backend.label.clone(),
-            outcome,
-        })
-        .inc();
+fn record(backend: &Backend, outcome: &'static str) {
+    backend.series.attempt(outcome);
 }
 
 /// `error: cause: cause` — for logs. Never contains request data.

@@ -460,6 +460,7 @@ impl Pool {
         worker: usize,
         mut req: Request<UpstreamBody>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Lease), PoolError>> + Send + '_ {
+        absolute_form(req.uri_mut(), &self.inner.target);
         async move {
             let mut use_shared = true;
             loop {
@@ -645,6 +646,24 @@ fn origin_form(uri: &mut Uri) {
     *uri = Uri::from(pq);
 }
 
+/// `/path?q` → `scheme://authority/path?q`: HTTP/2 requests carry the target's scheme and
+/// authority as pseudo-headers.
+fn absolute_form(uri: &mut Uri, target: &Target) {
+    if uri.scheme().is_some() {
+        return;
+    }
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.scheme = Some(target.scheme.clone());
+    parts.authority = Some(target.authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    // Scheme, authority and path are all set: `from_parts` cannot fail.
+    if let Ok(u) = Uri::from_parts(parts) {
+        *uri = u;
+    }
+}
+
 /// rustls client config: webpki roots plus the backend's extra CA bundle; ALPN by protocol.
 fn tls_config(opts: &PoolOptions) -> Result<rustls::ClientConfig, SetupError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -770,6 +789,17 @@ pub(crate) mod tests {
         let mut u: Uri = "https://h".parse().unwrap();
         origin_form(&mut u);
         assert_eq!(u, "/");
+    }
+
+    #[test]
+    fn absolute_form_adds_the_targets_scheme_and_authority() {
+        let pool = pool_for("https://x.example:8443", true);
+        let mut u = Uri::from_static("/openai/x?api-version=1&a=b");
+        absolute_form(&mut u, &pool.inner.target);
+        assert_eq!(u, "https://x.example:8443/openai/x?api-version=1&a=b");
+        let mut u = Uri::from_static("http://other:1/y");
+        absolute_form(&mut u, &pool.inner.target);
+        assert_eq!(u, "http://other:1/y", "an absolute URI is left as it is");
     }
 
     pub(crate) fn pool_for(url: &str, http2: bool) -> Pool {

@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use serde::Deserialize;
 
 use crate::config::BackendKind;
@@ -19,7 +20,9 @@ use crate::routing::Backend;
 /// Where and what to send upstream.
 #[derive(Debug)]
 pub struct Upstream {
-    pub uri: http::Uri,
+    /// Origin-form target (`/openai/deployments/x/chat/completions?api-version=...`); the
+    /// pool adds the backend's scheme and authority where the protocol needs them (HTTP/2).
+    pub path_and_query: PathAndQuery,
     pub body: Bytes,
 }
 
@@ -82,57 +85,52 @@ pub fn rewrite(
         .and_then(|p| backend.deployments.get(p))
         .map(String::as_str);
     let base = backend.base_path.as_str();
-    let mut query: Vec<Cow<'_, str>> = Vec::with_capacity(route.query.len() + 1);
-    let api_version = || -> Cow<'_, str> {
-        Cow::Owned(format!(
-            "api-version={}",
-            route.api_version.as_deref().unwrap_or(&backend.api_version)
-        ))
-    };
+    // Built by appending into one buffer: this runs for every request and attempt, and
+    // `format!` plus a joined query cost several times as much.
+    let mut pq = String::with_capacity(
+        base.len() + route.rest.len() + route.query.iter().map(|q| q.len() + 1).sum::<usize>() + 80,
+    );
+    pq.push_str(base);
     let mut set_model = false;
-    let path = match backend.kind {
+    let mut api_version = None;
+    let backend_version = || Some(route.api_version.as_deref().unwrap_or(&backend.api_version));
+    match backend.kind {
         BackendKind::Azure => match (route.style, mapped) {
             (Style::AzureDeployments, Some(m)) => {
-                query.push(api_version());
-                format!("{base}/openai/deployments/{m}/{}", route.rest)
+                api_version = backend_version();
+                push_all(&mut pq, &["/openai/deployments/", m, "/", &route.rest]);
             }
             (Style::OpenAi, Some(m)) if route.operation.needs_deployment() => {
-                query.push(api_version());
-                format!("{base}/openai/deployments/{m}/{}", route.rest)
+                api_version = backend_version();
+                push_all(&mut pq, &["/openai/deployments/", m, "/", &route.rest]);
             }
             (Style::AzureV1, _) => {
                 set_model = true;
-                if let Some(v) = &route.api_version {
-                    query.push(Cow::Owned(format!("api-version={v}")));
-                }
-                format!("{base}/openai/v1/{}", route.rest)
+                api_version = route.api_version.as_deref();
+                push_all(&mut pq, &["/openai/v1/", &route.rest]);
             }
             _ => {
                 set_model = true;
-                query.push(api_version());
-                format!("{base}/openai/{}", route.rest)
+                api_version = backend_version();
+                push_all(&mut pq, &["/openai/", &route.rest]);
             }
         },
         BackendKind::Openai => {
             set_model = true;
-            if base.ends_with("/v1") {
-                format!("{base}/{}", route.rest)
-            } else {
-                format!("{base}/v1/{}", route.rest)
-            }
+            let v1 = if base.ends_with("/v1") { "/" } else { "/v1/" };
+            push_all(&mut pq, &[v1, &route.rest]);
         }
-    };
-    query.extend(route.query.iter().map(|q| Cow::Borrowed(q.as_str())));
-    let path_and_query = if query.is_empty() {
-        path
-    } else {
-        format!("{path}?{}", query.join("&"))
-    };
-    let uri = http::Uri::builder()
-        .scheme(backend.scheme.clone())
-        .authority(backend.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    }
+    let mut sep = "?";
+    if let Some(v) = api_version {
+        push_all(&mut pq, &[sep, "api-version=", v]);
+        sep = "&";
+    }
+    for q in &route.query {
+        push_all(&mut pq, &[sep, q]);
+        sep = "&";
+    }
+    let path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(pq))
         .map_err(|e| GatewayError::InvalidRequest(format!("cannot build upstream URL: {e}")))?;
     // v1-style routes took `public` from this very body: when it is already the backend's
     // name, the body is right as it is and need not be parsed again.
@@ -146,7 +144,16 @@ pub fn rewrite(
         }
         _ => body.clone(),
     };
-    Ok(Upstream { uri, body })
+    Ok(Upstream {
+        path_and_query,
+        body,
+    })
+}
+
+fn push_all(buf: &mut String, parts: &[&str]) {
+    for p in parts {
+        buf.push_str(p);
+    }
 }
 
 /// `body` with its `model` member set to `model`; the original bytes when it already is.
@@ -181,7 +188,7 @@ mod tests {
         let v = crate::config::load_str(&toml, "t", std::path::Path::new(".")).unwrap();
         let creds =
             crate::upstream_auth::BackendCredentials::start(&v, &Default::default()).unwrap();
-        crate::routing::BackendTable::build(&v, &creds.credentials)
+        crate::routing::BackendTable::build(&v, &creds.credentials, &Default::default())
             .unwrap()
             .backends()[0]
             .clone()
@@ -199,7 +206,7 @@ mod tests {
         )
         .unwrap();
         (
-            up.uri.to_string(),
+            up.path_and_query.to_string(),
             String::from_utf8(up.body.to_vec()).unwrap(),
         )
     }
@@ -216,7 +223,7 @@ mod tests {
         );
         assert_eq!(
             uri,
-            "https://x.openai.azure.com/openai/deployments/gpt-4o-ptu/chat/completions?api-version=2024-06-01"
+            "/openai/deployments/gpt-4o-ptu/chat/completions?api-version=2024-06-01"
         );
         assert_eq!(out, body, "body forwarded byte for byte");
     }
@@ -232,7 +239,7 @@ mod tests {
         );
         assert_eq!(
             uri,
-            "http://127.0.0.1:1/openai/deployments/gpt-4o-ptu/embeddings?api-version=2025-01-01-preview&foo=bar"
+            "/openai/deployments/gpt-4o-ptu/embeddings?api-version=2025-01-01-preview&foo=bar"
         );
     }
 
@@ -245,7 +252,7 @@ mod tests {
             Some("api-version=2024-10-21"),
             r#"{"messages":[{"role":"user","content":"hi"}]}"#,
         );
-        assert_eq!(uri, "http://127.0.0.1:1/v1/chat/completions");
+        assert_eq!(uri, "/v1/chat/completions");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["model"], "gpt-4o-ptu");
         assert_eq!(v["messages"][0]["content"], "hi");
@@ -260,7 +267,7 @@ mod tests {
             None,
             r#"{"model":"gpt-4o"}"#,
         );
-        assert_eq!(uri, "http://127.0.0.1:1/v1/embeddings");
+        assert_eq!(uri, "/v1/embeddings");
     }
 
     #[test]
@@ -272,7 +279,7 @@ mod tests {
             None,
             r#"{"model":"gpt-4o","input":"x"}"#,
         );
-        assert_eq!(uri, "http://h:1/openai/v1/responses");
+        assert_eq!(uri, "/openai/v1/responses");
         assert!(out.contains(r#""model":"gpt-4o-ptu""#), "{out}");
     }
 
