@@ -313,10 +313,9 @@ impl Gateway {
             GatewayError::RequestTimeout(humantime::format_duration(snap.body_timeout).to_string())
         })??;
         rec.bytes_in = body.len() as u64;
-        let content_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
+        // Kept apart: the headers themselves move into the upstream request.
+        let content_type_value = parts.headers.get(header::CONTENT_TYPE).cloned();
+        let content_type = content_type_value.as_ref().and_then(|v| v.to_str().ok());
         let deployment = match &route.deployment {
             Some(d) => Some(d.clone()),
             None => proxy::rewrite::body_model(&body, content_type)?,
@@ -346,7 +345,7 @@ impl Gateway {
             route: &route,
             deployment: deployment.as_deref(),
             method: &parts.method,
-            headers: proxy::upstream_headers(&parts.headers, request_id),
+            headers: proxy::upstream_headers(parts.headers, request_id),
             body,
             content_type,
         };

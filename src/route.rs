@@ -76,8 +76,8 @@ impl Operation {
         )
     }
 
-    fn classify(rest: &str) -> Self {
-        let first = rest.split('/').next().unwrap_or("");
+    /// The operation a path's first segment after the style prefix names.
+    fn classify(first: &str) -> Self {
         Self::from_name(first).unwrap_or(Self::Other)
     }
 }
@@ -132,20 +132,26 @@ pub fn parse(
     } else {
         return Err(not_found());
     };
-    if rest.is_empty() || rest.split('/').any(|s| s == ".." || s == ".") {
+    // One pass over the segments (this runs for every request).
+    let (mut dot_segment, mut empty_segment) = (false, false);
+    for segment in rest.split('/') {
+        dot_segment |= segment == "." || segment == "..";
+        empty_segment |= segment.is_empty();
+    }
+    if rest.is_empty() || dot_segment {
         return Err(not_found());
     }
     // Policy decisions key on the operation, so the path must mean exactly what it says:
     // no percent-encoding (`chat%2Fcompletions`), empty segments or backslashes that a
     // backend might normalise into a different operation than the one checked here.
-    if rest.contains(['%', '\\']) || rest.split('/').any(str::is_empty) {
+    if empty_segment || rest.bytes().any(|b| b == b'%' || b == b'\\') {
         return Err(GatewayError::InvalidRequest(
             "the path must not contain percent-encoding, backslashes or empty segments".into(),
         ));
     }
     // The operation segment is matched exactly: `CHAT/completions` would otherwise become
     // an uninterpreted pass-through that a case-insensitive backend runs as chat.
-    let first = rest.split('/').next().unwrap_or("");
+    let first = rest.split_once('/').map_or(rest, |(f, _)| f);
     if first.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err(not_found());
     }
@@ -157,7 +163,7 @@ pub fn parse(
     let mut api_version = None;
     let mut params = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let name = pair.split('=').next().unwrap_or("");
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
         if CREDENTIAL_PARAMS
             .iter()
             .any(|c| c.eq_ignore_ascii_case(name))
@@ -171,7 +177,7 @@ pub fn parse(
     }
     Ok(Route {
         style,
-        operation: Operation::classify(rest),
+        operation: Operation::classify(first),
         deployment,
         rest: rest.to_owned(),
         api_version,
