@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -107,18 +108,27 @@ pub async fn serve_with<S, F>(
             // hyper's header timeout starts only once bytes arrive (and hyper-util reads the
             // HTTP/2 preface with no timer at all): a connection that never sends a complete
             // first request is closed here, so idle sockets cannot exhaust file descriptors.
+            // The deadline is dropped once a first request arrives: a `select!` would poll
+            // its timer again on every later wake-up of a busy keep-alive connection.
             tokio::pin!(conn);
-            let ended = tokio::select! {
-                r = &mut conn => Some(r),
-                () = tokio::time::sleep(first_deadline) => None,
-            };
-            let result = match ended {
-                Some(r) => r,
-                None if first_request.load(Ordering::Relaxed) => conn.await,
-                None => {
-                    tracing::debug!("closing a connection that sent no request in time");
-                    return;
+            let mut deadline = Some(Box::pin(tokio::time::sleep(first_deadline)));
+            let result = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
                 }
+                if first_request.load(Ordering::Relaxed) {
+                    deadline = None;
+                } else if let Some(d) = deadline.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            let Some(result) = result else {
+                tracing::debug!("closing a connection that sent no request in time");
+                return;
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
