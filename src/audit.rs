@@ -256,57 +256,80 @@ impl LineWriter {
     /// Append the JSON object for `rec` (no newline) to `out`. Fails only if `serde_json`
     /// does while escaping a string, which writing to a `Vec` does not.
     fn write(&mut self, rec: &AuditRecord, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        // Every field named, no `..`: a field added to `AuditRecord` does not compile until
+        // it is written here too.
+        let AuditRecord {
+            time,
+            request_id,
+            method,
+            path,
+            operation,
+            client,
+            auth_method,
+            identity,
+            decision,
+            reason,
+            deployment,
+            backend,
+            backend_auth,
+            backend_identity,
+            status,
+            attempts,
+            latency_ms,
+            duration_ms,
+            bytes_in,
+            bytes_out,
+            stream,
+            outcome,
+            error_code,
+        } = rec;
         out.extend_from_slice(b"{\"time\":");
-        self.time(rec.time, out);
+        self.time(*time, out);
         out.extend_from_slice(b",\"request_id\":");
-        string(out, rec.request_id.to_str().unwrap_or_default())?;
+        string(out, request_id.to_str().unwrap_or_default())?;
         out.extend_from_slice(b",\"method\":");
-        string(out, rec.method.as_str())?;
+        string(out, method.as_str())?;
         out.extend_from_slice(b",\"path\":");
-        string(out, &rec.path)?;
+        string(out, path)?;
         out.extend_from_slice(b",\"operation\":");
-        string(out, rec.operation)?;
-        opt_string(out, b",\"client\":", rec.client.as_deref())?;
+        string(out, operation)?;
+        opt_string(out, b",\"client\":", client.as_deref())?;
         out.extend_from_slice(b",\"auth_method\":");
-        string(out, rec.auth_method)?;
-        if let Some(p) = &rec.identity {
+        string(out, auth_method)?;
+        if let Some(p) = &identity {
             out.extend_from_slice(b",\"identity\":");
             principal(out, p)?;
         }
-        opt_string(out, b",\"decision\":", rec.decision)?;
-        opt_string(out, b",\"reason\":", rec.reason.as_deref())?;
-        opt_string(out, b",\"deployment\":", rec.deployment.as_deref())?;
+        opt_string(out, b",\"decision\":", *decision)?;
+        opt_string(out, b",\"reason\":", reason.as_deref())?;
+        opt_string(out, b",\"deployment\":", deployment.as_deref())?;
         opt_string(
             out,
             b",\"backend\":",
-            rec.backend.as_deref().map(String::as_str),
+            backend.as_deref().map(String::as_str),
         )?;
-        opt_string(out, b",\"backend_auth\":", rec.backend_auth)?;
-        opt_string(
-            out,
-            b",\"backend_identity\":",
-            rec.backend_identity.as_deref(),
-        )?;
+        opt_string(out, b",\"backend_auth\":", *backend_auth)?;
+        opt_string(out, b",\"backend_identity\":", backend_identity.as_deref())?;
         out.extend_from_slice(b",\"status\":");
-        out.extend_from_slice(itoa::Buffer::new().format(rec.status).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(*status).as_bytes());
         out.extend_from_slice(b",\"attempts\":");
-        out.extend_from_slice(itoa::Buffer::new().format(rec.attempts).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(*attempts).as_bytes());
         out.extend_from_slice(b",\"latency_ms\":");
-        float(out, rec.latency_ms);
+        float(out, *latency_ms);
         out.extend_from_slice(b",\"duration_ms\":");
-        float(out, rec.duration_ms);
+        float(out, *duration_ms);
         out.extend_from_slice(b",\"bytes_in\":");
-        out.extend_from_slice(itoa::Buffer::new().format(rec.bytes_in).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(*bytes_in).as_bytes());
         out.extend_from_slice(b",\"bytes_out\":");
-        out.extend_from_slice(itoa::Buffer::new().format(rec.bytes_out).as_bytes());
-        out.extend_from_slice(if rec.stream {
+        out.extend_from_slice(itoa::Buffer::new().format(*bytes_out).as_bytes());
+        out.extend_from_slice(if *stream {
             b",\"stream\":true"
         } else {
             b",\"stream\":false"
         });
         out.extend_from_slice(b",\"outcome\":");
-        string(out, rec.outcome)?;
-        opt_string(out, b",\"error_code\":", rec.error_code)?;
+        string(out, outcome)?;
+        opt_string(out, b",\"error_code\":", *error_code)?;
         out.push(b'}');
         Ok(())
     }
@@ -464,12 +487,20 @@ fn float(out: &mut Vec<u8>, v: f64) {
 /// The `identity` object: the fields present, in the order the serde helper writes them.
 /// Every identified caller has one (empty for anonymous callers), so it is on the fast path too.
 fn principal(out: &mut Vec<u8>, p: &Principal) -> serde_json::Result<()> {
+    // Every field named: a field added to `Principal` does not compile until written here.
+    let Principal {
+        subject,
+        application,
+        tenant,
+        key_id,
+        issuer,
+    } = p;
     let fields: [(&[u8], Option<&str>); 5] = [
-        (b"\"subject\":", p.subject.as_deref()),
-        (b"\"application\":", p.application.as_deref()),
-        (b"\"tenant\":", p.tenant.as_deref()),
-        (b"\"key_id\":", p.key_id.as_deref()),
-        (b"\"issuer\":", p.issuer.as_deref()),
+        (b"\"subject\":", subject.as_deref()),
+        (b"\"application\":", application.as_deref()),
+        (b"\"tenant\":", tenant.as_deref()),
+        (b"\"key_id\":", key_id.as_deref()),
+        (b"\"issuer\":", issuer.as_deref()),
     ];
     out.push(b'{');
     let mut first = true;

@@ -43,7 +43,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Build from a validated configuration and its identifier.
-    /// `credentials` is index-aligned with `config.backends`.
+    /// `credentials` is index-aligned with `config.backends`; `metrics` must be the registry
+    /// of the [`Gateway`] that will serve this snapshot (backends count into it directly).
     pub fn build(
         v: &Validated,
         identity: Identifier,

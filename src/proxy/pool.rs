@@ -652,15 +652,21 @@ fn absolute_form(uri: &mut Uri, target: &Target) {
     if uri.scheme().is_some() {
         return;
     }
-    let mut parts = std::mem::take(uri).into_parts();
-    parts.scheme = Some(target.scheme.clone());
-    parts.authority = Some(target.authority.clone());
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    // Scheme, authority and path are all set: `from_parts` cannot fail.
-    if let Ok(u) = Uri::from_parts(parts) {
-        *uri = u;
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(u) => *uri = u,
+        // Not expected (all three parts are valid already). The URI is left as it was, and
+        // hyper refuses to send an HTTP/2 request without a scheme: an error, never a
+        // request to some other path.
+        Err(e) => tracing::error!(error = %e, "cannot build an HTTP/2 request URI"),
     }
 }
 
