@@ -238,7 +238,7 @@ impl Gateway {
                     .challenges()
                     .then(|| format!("{}{RESOURCE_METADATA_PATH}", snap.resource(host.as_ref())));
                 let resp = e.into_response(metadata.as_deref());
-                self.count(&rec, started, None);
+                self.count(&rec, None);
                 self.audit.emit(rec);
                 resp
             }
@@ -248,11 +248,11 @@ impl Gateway {
     }
 
     /// Count a request in the metrics; `answered_by` when a backend's answer is relayed.
-    fn count(&self, rec: &AuditRecord, started: Instant, answered_by: Option<&Backend>) {
+    /// The latency observed is the record's `latency_ms`, which every caller sets first.
+    fn count(&self, rec: &AuditRecord, answered_by: Option<&Backend>) {
+        let seconds = rec.latency_ms / 1000.0;
         if let Some(b) = answered_by {
-            b.series.request(rec.operation, rec.status);
-            b.series
-                .latency(rec.operation, started.elapsed().as_secs_f64());
+            b.series.answered(rec.operation, rec.status, seconds);
             return;
         }
         let backend = rec.backend.clone().unwrap_or_else(|| NO_BACKEND.clone());
@@ -270,7 +270,7 @@ impl Gateway {
                 operation: rec.operation,
                 backend,
             })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(seconds);
     }
 
     async fn pipeline<B>(
@@ -367,7 +367,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
         rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.count(rec, started, Some(&answer.backend));
+        self.count(rec, Some(&answer.backend));
         let finish = Finish {
             record: std::mem::take(rec),
             started,
@@ -422,7 +422,7 @@ impl Gateway {
         rec.bytes_out = body.len() as u64;
         rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         rec.duration_ms = rec.latency_ms;
-        self.count(rec, started, None);
+        self.count(rec, None);
         self.audit.emit(std::mem::take(rec));
         Ok(json_response(StatusCode::OK, body))
     }
@@ -450,7 +450,7 @@ impl Drop for Unanswered<'_> {
         let elapsed = self.started.elapsed().as_secs_f64() * 1000.0;
         rec.latency_ms = elapsed;
         rec.duration_ms = elapsed;
-        self.gateway.count(&rec, self.started, None);
+        self.gateway.count(&rec, None);
         self.gateway.audit.emit(rec);
     }
 }

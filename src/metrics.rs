@@ -299,32 +299,35 @@ pub struct BackendSeries {
 }
 
 impl BackendSeries {
-    /// Count a request this backend answered with `status`.
-    pub fn request(&self, operation: &'static str, status: u16) {
-        let labels = || RequestLabels {
+    /// Count a request this backend answered with `status`, its response head ready after
+    /// `seconds`.
+    pub fn answered(&self, operation: &'static str, status: u16, seconds: f64) {
+        let requests = || RequestLabels {
             operation,
             status,
             backend: self.backend.clone(),
         };
-        match operation_slot(operation) {
-            Some(i) if status == 200 => self.ok[i]
-                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
-                .inc(),
-            _ => self.requests.get_or_create(&labels()).inc(),
-        };
-    }
-
-    /// Record the time until a response head for `operation`.
-    pub fn latency(&self, operation: &'static str, seconds: f64) {
-        let labels = || LatencyLabels {
+        let latency = || LatencyLabels {
             operation,
             backend: self.backend.clone(),
         };
         match operation_slot(operation) {
-            Some(i) => self.latency_by_op[i]
-                .get_or_init(|| self.latency.get_or_create(&labels()).clone())
-                .observe(seconds),
-            None => self.latency.get_or_create(&labels()).observe(seconds),
+            Some(i) => {
+                if status == 200 {
+                    self.ok[i]
+                        .get_or_init(|| self.requests.get_or_create(&requests()).clone())
+                        .inc();
+                } else {
+                    self.requests.get_or_create(&requests()).inc();
+                }
+                self.latency_by_op[i]
+                    .get_or_init(|| self.latency.get_or_create(&latency()).clone())
+                    .observe(seconds);
+            }
+            None => {
+                self.requests.get_or_create(&requests()).inc();
+                self.latency.get_or_create(&latency()).observe(seconds);
+            }
         }
     }
 
@@ -360,23 +363,22 @@ mod tests {
     fn backend_series_feed_the_same_exported_series_as_the_families() {
         let m = Metrics::new();
         let b = m.backend_series(Arc::new("ptu".to_owned()));
-        b.request("chat", 200);
-        b.request("chat", 200);
-        b.request("chat", 429);
-        b.request("unknown", 200);
-        b.latency("chat", 0.01);
+        b.answered("chat", 200, 0.01);
+        b.answered("chat", 200, 0.01);
+        b.answered("chat", 429, 0.01);
+        b.answered("unknown", 200, 0.01);
         b.attempt("response");
         b.attempt("response");
         b.attempt("rate_limited");
         // A second handle set (a reloaded configuration) adds to the same series.
         m.backend_series(Arc::new("ptu".to_owned()))
-            .request("chat", 200);
+            .answered("chat", 200, 0.01);
         let text = m.render();
         for line in [
             r#"portcullis_requests_total{operation="chat",status="200",backend="ptu"} 3"#,
             r#"portcullis_requests_total{operation="chat",status="429",backend="ptu"} 1"#,
             r#"portcullis_requests_total{operation="unknown",status="200",backend="ptu"} 1"#,
-            r#"portcullis_request_duration_seconds_count{operation="chat",backend="ptu"} 1"#,
+            r#"portcullis_request_duration_seconds_count{operation="chat",backend="ptu"} 4"#,
             r#"portcullis_upstream_attempts_total{backend="ptu",outcome="response"} 2"#,
             r#"portcullis_upstream_attempts_total{backend="ptu",outcome="rate_limited"} 1"#,
         ] {
