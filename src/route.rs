@@ -132,11 +132,24 @@ pub fn parse(
     } else {
         return Err(not_found());
     };
-    // One pass over the segments (this runs for every request).
-    let (mut dot_segment, mut empty_segment) = (false, false);
-    for segment in rest.split('/') {
-        dot_segment |= segment == "." || segment == "..";
-        empty_segment |= segment.is_empty();
+    // One pass over the bytes (this runs for every request): the segments, the bytes a
+    // path must not hold, and where the operation segment ends.
+    let (mut dot_segment, mut empty_segment, mut forbidden) = (false, false, false);
+    let mut first_end = None;
+    let mut start = 0;
+    let bytes = rest.as_bytes();
+    for i in 0..=bytes.len() {
+        match bytes.get(i).copied().unwrap_or(b'/') {
+            b'/' => {
+                let segment = &bytes[start..i];
+                dot_segment |= segment == b"." || segment == b"..";
+                empty_segment |= segment.is_empty();
+                first_end.get_or_insert(i);
+                start = i + 1;
+            }
+            b'%' | b'\\' => forbidden = true,
+            _ => {}
+        }
     }
     if rest.is_empty() || dot_segment {
         return Err(not_found());
@@ -144,14 +157,14 @@ pub fn parse(
     // Policy decisions key on the operation, so the path must mean exactly what it says:
     // no percent-encoding (`chat%2Fcompletions`), empty segments or backslashes that a
     // backend might normalise into a different operation than the one checked here.
-    if empty_segment || rest.bytes().any(|b| b == b'%' || b == b'\\') {
+    if empty_segment || forbidden {
         return Err(GatewayError::InvalidRequest(
             "the path must not contain percent-encoding, backslashes or empty segments".into(),
         ));
     }
     // The operation segment is matched exactly: `CHAT/completions` would otherwise become
     // an uninterpreted pass-through that a case-insensitive backend runs as chat.
-    let first = rest.split_once('/').map_or(rest, |(f, _)| f);
+    let first = &rest[..first_end.unwrap_or(rest.len())];
     if first.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err(not_found());
     }
