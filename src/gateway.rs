@@ -374,12 +374,7 @@ impl Gateway {
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
         };
-        let relay = Relay::new(
-            upstream_body,
-            answer.backend.idle_timeout,
-            finish,
-            answer.lease,
-        );
+        let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish);
         Ok(Response::from_parts(head, relay.boxed_unsync()))
     }
 

@@ -3,9 +3,9 @@
 //! [`Relay`] passes frames through as they arrive — no buffering, no re-chunking, so
 //! Server-Sent Events reach the client event by event. It counts bytes, enforces the
 //! backend's idle timeout between frames, and when the body ends or is dropped (the client
-//! went away) it finishes the request's audit record exactly once. A body read to its end
-//! releases its upstream connection back to the pool ([`Lease`]); dropping it earlier drops
-//! the upstream body and the connection, which closes it and so cancels the backend's work.
+//! went away) it finishes the request's audit record exactly once. The upstream body owns
+//! its HTTP/1.1 connection: read to its end, it goes back to the pool; dropped earlier, it
+//! is closed, which cancels the backend's work (see [`crate::proxy::pool`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use crate::audit::{AuditRecord, AuditSink};
 use crate::error::BoxError;
 use crate::metrics::Metrics;
-use crate::proxy::pool::Lease;
+use crate::proxy::pool::ResponseBody;
 use std::sync::Arc;
 
 /// The upstream went silent for longer than the backend's idle timeout.
@@ -51,15 +50,13 @@ pin_project! {
     /// A response body relayed from upstream; see the module docs.
     pub struct Relay {
         #[pin]
-        inner: Incoming,
+        inner: ResponseBody,
         // Armed only when upstream first makes the client wait: most small bodies never do.
         idle: Option<Pin<Box<Sleep>>>,
         idle_timeout: Duration,
         last_frame: Instant,
         bytes: u64,
         finish: Option<Finish>,
-        // The upstream connection, released to the pool only at a clean end of the body.
-        lease: Lease,
     }
 
     impl PinnedDrop for Relay {
@@ -68,9 +65,6 @@ pin_project! {
             // A body of known length may be dropped right after its last byte (or never
             // polled at all when it is empty): that is still a clean end.
             let ended = this.inner.is_end_stream();
-            if ended {
-                this.lease.release();
-            }
             if let Some(f) = this.finish.take() {
                 let outcome = if ended { "complete" } else { "client_disconnected" };
                 f.done(*this.bytes, outcome);
@@ -80,9 +74,8 @@ pin_project! {
 }
 
 impl Relay {
-    /// Wrap an upstream body. `finish` is completed when the body ends; `lease` is
-    /// released when it ends cleanly.
-    pub fn new(inner: Incoming, idle_timeout: Duration, finish: Finish, lease: Lease) -> Self {
+    /// Wrap an upstream body. `finish` is completed when the body ends.
+    pub fn new(inner: ResponseBody, idle_timeout: Duration, finish: Finish) -> Self {
         finish.metrics.streams_in_flight.inc();
         let now = Instant::now();
         Self {
@@ -92,7 +85,6 @@ impl Relay {
             last_frame: now,
             bytes: 0,
             finish: Some(finish),
-            lease,
         }
     }
 }
@@ -114,7 +106,6 @@ impl HttpBody for Relay {
                 // Cheap per-frame bookkeeping; the timer is only re-armed when it fires.
                 *this.last_frame = Instant::now();
                 if this.inner.is_end_stream() {
-                    this.lease.release();
                     if let Some(f) = this.finish.take() {
                         f.done(*this.bytes, "complete");
                     }
@@ -122,15 +113,12 @@ impl HttpBody for Relay {
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
-                // Never reuse a connection whose body failed, whatever is polled later.
-                *this.lease = Lease::none();
                 if let Some(f) = this.finish.take() {
                     f.done(*this.bytes, "upstream_error");
                 }
-                return Poll::Ready(Some(Err(Box::new(e))));
+                return Poll::Ready(Some(Err(e)));
             }
             Poll::Ready(None) => {
-                this.lease.release();
                 if let Some(f) = this.finish.take() {
                     f.done(*this.bytes, "complete");
                 }
@@ -151,7 +139,6 @@ impl HttpBody for Relay {
                 idle.as_mut().reset(deadline.into());
                 continue;
             }
-            *this.lease = Lease::none();
             if let Some(f) = this.finish.take() {
                 f.done(*this.bytes, "idle_timeout");
             }
@@ -205,26 +192,26 @@ mod tests {
 
         // Read to the end (streamed and not): the connection goes back.
         for stream in [true, false] {
-            let (resp, lease) = pool.send(chat(&sim.url(), stream, None)).await.unwrap();
-            let relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+            let resp = pool.send(chat(&sim.url(), stream, None)).await.unwrap();
+            let relay = Relay::new(resp.into_body(), idle, finish(&dir));
             relay.collect().await.unwrap();
             assert_eq!(pool.idle_count(0), 1, "stream = {stream}");
         }
 
         // Dropped after the first event (the client went away): it does not.
-        let (resp, lease) = pool.send(chat(&sim.url(), true, None)).await.unwrap();
+        let resp = pool.send(chat(&sim.url(), true, None)).await.unwrap();
         assert_eq!(pool.idle_count(0), 0, "the idle one is in use");
-        let mut relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+        let mut relay = Relay::new(resp.into_body(), idle, finish(&dir));
         relay.frame().await.unwrap().unwrap();
         drop(relay);
         assert_eq!(pool.idle_count(0), 0);
 
         // A body that failed midway: not either.
-        let (resp, lease) = pool
+        let resp = pool
             .send(chat(&sim.url(), true, Some("reset:2")))
             .await
             .unwrap();
-        let relay = Relay::new(resp.into_body(), idle, finish(&dir), lease);
+        let relay = Relay::new(resp.into_body(), idle, finish(&dir));
         assert!(relay.collect().await.is_err());
         assert_eq!(pool.idle_count(0), 0);
     }

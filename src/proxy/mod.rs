@@ -7,6 +7,7 @@
 //! The response body is relayed by [`body::Relay`] without buffering.
 
 pub mod body;
+pub mod h1;
 pub mod multipart;
 pub mod pool;
 pub mod rewrite;
@@ -16,8 +17,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::error::GatewayError;
 use crate::route::Route;
@@ -26,7 +25,7 @@ use crate::routing::Backend;
 /// Whether a header describes the connection rather than the message (RFC 9110 §7.6.1).
 /// Matched on the (lower-case) name: comparing strings costs less than building and
 /// comparing `HeaderName` values, and this runs for every header of every message.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -80,11 +79,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The client's headers as they may go upstream: no hop-by-hop headers, no client
-/// credentials, no `Host` (set from the backend URL), no stale `Content-Length`, and the
-/// request id the gateway settled on.
+/// credentials, no `Host` (set from the backend URL), no stale `Content-Length`, no
+/// `Expect` (the gateway answered it and holds the whole body), and the request id the
+/// gateway settled on.
 pub fn upstream_headers(mut client: HeaderMap, request_id: &HeaderValue) -> HeaderMap {
     remove_where(&mut client, |n| {
-        is_client_credential(n) || n == header::HOST || n == header::CONTENT_LENGTH
+        is_client_credential(n)
+            || n == header::HOST
+            || n == header::CONTENT_LENGTH
+            || n == header::EXPECT
     });
     client.insert(REQUEST_ID.clone(), request_id.clone());
     client
@@ -125,9 +128,8 @@ pub struct Outgoing<'a> {
 
 /// A backend's answer and who gave it.
 pub struct Answer {
-    pub response: Response<Incoming>,
-    /// Holds the upstream connection until the body has been read; see [`pool::Lease`].
-    pub lease: pool::Lease,
+    /// The body holds an HTTP/1.1 connection until it has been read; see [`pool`].
+    pub response: Response<pool::ResponseBody>,
     pub backend: Arc<Backend>,
     pub attempts: u32,
 }
@@ -178,7 +180,7 @@ pub async fn forward(
                 })
             }
         };
-        let mut req = Request::new(Full::new(up.body.clone()));
+        let mut req = Request::new(up.body.clone());
         *req.method_mut() = out.method.clone();
         *req.uri_mut() = http::Uri::from(up.path_and_query);
         // Only a failover needs the headers again: the last candidate takes them.
@@ -197,13 +199,12 @@ pub async fn forward(
         attempts += 1;
         let sent = tokio::time::timeout(backend.first_byte_timeout, backend.pool.send(req)).await;
         let outcome = match sent {
-            Ok(Ok((resp, lease))) => {
+            Ok(Ok(resp)) => {
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
                     record(&backend, "rate_limited");
                     tracing::info!(backend = %backend.name, "backend answered 429; trying the next one");
                     rate_limited = Some(Answer {
                         response: resp,
-                        lease,
                         backend,
                         attempts,
                     });
@@ -212,7 +213,6 @@ pub async fn forward(
                 record(&backend, "response");
                 return Ok(Answer {
                     response: resp,
-                    lease,
                     backend,
                     attempts,
                 });

@@ -1,16 +1,19 @@
 //! The upstream connection pool: one per backend, split per worker.
 //!
-//! Built directly on hyper's `client::conn` handles, without hyper-util's generic pooled
-//! client (which boxes a large request future and takes a shared pool lock per request).
-//! Each worker has its own slot, guarded by a mutex only that worker ever touches, so
+//! HTTP/1.1 goes through the gateway's own upstream codec ([`super::h1`]), in the
+//! request's task; HTTP/2 through hyper's `client::conn` handles. Neither uses hyper-util's
+//! generic pooled client (which boxes a large request future and takes a shared pool lock
+//! per request). Each worker has its own slot, guarded by a mutex only that worker ever touches, so
 //! taking and returning a connection is uncontended and a connection is always driven by
 //! the runtime of the worker that uses it.
 //!
 //! - **HTTP/1.1** (default): idle keep-alive connections are kept in a last-in-first-out
 //!   list (at most [`MAX_IDLE`] per worker, expired after [`IDLE_TIMEOUT`]). A connection
-//!   carries one request at a time; it goes back to the list through its [`Lease`] only
-//!   once the response body has been read to its end. A lease dropped earlier (client went
-//!   away, body error, idle timeout) drops the connection, and hyper closes it.
+//!   carries one request at a time and belongs to the response body ([`ResponseBody`]):
+//!   it goes back to the list only once the body has been read exactly to its end. A body
+//!   dropped earlier (client went away, body error, idle timeout) closes the connection,
+//!   which cancels the backend's work. An idle connection is checked before reuse: one
+//!   the backend closed, or that has unexpected bytes waiting, is discarded.
 //! - **HTTP/2** (`http2 = true`): one multiplexed connection per worker, shared by all its
 //!   requests and replaced when it closes. Over `http://` this is h2c with prior knowledge.
 //! - **Connecting**: TCP with TCP_NODELAY and keep-alive probes, bounded by the backend's
@@ -19,34 +22,40 @@
 //!
 //! Errors keep apart what failover needs: [`PoolError::is_connect`] is true only when the
 //! request cannot have reached the backend (no connection could be set up, or the request
-//! came back unsent from a fresh connection). A request sent on a reused idle connection
-//! that the backend had already closed, and that hyper hands back unsent, is retried once
-//! on a fresh connection; nothing that may have been sent is ever resent.
+//! could not be written on a fresh connection). A request that cannot be written on a
+//! reused idle connection (the backend had closed it) is retried once on a fresh
+//! connection; nothing that may have reached the backend whole is ever resent.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::Either;
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
+use http_body::{Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// The request body type sent upstream (request bodies are already buffered).
-pub type UpstreamBody = Full<Bytes>;
+use crate::error::BoxError;
+use crate::proxy::h1;
 
-type H1 = http1::SendRequest<UpstreamBody>;
-type H2 = http2::SendRequest<UpstreamBody>;
+/// The request body type sent upstream (request bodies are already buffered).
+pub type UpstreamBody = Bytes;
+
+type H1 = h1::Conn;
+type H2 = http2::SendRequest<Full<Bytes>>;
 
 /// Idle connections older than this are closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -91,10 +100,10 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("TLS handshake")]
     Tls(#[source] std::io::Error),
-    #[error("HTTP handshake")]
+    #[error("HTTP/2 handshake")]
     Handshake(#[source] hyper::Error),
     #[error("new connection closed before the request was sent")]
-    Unsent(#[source] hyper::Error),
+    Unsent(#[source] BoxError),
 }
 
 /// A failed upstream request.
@@ -105,7 +114,7 @@ pub enum PoolError {
     Connect(#[source] ConnectError),
     /// The request may have reached the backend: never resend it.
     #[error("request failed")]
-    Request(#[source] hyper::Error),
+    Request(#[source] BoxError),
 }
 
 impl PoolError {
@@ -128,7 +137,6 @@ struct Target {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
     http2: bool,
-    h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }
 
@@ -140,12 +148,12 @@ struct Idle<C> {
 
 /// What the idle list needs to know about a connection.
 trait Liveness {
-    fn is_closed(&self) -> bool;
+    fn is_closed(&mut self) -> bool;
 }
 
 impl Liveness for H1 {
-    fn is_closed(&self) -> bool {
-        http1::SendRequest::is_closed(self)
+    fn is_closed(&mut self) -> bool {
+        !self.is_open()
     }
 }
 
@@ -163,7 +171,7 @@ impl<C: Liveness> IdleList<C> {
 
     /// The most recently returned connection that is still open and not expired.
     fn pop(&mut self, now: Instant) -> Option<C> {
-        while let Some(idle) = self.items.pop_back() {
+        while let Some(mut idle) = self.items.pop_back() {
             if now.saturating_duration_since(idle.since) >= IDLE_TIMEOUT {
                 // Last in, first out: everything older has expired too.
                 self.items.clear();
@@ -176,9 +184,10 @@ impl<C: Liveness> IdleList<C> {
         None
     }
 
-    /// Keep `conn` for reuse, evicting the oldest beyond `cap`.
+    /// Keep `conn` (whose last response just ended cleanly) for reuse, evicting the
+    /// oldest beyond `cap`. Its liveness is checked when it is taken again.
     fn push(&mut self, conn: C, now: Instant, cap: usize) {
-        if conn.is_closed() || cap == 0 {
+        if cap == 0 {
             return;
         }
         while self.items.len() >= cap {
@@ -189,7 +198,7 @@ impl<C: Liveness> IdleList<C> {
 
     /// Drop closed and expired connections.
     fn sweep(&mut self, now: Instant) {
-        self.items.retain(|i| {
+        self.items.retain_mut(|i| {
             now.saturating_duration_since(i.since) < IDLE_TIMEOUT && !i.conn.is_closed()
         });
     }
@@ -289,33 +298,60 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// Keeps an HTTP/1.1 connection while its response body is read. Call [`Lease::release`]
-/// when the body has been read to its end; dropping the lease otherwise closes the
-/// connection. HTTP/2 leases hold nothing (the connection is shared).
-#[derive(Default)]
-pub struct Lease {
-    held: Option<(Arc<Inner>, usize, H1)>,
+/// Where an HTTP/1.1 connection goes back to when its response body ends cleanly.
+pub struct Home {
+    inner: Arc<Inner>,
+    worker: usize,
 }
 
-impl Lease {
-    /// A lease that holds no connection.
-    pub fn none() -> Self {
-        Self { held: None }
+impl Home {
+    /// The connection's last response ended cleanly: it may carry another request.
+    pub(crate) fn put(self, conn: H1) {
+        self.inner.put_idle(self.worker, conn);
     }
+}
 
-    /// The response body was read to its end: the connection may carry another request.
-    pub fn release(&mut self) {
-        if let Some((inner, worker, conn)) = self.held.take() {
-            inner.put_idle(worker, conn);
+/// A backend's response body. An HTTP/1.1 body owns its connection (see the module docs).
+pub enum ResponseBody {
+    H1(h1::Body),
+    H2(Incoming),
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResponseBody::H1(_) => "ResponseBody::H1",
+            ResponseBody::H2(_) => "ResponseBody::H2",
+        })
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::H1(b) => b.poll_frame(cx).map_err(Into::into),
+            ResponseBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
-}
 
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease")
-            .field("held", &self.held.is_some())
-            .finish()
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::H1(b) => b.is_end_stream(),
+            ResponseBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::H1(b) => b.size_hint(),
+            ResponseBody::H2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -363,7 +399,6 @@ impl Pool {
             tls,
             connect_timeout: opts.connect_timeout,
             http2: opts.http2,
-            h1: http1::Builder::new(),
             h2,
         };
         let slots = (0..opts.workers.max(1))
@@ -380,15 +415,15 @@ impl Pool {
         })
     }
 
-    /// Send `req` (absolute URI on this backend) on the calling worker's connections.
-    /// The [`Lease`] must live as long as the response body is read.
+    /// Send `req` (its URI's path and query, or an absolute URI on this backend) on the
+    /// calling worker's connections.
     ///
     /// Not an `async fn`: the returned future is exactly the HTTP/1.1 or HTTP/2 one, so it
     /// stays small (it is moved into the request's future on every request).
     pub fn send(
         &self,
         req: Request<UpstreamBody>,
-    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), PoolError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Response<ResponseBody>, PoolError>> + Send + '_ {
         let worker = crate::worker::index() % self.inner.slots.len();
         if self.inner.target.http2 {
             Either::Right(self.send_h2(worker, req))
@@ -397,21 +432,28 @@ impl Pool {
         }
     }
 
-    // Not an `async fn`: the body's block owns `req` once (an `async fn` would keep the
-    // argument and its moved copy side by side in the future).
+    // Not an `async fn`: the body's block owns the encoded request once (an `async fn`
+    // would keep the argument and its moved copy side by side in the future).
     fn send_h1(
         &self,
         worker: usize,
-        mut req: Request<UpstreamBody>,
-    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), PoolError>> + Send + '_ {
-        req.headers_mut()
-            .insert(header::HOST, self.inner.target.host_header.clone());
-        origin_form(req.uri_mut());
+        req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, PoolError>> + Send + '_ {
+        let (parts, body) = req.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let wire = h1::encode_request(
+            &parts.method,
+            target,
+            &self.inner.target.host_header,
+            &parts.headers,
+            body,
+        );
+        let head_request = parts.method == Method::HEAD;
         async move {
             let mut use_idle = true;
             loop {
                 let idle = if use_idle {
-                    self.checkout_h1(worker).await
+                    self.checkout_h1(worker)
                 } else {
                     None
                 };
@@ -422,35 +464,33 @@ impl Pool {
                     // so the per-request future that is moved around stays small.
                     None => Box::pin(self.connect_h1()).await?,
                 };
-                match conn.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, self.lease(worker, conn))),
-                    Err(mut e) => match (e.take_message(), reused) {
-                        // Never written: the backend had closed this idle connection. Once,
-                        // on a fresh connection (not another idle one that may be as stale).
-                        (Some(unsent), true) => {
-                            tracing::debug!(error = %e.error(), "idle upstream connection was closed; retrying on a new one");
-                            req = unsent;
-                            use_idle = false;
-                        }
-                        (Some(_), false) => {
-                            return Err(PoolError::Connect(ConnectError::Unsent(e.into_error())))
-                        }
-                        (None, _) => return Err(PoolError::Request(e.into_error())),
-                    },
+                if let Err(e) = conn.write_request(&wire).await {
+                    if reused {
+                        // The backend had closed this idle connection. Once, on a fresh
+                        // connection (not another idle one that may be as stale).
+                        tracing::debug!(error = %e, "idle upstream connection was closed; retrying on a new one");
+                        use_idle = false;
+                        continue;
+                    }
+                    return Err(PoolError::Connect(ConnectError::Unsent(e.into())));
                 }
+                let (head, framing, reuse) = conn
+                    .read_head(head_request)
+                    .await
+                    .map_err(|e| PoolError::Request(e.into()))?;
+                let home = Home {
+                    inner: self.inner.clone(),
+                    worker,
+                };
+                let body = h1::Body::new(conn, framing, reuse, home);
+                return Ok(head.map(|()| ResponseBody::H1(body)));
             }
         }
     }
 
-    /// The calling worker's most recent idle connection that can take a request now.
-    async fn checkout_h1(&self, worker: usize) -> Option<H1> {
-        loop {
-            let mut conn = self.inner.slot(worker).idle.pop(Instant::now())?;
-            // Returned connections are normally ready at once; briefly wait otherwise.
-            if conn.is_ready() || ready_within(&mut conn, self.inner.target.connect_timeout).await {
-                return Some(conn);
-            }
-        }
+    /// The calling worker's most recent idle connection that is still open.
+    fn checkout_h1(&self, worker: usize) -> Option<H1> {
+        self.inner.slot(worker).idle.pop(Instant::now())
     }
 
     // Not an `async fn`, for the same reason as `send_h1`.
@@ -458,8 +498,9 @@ impl Pool {
     fn send_h2(
         &self,
         worker: usize,
-        mut req: Request<UpstreamBody>,
-    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), PoolError>> + Send + '_ {
+        req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, PoolError>> + Send + '_ {
+        let mut req = req.map(Full::new);
         absolute_form(req.uri_mut(), &self.inner.target);
         async move {
             let mut use_shared = true;
@@ -479,7 +520,7 @@ impl Pool {
                     }
                 };
                 match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, Lease::none())),
+                    Ok(resp) => return Ok(resp.map(ResponseBody::H2)),
                     Err(mut e) => match (e.take_message(), reused) {
                         (Some(unsent), true) => {
                             tracing::debug!(error = %e.error(), "HTTP/2 upstream connection was closed; retrying on a new one");
@@ -487,9 +528,11 @@ impl Pool {
                             use_shared = false;
                         }
                         (Some(_), false) => {
-                            return Err(PoolError::Connect(ConnectError::Unsent(e.into_error())))
+                            return Err(PoolError::Connect(ConnectError::Unsent(
+                                e.into_error().into(),
+                            )))
                         }
-                        (None, _) => return Err(PoolError::Request(e.into_error())),
+                        (None, _) => return Err(PoolError::Request(e.into_error().into())),
                     },
                 }
             }
@@ -528,25 +571,15 @@ impl Pool {
         self.inner.slot(worker).idle.len()
     }
 
-    fn lease(&self, worker: usize, conn: H1) -> Lease {
-        Lease {
-            held: Some((self.inner.clone(), worker, conn)),
-        }
-    }
-
     async fn connect_h1(&self) -> Result<H1, PoolError> {
         let t = &self.inner.target;
         let tcp = self.tcp().await?;
-        let tx = match &t.tls {
-            None => spawn_h1(&t.h1, TokioIo::new(tcp)).await,
-            Some((tls, name)) => {
-                let stream = self.tls(tls, name, tcp).await?;
-                spawn_h1(&t.h1, TokioIo::new(stream)).await
-            }
-        }
-        .map_err(|e| PoolError::Connect(ConnectError::Handshake(e)))?;
+        let io = match &t.tls {
+            None => h1::Io::Tcp(tcp),
+            Some((tls, name)) => h1::Io::Tls(Box::new(self.tls(tls, name, tcp).await?)),
+        };
         tracing::debug!(authority = %t.authority, "new upstream HTTP/1.1 connection");
-        Ok(tx)
+        Ok(h1::Conn::new(io))
     }
 
     async fn connect_h2(&self) -> Result<H2, PoolError> {
@@ -600,25 +633,6 @@ impl Pool {
     }
 }
 
-/// Wait until an idle connection can take a request; false if it closed or took too long.
-async fn ready_within(conn: &mut H1, limit: Duration) -> bool {
-    matches!(tokio::time::timeout(limit, conn.ready()).await, Ok(Ok(())))
-}
-
-/// HTTP/1.1 handshake on `io`, with the connection driven by a task on this runtime.
-async fn spawn_h1<T>(builder: &http1::Builder, io: T) -> hyper::Result<H1>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (tx, conn) = builder.handshake(io).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(tx)
-}
-
 /// HTTP/2 handshake on `io`, with the connection driven by a task on this runtime.
 async fn spawn_h2<T>(builder: &http2::Builder<TokioExecutor>, io: T) -> hyper::Result<H2>
 where
@@ -631,19 +645,6 @@ where
         }
     });
     Ok(tx)
-}
-
-/// `scheme://authority/path?q` → `/path?q`, as HTTP/1.1 requests to an origin are sent.
-/// Moves the path out rather than copying it.
-fn origin_form(uri: &mut Uri) {
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        return;
-    }
-    let pq = std::mem::take(uri)
-        .into_parts()
-        .path_and_query
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *uri = Uri::from(pq);
 }
 
 /// `/path?q` → `scheme://authority/path?q`: HTTP/2 requests carry the target's scheme and
@@ -703,7 +704,7 @@ const _: fn() = || {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Pool>();
     fn send<T: Send>() {}
-    send::<Lease>();
+    send::<ResponseBody>();
 };
 
 #[cfg(test)]
@@ -729,7 +730,7 @@ pub(crate) mod tests {
     }
 
     impl Liveness for Fake {
-        fn is_closed(&self) -> bool {
+        fn is_closed(&mut self) -> bool {
             self.1.get()
         }
     }
@@ -753,9 +754,12 @@ pub(crate) mod tests {
             "most recent first; closed one dropped"
         );
         let closed = Fake::new(4);
+        l.push(closed.clone(), t0, 8);
         closed.1.set(true);
-        l.push(closed, t0, 8);
-        assert_eq!(l.len(), 0, "a closed connection is never kept");
+        assert!(
+            l.pop(t0).is_none(),
+            "one closed while idle is never handed out"
+        );
     }
 
     #[test]
@@ -785,16 +789,6 @@ pub(crate) mod tests {
             [4, 3, 2],
             "the oldest are evicted beyond the cap"
         );
-    }
-
-    #[test]
-    fn origin_form_keeps_path_and_query() {
-        let mut u: Uri = "http://h:1/openai/x?api-version=1&a=b".parse().unwrap();
-        origin_form(&mut u);
-        assert_eq!(u, "/openai/x?api-version=1&a=b");
-        let mut u: Uri = "https://h".parse().unwrap();
-        origin_form(&mut u);
-        assert_eq!(u, "/");
     }
 
     #[test]
@@ -829,14 +823,12 @@ pub(crate) mod tests {
         if let Some(x) = behavior {
             b = b.header("x-sim-behavior", x);
         }
-        b.body(Full::new(Bytes::from(body))).unwrap()
+        b.body(Bytes::from(body)).unwrap()
     }
 
-    /// Read a whole response body, then release its connection as `Relay` does.
-    async fn finish(resp: Response<Incoming>, mut lease: Lease) -> Bytes {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        lease.release();
-        body
+    /// Read a whole response body (which gives its connection back).
+    async fn finish(resp: Response<ResponseBody>) -> Bytes {
+        resp.into_body().collect().await.unwrap().to_bytes()
     }
 
     #[tokio::test]
@@ -844,9 +836,9 @@ pub(crate) mod tests {
         let sim = SimHandle::start(SimOptions::default()).await.unwrap();
         let pool = pool_for(&sim.url(), false);
         for i in 0..10 {
-            let (resp, lease) = pool.send(chat(&sim.url(), i % 2 == 0, None)).await.unwrap();
+            let resp = pool.send(chat(&sim.url(), i % 2 == 0, None)).await.unwrap();
             assert_eq!(resp.status(), 200);
-            assert!(!finish(resp, lease).await.is_empty());
+            assert!(!finish(resp).await.is_empty());
         }
         assert_eq!(get(&sim.counters().requests), 10);
         assert_eq!(
@@ -866,20 +858,19 @@ pub(crate) mod tests {
         .await
         .unwrap();
         let pool = pool_for(&sim.url(), false);
-        let (resp, lease) = pool.send(chat(&sim.url(), true, None)).await.unwrap();
+        let resp = pool.send(chat(&sim.url(), true, None)).await.unwrap();
         let mut body = resp.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.is_data());
         drop(body);
-        drop(lease);
         assert_eq!(pool.inner.slot(0).idle.len(), 0);
-        let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+        let resp = pool.send(chat(&sim.url(), false, None)).await.unwrap();
         assert_eq!(resp.status(), 200);
-        finish(resp, lease).await;
+        finish(resp).await;
         assert_eq!(get(&sim.counters().connections), 2);
         // And the clean one is reused.
-        let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
-        finish(resp, lease).await;
+        let resp = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+        finish(resp).await;
         assert_eq!(get(&sim.counters().connections), 2);
     }
 
@@ -889,16 +880,16 @@ pub(crate) mod tests {
         let addr = sim.addr;
         let url = sim.url();
         let pool = pool_for(&url, false);
-        let (resp, lease) = pool.send(chat(&url, false, None)).await.unwrap();
-        finish(resp, lease).await;
+        let resp = pool.send(chat(&url, false, None)).await.unwrap();
+        finish(resp).await;
         assert_eq!(pool.inner.slot(0).idle.len(), 1);
         sim.stop().await;
         let sim = SimHandle::start_on(addr, SimOptions::default())
             .await
             .unwrap();
-        let (resp, lease) = pool.send(chat(&url, false, None)).await.unwrap();
+        let resp = pool.send(chat(&url, false, None)).await.unwrap();
         assert_eq!(resp.status(), 200);
-        finish(resp, lease).await;
+        finish(resp).await;
         assert_eq!(get(&sim.counters().connections), 1);
     }
 
@@ -920,16 +911,130 @@ pub(crate) mod tests {
             .unwrap_err();
         assert!(err.is_connect(), "{err:?}");
 
-        // The backend resets the stream mid-body: the body fails, the lease is dropped.
+        // The backend resets the stream mid-body: the body fails, the connection is dropped.
         let sim = SimHandle::start(SimOptions::default()).await.unwrap();
         let pool = pool_for(&sim.url(), false);
-        let (resp, lease) = pool
+        let resp = pool
             .send(chat(&sim.url(), true, Some("reset:2")))
             .await
             .unwrap();
         assert!(resp.into_body().collect().await.is_err());
-        drop(lease);
         assert_eq!(pool.inner.slot(0).idle.len(), 0);
+    }
+
+    /// A scripted HTTP/1.1 backend: the request path picks the answer. Counts connections.
+    async fn scripted_backend() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let count = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: head, then its Content-Length body.
+                        let (head_end, len) = loop {
+                            let text = String::from_utf8_lossy(&buf).to_string();
+                            if let Some(i) = text.find("\r\n\r\n") {
+                                let len = text[..i]
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length: "))
+                                    .map_or(0, |v| v.parse::<usize>().unwrap());
+                                if buf.len() >= i + 4 + len {
+                                    break (i + 4, len);
+                                }
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let line = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                        buf.drain(..head_end + len);
+                        let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                        let (answer, close): (&[u8], bool) = match path.as_str() {
+                            "/closes-after" => (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na", true),
+                            "/connection-close" => {
+                                (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nb", false)
+                            }
+                            "/until-close" => (b"HTTP/1.1 200 OK\r\n\r\nread me to the end", true),
+                            "/stray-bytes" => (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\ncJUNK", false),
+                            "/smuggle" => (
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n1\r\nd\r\n0\r\n\r\n",
+                                false,
+                            ),
+                            _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+                        };
+                        if s.write_all(answer).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, conns)
+    }
+
+    fn get_path(base: &str, path: &str) -> Request<UpstreamBody> {
+        Request::get(format!("{base}{path}"))
+            .body(Bytes::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_only_when_their_answer_allows_it() {
+        use std::sync::atomic::Ordering;
+        let (url, conns) = scripted_backend().await;
+        let pool = pool_for(&url, false);
+        let send = |path: &'static str| {
+            let pool = &pool;
+            let url = url.clone();
+            async move { finish(pool.send(get_path(&url, path)).await.unwrap()).await }
+        };
+        assert_eq!(send("/ok").await, "ok");
+        assert_eq!(send("/ok").await, "ok");
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "keep-alive reuse");
+
+        // `Connection: close`, a body delimited by the close, stray bytes after the body,
+        // both framings at once: each answer is read right, and its connection not reused.
+        for (path, body) in [
+            ("/connection-close", "b"),
+            ("/until-close", "read me to the end"),
+            ("/stray-bytes", "c"),
+            ("/smuggle", "d"),
+        ] {
+            let before = conns.load(Ordering::SeqCst);
+            assert_eq!(send(path).await, body, "{path}");
+            assert_eq!(pool.idle_count(0), 0, "{path}: not kept");
+            assert_eq!(send("/ok").await, "ok");
+            assert_eq!(
+                conns.load(Ordering::SeqCst),
+                before + 1,
+                "{path}: a new one"
+            );
+        }
+
+        // The backend closes a kept connection while it is idle (no `Connection: close`):
+        // the pool sees the close and the next request goes out on a fresh connection.
+        assert_eq!(send("/closes-after").await, "a");
+        assert_eq!(pool.idle_count(0), 1, "nothing said it would close");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let idle = pool.inner.slot(0).idle.pop(Instant::now());
+            let Some(conn) = idle else { break };
+            pool.inner.put_idle(0, conn);
+            assert!(Instant::now() < deadline, "the close was never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = conns.load(Ordering::SeqCst);
+        assert_eq!(send("/ok").await, "ok");
+        assert_eq!(conns.load(Ordering::SeqCst), before + 1);
     }
 
     #[tokio::test]
@@ -938,20 +1043,20 @@ pub(crate) mod tests {
         let pool = pool_for(&sim.url(), true);
         let sends = (0..8).map(|i| pool.send(chat(&sim.url(), i % 2 == 0, None)));
         for r in futures_util::future::join_all(sends).await {
-            let (resp, lease) = r.unwrap();
+            let resp = r.unwrap();
             assert_eq!(resp.version(), http::Version::HTTP_2);
-            finish(resp, lease).await;
+            finish(resp).await;
         }
-        let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
-        finish(resp, lease).await;
+        let resp = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+        finish(resp).await;
         assert!(
             get(&sim.counters().connections) <= 8,
             "concurrent first requests may each connect"
         );
         let before = get(&sim.counters().connections);
         for _ in 0..5 {
-            let (resp, lease) = pool.send(chat(&sim.url(), false, None)).await.unwrap();
-            finish(resp, lease).await;
+            let resp = pool.send(chat(&sim.url(), false, None)).await.unwrap();
+            finish(resp).await;
         }
         assert_eq!(
             get(&sim.counters().connections),
