@@ -31,8 +31,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::Interest;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -54,6 +53,8 @@ const COALESCE_BODY: usize = 16 * 1024;
 pub enum Error {
     #[error("connection closed before a response")]
     ClosedBeforeHead,
+    #[error("connection closed in the middle of the response head")]
+    IncompleteHead,
     #[error("connection closed before the end of the response body")]
     IncompleteBody,
     #[error("malformed response head: {0}")]
@@ -143,7 +144,9 @@ impl Conn {
 
     /// Whether this idle connection can carry a request: the backend has neither closed it
     /// nor sent anything since its last response ended (a TLS close_notify counts). Costs
-    /// no system call unless the reactor saw the socket become readable since [`Self::idle`].
+    /// no system call when the last read drained the socket (tokio then clears its read
+    /// readiness) and nothing arrived since; otherwise one read finds out. A close that
+    /// the reactor has not yet seen is missed (as with any pool); see the pool's docs.
     pub fn is_open(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
@@ -156,24 +159,38 @@ impl Conn {
             .is_pending()
     }
 
-    /// The last response was read exactly to its end: forget the socket's read readiness,
-    /// which is left over from that response, so [`Self::is_open`] can trust it. Nothing
-    /// that arrives later is missed: a new arrival sets readiness again (the reactor's
-    /// edge-triggered events carry a newer tick, which this does not clear), and tokio never
-    /// clears a seen close.
-    fn idle(&self) {
-        let _ = self.io.tcp().try_io(Interest::READABLE, || {
-            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-        });
-    }
-
-    /// Write a request.
-    pub async fn write_request(&mut self, req: &Encoded) -> io::Result<()> {
-        self.io.write_all(&req.head).await?;
-        if !req.body.is_empty() {
-            self.io.write_all(&req.body).await?;
-        }
-        self.io.flush().await
+    /// Write a request. A backend may answer before it has read the whole body (a 413 or
+    /// 429 to a large upload) and stop reading: when the socket cannot take more and the
+    /// backend has sent something, writing stops and [`Written::Cut`] says the answer is
+    /// ready to read (and that the connection must not carry another request).
+    pub async fn write_request(&mut self, req: &Encoded) -> io::Result<Written> {
+        let mut at = 0;
+        let total = req.head.len() + req.body.len();
+        std::future::poll_fn(|cx| {
+            while at < total {
+                let part = if at < req.head.len() {
+                    &req.head[at..]
+                } else {
+                    &req.body[at - req.head.len()..]
+                };
+                match Pin::new(&mut self.io).poll_write(cx, part) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => at += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Also woken when the backend sends: an early answer ends the write.
+                        if self.io.tcp().poll_read_ready(cx).is_ready() {
+                            return Poll::Ready(Ok(Written::Cut));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            Pin::new(&mut self.io)
+                .poll_flush(cx)
+                .map_ok(|()| Written::All)
+        })
+        .await
     }
 
     /// Read the final response head of the request just written (interim `1xx` answers
@@ -198,11 +215,19 @@ impl Conn {
                 return Err(if self.buf.is_empty() {
                     Error::ClosedBeforeHead
                 } else {
-                    Error::IncompleteBody
+                    Error::IncompleteHead
                 });
             }
         }
     }
+}
+
+/// How much of a request went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    All,
+    /// The backend answered before taking the whole body.
+    Cut,
 }
 
 /// A request ready to be written (and written again on a fresh connection if a reused
@@ -633,7 +658,6 @@ impl Body {
         let conn = self.conn.take();
         if let (Some(conn), Some(home), true) = (conn, self.home.take(), self.reuse) {
             if conn.buf.is_empty() && self.framing != Framing::Close {
-                conn.idle();
                 home.put(conn);
             }
         }

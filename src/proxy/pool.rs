@@ -24,7 +24,10 @@
 //! request cannot have reached the backend (no connection could be set up, or the request
 //! could not be written on a fresh connection). A request that cannot be written on a
 //! reused idle connection (the backend had closed it) is retried once on a fresh
-//! connection; nothing that may have reached the backend whole is ever resent.
+//! connection; nothing that may have reached the backend whole is ever resent. So a close
+//! still in flight when an idle connection is taken (the backend's keep-alive timeout
+//! racing the request) ends as a 502, not a retry: keep [`IDLE_TIMEOUT`] below the
+//! backends' own keep-alive timeout.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -464,16 +467,17 @@ impl Pool {
                     // so the per-request future that is moved around stays small.
                     None => Box::pin(self.connect_h1()).await?,
                 };
-                if let Err(e) = conn.write_request(&wire).await {
-                    if reused {
+                let written = match conn.write_request(&wire).await {
+                    Ok(w) => w,
+                    Err(e) if reused => {
                         // The backend had closed this idle connection. Once, on a fresh
                         // connection (not another idle one that may be as stale).
                         tracing::debug!(error = %e, "idle upstream connection was closed; retrying on a new one");
                         use_idle = false;
                         continue;
                     }
-                    return Err(PoolError::Connect(ConnectError::Unsent(e.into())));
-                }
+                    Err(e) => return Err(PoolError::Connect(ConnectError::Unsent(e.into()))),
+                };
                 let (head, framing, reuse) = conn
                     .read_head(head_request)
                     .await
@@ -482,6 +486,7 @@ impl Pool {
                     inner: self.inner.clone(),
                     worker,
                 };
+                let reuse = reuse && written == h1::Written::All;
                 let body = h1::Body::new(conn, framing, reuse, home);
                 return Ok(head.map(|()| ResponseBody::H1(body)));
             }
@@ -945,8 +950,8 @@ pub(crate) mod tests {
                                     .lines()
                                     .find_map(|l| l.strip_prefix("content-length: "))
                                     .map_or(0, |v| v.parse::<usize>().unwrap());
-                                if buf.len() >= i + 4 + len {
-                                    break (i + 4, len);
+                                if buf.len() >= i + 4 + len || text.starts_with("POST /early ") {
+                                    break (i + 4, len.min(buf.len() - i - 4));
                                 }
                             }
                             let mut chunk = [0u8; 4096];
@@ -956,9 +961,32 @@ pub(crate) mod tests {
                             }
                         };
                         let line = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                        if line.starts_with("POST /early ") {
+                            // Answer at once, read nothing more, keep the connection open.
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n",
+                                )
+                                .await;
+                            std::future::pending::<()>().await;
+                        }
                         buf.drain(..head_end + len);
                         let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                        // Head and body exactly fill the gateway's first 16 KiB read; bytes follow.
+                        let full = {
+                            let n =
+                                16384 - "HTTP/1.1 200 OK\r\ncontent-length: 16342\r\n\r\n".len();
+                            let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n")
+                                .into_bytes();
+                            v.resize(16384, b'f');
+                            v.extend_from_slice(b"JUNK");
+                            v
+                        };
+                        if path == "/hangup" {
+                            return;
+                        }
                         let (answer, close): (&[u8], bool) = match path.as_str() {
+                            "/full-read-then-junk" => (&full, false),
                             "/closes-after" => (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na", true),
                             "/connection-close" => {
                                 (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nb", false)
@@ -1035,6 +1063,45 @@ pub(crate) mod tests {
         let before = conns.load(Ordering::SeqCst);
         assert_eq!(send("/ok").await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), before + 1);
+
+        // Bytes that follow a body the first read took whole (so they are still in the
+        // socket, not the buffer): seen when the connection is next taken, and it is not.
+        assert_eq!(send("/full-read-then-junk").await.len(), 16342);
+        let before = conns.load(Ordering::SeqCst);
+        assert_eq!(send("/ok").await, "ok");
+        assert_eq!(conns.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_was_taken_is_relayed() {
+        let (url, conns) = scripted_backend().await;
+        let pool = pool_for(&url, false);
+        // Far more than the socket buffers hold: the backend answers 413 and stops reading.
+        let big = Request::post(format!("{url}/early"))
+            .body(Bytes::from(vec![b'x'; 32 << 20]))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), pool.send(big))
+            .await
+            .expect("the early answer is read, not waited past")
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        assert!(finish(resp).await.is_empty());
+        assert_eq!(pool.idle_count(0), 0, "its request was cut: not reused");
+        assert_eq!(send_ok(&pool, &url).await, "ok");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    async fn send_ok(pool: &Pool, url: &str) -> Bytes {
+        finish(pool.send(get_path(url, "/ok")).await.unwrap()).await
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_hangs_up_before_answering_is_not_a_connect_failure() {
+        let (url, _) = scripted_backend().await;
+        let pool = pool_for(&url, false);
+        // It had the whole request: it may have acted on it, so it must not be resent.
+        let err = pool.send(get_path(&url, "/hangup")).await.unwrap_err();
+        assert!(!err.is_connect(), "{err:?}");
     }
 
     #[tokio::test]
