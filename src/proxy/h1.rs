@@ -79,15 +79,6 @@ pub enum Io {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl Io {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Io::Tcp(s) => s,
-            Io::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
 impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -161,8 +152,10 @@ impl Conn {
 
     /// Write a request. A backend may answer before it has read the whole body (a 413 or
     /// 429 to a large upload) and stop reading: when the socket cannot take more and the
-    /// backend has sent something, writing stops and [`Written::Cut`] says the answer is
-    /// ready to read (and that the connection must not carry another request).
+    /// backend has sent response bytes, writing stops and [`Written::Cut`] says the answer
+    /// is ready to read (and that the connection must not carry another request). The check
+    /// reads through the stream, so TLS records that carry no data (TLS 1.3 session tickets
+    /// after the handshake) do not count as an answer. A close meanwhile is a write error.
     pub async fn write_request(&mut self, req: &Encoded) -> io::Result<Written> {
         let mut at = 0;
         let total = req.head.len() + req.body.len();
@@ -179,10 +172,19 @@ impl Conn {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Also woken when the backend sends: an early answer ends the write.
-                        if self.io.tcp().poll_read_ready(cx).is_ready() {
-                            return Poll::Ready(Ok(Written::Cut));
-                        }
-                        return Poll::Pending;
+                        self.buf.reserve(READ_RESERVE);
+                        return match tokio_util::io::poll_read_buf(
+                            Pin::new(&mut self.io),
+                            cx,
+                            &mut self.buf,
+                        ) {
+                            Poll::Pending => Poll::Pending,
+                            Poll::Ready(Ok(0)) => {
+                                Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+                            }
+                            Poll::Ready(Ok(_)) => Poll::Ready(Ok(Written::Cut)),
+                            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        };
                     }
                 }
             }
