@@ -31,7 +31,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -172,12 +172,7 @@ impl Conn {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Also woken when the backend sends: an early answer ends the write.
-                        self.buf.reserve(READ_RESERVE);
-                        return match tokio_util::io::poll_read_buf(
-                            Pin::new(&mut self.io),
-                            cx,
-                            &mut self.buf,
-                        ) {
+                        return match self.poll_fill(cx, READ_RESERVE) {
                             Poll::Pending => Poll::Pending,
                             Poll::Ready(Ok(0)) => {
                                 Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
@@ -193,6 +188,17 @@ impl Conn {
                 .map_ok(|()| Written::All)
         })
         .await
+    }
+
+    /// Read what the backend sent into the buffer, first growing it by [`READ_RESERVE`]
+    /// when less than `room` is free; `Ok(0)` when it closed the connection. Heads get a
+    /// whole `READ_RESERVE` (one read takes a usual head); bodies refill at a quarter of it,
+    /// so small streamed chunks do not each cost a new buffer.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < room {
+            self.buf.reserve(READ_RESERVE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     /// Read the final response head of the request just written (interim `1xx` answers
@@ -212,8 +218,7 @@ impl Conn {
             if self.buf.len() >= MAX_HEAD {
                 return Err(Error::HeadTooLarge);
             }
-            self.buf.reserve(READ_RESERVE);
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            if std::future::poll_fn(|cx| self.poll_fill(cx, READ_RESERVE)).await? == 0 {
                 return Err(if self.buf.is_empty() {
                     Error::ClosedBeforeHead
                 } else {
@@ -701,23 +706,11 @@ impl Body {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            if conn.buf.capacity() - conn.buf.len() < READ_RESERVE / 4 {
-                conn.buf.reserve(READ_RESERVE);
-            }
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut conn.io),
-                cx,
-                &mut conn.buf
-            ));
-            match read {
+            match ready!(conn.poll_fill(cx, READ_RESERVE / 4)) {
                 Ok(0) => {
-                    self.reuse = false;
-                    if let Err(e) = self.framing.eof() {
-                        self.conn = None;
-                        return Poll::Ready(Some(Err(e)));
-                    }
+                    // Closed: the end only for a body delimited by the close.
                     self.conn = None;
-                    return Poll::Ready(None);
+                    return Poll::Ready(self.framing.eof().err().map(Err));
                 }
                 Ok(_) => {}
                 Err(e) => {
