@@ -1,18 +1,21 @@
 //! Listener: the accept loop shared by the gateway, the admin endpoint and the simulator.
 //!
 //! HTTP/1.1 and h2c on one port (hyper-util `auto`), TCP_NODELAY on every accepted
-//! socket, a header read timeout against slow clients (which also closes connections that
-//! send no first request at all), and graceful shutdown: when the
+//! socket, a header timeout against slow clients and idle keep-alive connections (a
+//! [`Watchdog`] per connection: one timer per connection rather than one per request), and
+//! graceful shutdown: when the
 //! shutdown future resolves the listener closes, idle connections close, and in-flight
 //! requests (including long streams) get up to `drain_timeout` to finish.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,12 +23,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::error::Body;
+use crate::error::{Body, BoxError};
 
 /// Listener settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// Time a client has to send complete request headers.
+    /// Time a client has to send a complete request head, after connecting or after its
+    /// previous answer ended (see [`Watchdog`]).
     pub header_timeout: Duration,
     /// Time in-flight requests get after shutdown begins.
     pub drain_timeout: Duration,
@@ -65,10 +69,12 @@ pub async fn serve_with<S, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No hyper header-read timer: it costs a timer registration per request. The
+    // connection's `Watchdog` enforces `header_timeout` instead, with one timer per connection.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_timeout)
+        .header_read_timeout(None)
         .keep_alive(true);
     builder
         .http2()
@@ -92,42 +98,35 @@ pub async fn serve_with<S, F>(
         on_accept();
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
-        let first_request = Arc::new(AtomicBool::new(false));
-        let seen = first_request.clone();
-        let hyper_svc = hyper::service::service_fn(move |req| {
-            seen.store(true, Ordering::Relaxed);
+        let activity = Arc::new(Activity::default());
+        let seen = activity.clone();
+        let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            if req.version() == http::Version::HTTP_2 {
+                seen.http2.store(true, Ordering::Relaxed);
+            }
+            let answering = Answering::new(&seen);
             let fut = svc(req);
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), hyper_svc)
             .into_owned();
         let conn = graceful.watch(conn);
-        let first_deadline = opts.header_timeout;
+        let mut watchdog = Watchdog::new(activity, opts.header_timeout);
         tokio::spawn(async move {
-            // hyper's header timeout starts only once bytes arrive (and hyper-util reads the
-            // HTTP/2 preface with no timer at all): a connection that never sends a complete
-            // first request is closed here, so idle sockets cannot exhaust file descriptors.
-            // The deadline is dropped once a first request arrives: a `select!` would poll
-            // its timer again on every later wake-up of a busy keep-alive connection.
             tokio::pin!(conn);
-            let mut deadline = Some(Box::pin(tokio::time::sleep(first_deadline)));
             let result = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                if first_request.load(Ordering::Relaxed) {
-                    deadline = None;
-                } else if let Some(d) = deadline.as_mut() {
-                    if d.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
+                if watchdog.expired(cx) {
+                    return Poll::Ready(None);
                 }
                 Poll::Pending
             })
             .await;
             let Some(result) = result else {
-                tracing::debug!("closing a connection that sent no request in time");
+                tracing::debug!("closing a connection that sent no complete request in time");
                 return;
             };
             if let Err(e) = result {
@@ -143,6 +142,146 @@ pub async fn serve_with<S, F>(
         }
         () = tokio::time::sleep(opts.drain_timeout) => {
             tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout reached; closing remaining connections");
+        }
+    }
+}
+
+/// What a connection's [`Watchdog`] knows of it: how many requests are being answered, a
+/// count of request starts and ends (progress), and whether it turned out to be HTTP/2.
+#[derive(Default)]
+struct Activity {
+    busy: AtomicU32,
+    events: AtomicU32,
+    http2: AtomicBool,
+}
+
+/// Held from the moment a request's head has arrived until its response body is done (sent,
+/// or dropped when the client went away).
+struct Answering(Arc<Activity>);
+
+impl Answering {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::Relaxed);
+        activity.events.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its connection marked busy until it is dropped.
+struct Watched {
+    inner: Body,
+    _answering: Answering,
+}
+
+impl Watched {
+    fn new(inner: Body, answering: Answering) -> Self {
+        Self {
+            inner,
+            _answering: answering,
+        }
+    }
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Ticks per `header_timeout`: a connection is closed after this many quiet ticks in a row.
+const QUIET_TICKS: u32 = 4;
+
+/// Closes an HTTP/1.1 connection that has not sent a complete request head within
+/// `header_timeout` of being accepted or of its last response ending — a half-sent head
+/// (slowloris), or an idle keep-alive connection. A connection with a request in progress
+/// (however long its answer streams) is never closed.
+///
+/// One timer per connection, ticking every quarter of `header_timeout`, instead of the timer
+/// per request hyper's own header-read timeout arms. A tick is quiet when no request is being
+/// answered and none started or ended since the tick before; after [`QUIET_TICKS`] quiet
+/// ticks the connection is closed, so it is closed between 1 and 1.25 `header_timeout` after
+/// it went quiet, never sooner. HTTP/2 connections are left to hyper's HTTP/2 keep-alive once
+/// their first request shows what they are; until then the same rule cuts an HTTP/2 preface
+/// with no request.
+struct Watchdog {
+    activity: Arc<Activity>,
+    tick: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    seen: u32,
+    quiet: u32,
+}
+
+impl Watchdog {
+    fn new(activity: Arc<Activity>, header_timeout: Duration) -> Self {
+        let tick = (header_timeout / QUIET_TICKS).max(Duration::from_millis(1));
+        Self {
+            activity,
+            tick,
+            sleep: Some(Box::pin(tokio::time::sleep(tick))),
+            armed: false,
+            seen: 0,
+            quiet: 0,
+        }
+    }
+
+    /// Whether the connection must be closed now. Called on every wake-up of the connection's
+    /// task: between ticks this is a check of the timer's state, no clock read.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(sleep) = self.sleep.as_mut() else {
+            return false;
+        };
+        if !self.armed {
+            self.armed = true;
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        } else if !sleep.is_elapsed() {
+            return false;
+        }
+        loop {
+            if self.activity.http2.load(Ordering::Relaxed) {
+                self.sleep = None;
+                return false;
+            }
+            let events = self.activity.events.load(Ordering::Relaxed);
+            if self.activity.busy.load(Ordering::Relaxed) > 0 || events != self.seen {
+                self.seen = events;
+                self.quiet = 0;
+            } else {
+                self.quiet += 1;
+                if self.quiet >= QUIET_TICKS {
+                    return true;
+                }
+            }
+            sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.tick);
+            // Polled once so the timer holds this task's waker.
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
         }
     }
 }

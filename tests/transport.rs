@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -25,6 +25,123 @@ async fn slow_clients_are_cut_off_by_the_header_timeout() {
     // A normal client on another connection is unaffected.
     let resp = gw.chat(false, &[]).await;
     assert_eq!(resp.status(), 200);
+}
+
+/// Send one complete request on `s` and read its whole answer (`Content-Length` framed).
+async fn one_exchange(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("no answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before the answer was complete");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("a Content-Length answer")
+                .parse()
+                .unwrap();
+            if buf.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+/// Read until the peer closes; how long that took (`None`: still open after 5 s).
+async fn time_to_close(s: &mut tokio::net::TcpStream) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .ok()
+        .map(|_| start.elapsed())
+}
+
+#[tokio::test]
+async fn keep_alive_connections_get_the_header_timeout_after_every_answer() {
+    use tokio::io::AsyncWriteExt;
+    let (sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
+    // Idle after an answer: closed once the header timeout has passed, not before.
+    let mut idle = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .unwrap();
+    assert!(one_exchange(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let waited = time_to_close(&mut idle)
+        .await
+        .expect("idle keep-alive connection never closed");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed too early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(2), "closed late: {waited:?}");
+    // A second request's head dribbled out after a first answer (slowloris): cut off too.
+    let mut slow = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .unwrap();
+    assert!(one_exchange(&mut slow).await.starts_with("HTTP/1.1 200"));
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let waited = time_to_close(&mut slow)
+        .await
+        .expect("half-sent second head never cut off");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed too early: {waited:?}"
+    );
+    assert_eq!(
+        sim::get(&sim.counters().requests),
+        2,
+        "only the complete requests reached the backend"
+    );
+    // A connection that keeps sending requests more often than the timeout stays open.
+    let mut busy = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        assert!(one_exchange(&mut busy).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test]
+async fn streams_pausing_longer_than_the_header_timeout_are_not_cut() {
+    let (_sim, gw) = azure_pair("header_timeout = \"150ms\"", "").await;
+    let started = Instant::now();
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("x-sim-behavior", "latency:250")
+        .json(&serde_json::json!({
+            "model": "gpt-4o", "stream": true, "max_tokens": 3,
+            "messages": [{ "role": "user", "content": "Hi" }]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("stream cut off");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The backend really paused longer than the header timeout between events.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 use portcullis::sim;
