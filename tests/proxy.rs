@@ -439,10 +439,24 @@ async fn stream_reset_and_idle_timeout_end_the_client_stream() {
         )
         .await;
     assert_eq!(resp.status(), 200);
+    // The events relayed before the reset reach the client (they are flushed before the
+    // response is aborted), and then the stream ends in an error, not as if complete.
+    let mut resp = resp;
+    let mut got = Vec::new();
+    let ended = loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(ended.is_err(), "a truncated stream must not look complete");
+    let got = String::from_utf8_lossy(&got);
     assert!(
-        resp.text().await.is_err(),
-        "a truncated stream must not look complete"
+        got.starts_with("data: {"),
+        "events before the reset lost: {got:?}"
     );
+    assert!(!got.contains("[DONE]"), "{got}");
     assert_eq!(gw.audit_for("reset-1").await["outcome"], "upstream_error");
 
     let resp = gw

@@ -57,6 +57,8 @@ pin_project! {
         last_frame: Instant,
         bytes: u64,
         finish: Option<Finish>,
+        // An upstream error held back for one poll, so the frames before it are flushed.
+        failed: Option<BoxError>,
     }
 
     impl PinnedDrop for Relay {
@@ -85,6 +87,7 @@ impl Relay {
             last_frame: now,
             bytes: 0,
             finish: Some(finish),
+            failed: None,
         }
     }
 }
@@ -98,6 +101,9 @@ impl HttpBody for Relay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -115,6 +121,15 @@ impl HttpBody for Relay {
             Poll::Ready(Some(Err(e))) => {
                 if let Some(f) = this.finish.take() {
                     f.done(*this.bytes, "upstream_error");
+                }
+                if *this.bytes > 0 {
+                    // The server aborts the response on an error, dropping whatever it has
+                    // not written yet: when the upstream fails right after some frames, the
+                    // client would lose those (and even the head). One `Pending` first lets
+                    // the server flush them; the error follows on the next poll.
+                    *this.failed = Some(e);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 return Poll::Ready(Some(Err(e)));
             }
