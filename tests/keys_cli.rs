@@ -479,12 +479,16 @@ async fn lifecycle_through_a_running_gateway(store_url: &str) {
         .all(|r| r.headers["api-key"] == common::BACKEND_KEY));
 }
 
-#[tokio::test]
+// Multi-threaded: the `keys` commands run as blocking child processes from the test body,
+// while the in-process gateway's store tasks (key refresh, the `last_used` flush) must keep
+// running. On a one-thread runtime a flush caught between its UPDATE and its COMMIT would hold
+// the row lock while `keys revoke` waited for it, and neither would ever finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_through_a_running_gateway_on_sqlite() {
     lifecycle_through_a_running_gateway("sqlite://keys.db").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_through_a_running_gateway_on_postgres() {
     let db = TestDb::create().await;
     lifecycle_through_a_running_gateway(&db.url).await;
