@@ -17,43 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS="${REQUESTS:-2000}"
 WARMUP="${WARMUP:-300}"
-OUT="bench/out"
-mkdir -p "$OUT/tmp"
-OUT="$(cd "$OUT" && pwd)"
-
-need() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
-if ! need nginx || ! need valgrind; then
-  echo "==> installing nginx and valgrind (Debian packages)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light valgrind >/dev/null
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-if [ -n "${PORTCULLIS_BIN:-}" ]; then
-  BIN="$PORTCULLIS_BIN"
-else
-  echo "==> building portcullis (release)"
-  cargo build --release --locked -q
-  BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/portcullis"
-fi
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/common.sh
+bench_setup nginx:nginx-light valgrind:valgrind
 UP_PORT=$(free_port); PCL_PORT=$(free_port)
-BODY='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Portcullis benchmark answer."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}'
-cat > "$OUT/cg-upstream.conf" <<NGX
-worker_processes 1;
-pid $OUT/cg-upstream.pid;
-error_log $OUT/cg-upstream.err warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $OUT/tmp; proxy_temp_path $OUT/tmp; fastcgi_temp_path $OUT/tmp;
-  uwsgi_temp_path $OUT/tmp; scgi_temp_path $OUT/tmp;
-  server {
-    listen 127.0.0.1:$UP_PORT;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }
-}
-NGX
+upstream_conf cg-upstream 1 "$UP_PORT"
 cat > "$OUT/cg-portcullis.toml" <<TOML
 [server]
 listen = "127.0.0.1:$PCL_PORT"
@@ -131,6 +98,6 @@ for f in "$OUT"/callgrind.out.*; do
   # The worker thread runs the request path; the audit writer formats and writes the lines.
   role=other
   grep -q 'fn=.*Gateway.*pipeline' "$f" && role=worker
-  grep -q 'fn=.*audit.*write_loop' "$f" && role=audit
+  grep -q 'fn=.*portcullis::audit::\(write_loop\|AuditSink::start\)' "$f" && role=audit
   echo "  thread $thread ($role): $(( total / REQUESTS ))"
 done

@@ -22,53 +22,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR="${1:-10}"
 ROUNDS="${ROUNDS:-3}"
-OUT="bench/out"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-
-need() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
-if ! need nginx || ! need wrk; then
-  echo "==> installing nginx and wrk (Debian packages)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-
-# PORTCULLIS_BIN: benchmark that binary instead of building (e.g. a saved earlier build).
-if [ -n "${PORTCULLIS_BIN:-}" ]; then
-  BIN="$PORTCULLIS_BIN"
-else
-  echo "==> building portcullis (release)"
-  cargo build --release --locked -q
-  BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/portcullis"
-fi
-
+. bench/common.sh
+bench_setup nginx:nginx-light wrk:wrk
 JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP_PORT=$(free_port); NGX_PORT=$(free_port); PCL_PORT=$(free_port); PCL1_PORT=$(free_port)
 
-BODY='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Portcullis benchmark answer."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}'
-
-# An nginx config: NAME, then the http-block body. Both nginx instances share the rest.
-nginx_conf() {
-  cat > "$OUT/$1.conf" <<NGX
-worker_processes auto;
-pid $OUT/$1.pid;
-error_log $OUT/$1.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $OUT/tmp; proxy_temp_path $OUT/tmp; fastcgi_temp_path $OUT/tmp;
-  uwsgi_temp_path $OUT/tmp; scgi_temp_path $OUT/tmp;
-$2
-}
-NGX
-}
-nginx_conf upstream "  server {
-    listen 127.0.0.1:$UP_PORT;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }"
-nginx_conf proxy "  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
+upstream_conf upstream auto "$UP_PORT"
+nginx_conf proxy auto "  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
   server {
     listen 127.0.0.1:$NGX_PORT;
     location / {

@@ -108,9 +108,11 @@ pub async fn serve_with<S, F>(
             let fut = svc(req);
             async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), hyper_svc)
-            .into_owned();
+        let io = Counted {
+            io: TokioIo::new(stream),
+            activity: activity.clone(),
+        };
+        let conn = builder.serve_connection(io, hyper_svc).into_owned();
         let conn = graceful.watch(conn);
         let mut watchdog = Watchdog::new(activity, opts.header_timeout);
         tokio::spawn(async move {
@@ -147,7 +149,8 @@ pub async fn serve_with<S, F>(
 }
 
 /// What a connection's [`Watchdog`] knows of it: how many requests are being answered, a
-/// count of request starts and ends (progress), and whether it turned out to be HTTP/2.
+/// count of request starts, request ends and writes (progress), and whether it turned out to
+/// be HTTP/2.
 #[derive(Default)]
 struct Activity {
     busy: AtomicU32,
@@ -219,7 +222,8 @@ const QUIET_TICKS: u32 = 4;
 ///
 /// One timer per connection, ticking every quarter of `header_timeout`, instead of the timer
 /// per request hyper's own header-read timeout arms. A tick is quiet when no request is being
-/// answered and none started or ended since the tick before; after [`QUIET_TICKS`] quiet
+/// answered and none started or ended, and nothing was written to the client, since the tick
+/// before (reads do not count: a client dribbling a head is not progress); after [`QUIET_TICKS`] quiet
 /// ticks the connection is closed, so it is closed between 1 and 1.25 `header_timeout` after
 /// it went quiet, never sooner. HTTP/2 connections are left to hyper's HTTP/2 keep-alive once
 /// their first request shows what they are; until then the same rule cuts an HTTP/2 preface
@@ -254,7 +258,7 @@ impl Watchdog {
         };
         if !self.armed {
             self.armed = true;
-            if sleep.as_mut().poll(cx).is_pending() {
+            if poll_timer(sleep.as_mut(), cx).is_pending() {
                 return false;
             }
         } else if !sleep.is_elapsed() {
@@ -279,10 +283,80 @@ impl Watchdog {
                 .as_mut()
                 .reset(tokio::time::Instant::now() + self.tick);
             // Polled once so the timer holds this task's waker.
-            if sleep.as_mut().poll(cx).is_pending() {
+            if poll_timer(sleep.as_mut(), cx).is_pending() {
                 return false;
             }
         }
+    }
+}
+
+/// Poll the watchdog's timer outside tokio's cooperative budget: a connection that used up
+/// the task's budget would otherwise get `Pending` without the timer registering the waker
+/// (or, on the first poll, without the timer being created at all), and the tick would
+/// never come.
+fn poll_timer(sleep: Pin<&mut tokio::time::Sleep>, cx: &mut Context<'_>) -> Poll<()> {
+    Pin::new(&mut tokio::task::coop::unconstrained(sleep)).poll(cx)
+}
+
+/// The client socket as hyper sees it, counting every write as progress for the
+/// [`Watchdog`]: hyper drops a response body once it has its last frame, which may still be
+/// in hyper's write buffer. A client still reading that tail is not idle; one that reads
+/// nothing for a whole `header_timeout` after its answer's last frame is cut off like any
+/// other quiet connection.
+struct Counted {
+    io: TokioIo<tokio::net::TcpStream>,
+    activity: Arc<Activity>,
+}
+
+impl Counted {
+    fn wrote(&self, n: &Poll<std::io::Result<usize>>) {
+        if matches!(n, Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl hyper::rt::Read for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(&n);
+        n
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(&n);
+        n
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

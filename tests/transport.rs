@@ -61,61 +61,87 @@ async fn one_exchange(s: &mut tokio::net::TcpStream) -> String {
     }
 }
 
-/// Read until the peer closes; how long that took (`None`: still open after 5 s).
-async fn time_to_close(s: &mut tokio::net::TcpStream) -> Option<Duration> {
+/// Read until the peer closes; how long after `since` that was (`None`: still open 5 s on).
+async fn closed_after(s: &mut tokio::net::TcpStream, since: Instant) -> Option<Duration> {
     use tokio::io::AsyncReadExt;
-    let start = Instant::now();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
         .await
         .ok()
-        .map(|_| start.elapsed())
+        .map(|_| since.elapsed())
 }
 
 #[tokio::test]
 async fn keep_alive_connections_get_the_header_timeout_after_every_answer() {
     use tokio::io::AsyncWriteExt;
+    let timeout = Duration::from_millis(300);
     let (sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
-    // Idle after an answer: closed once the header timeout has passed, not before.
+    // Idle after an answer: closed once the header timeout has passed since the answer (so
+    // since before the request was sent), not before.
     let mut idle = tokio::net::TcpStream::connect(gw.running.addr)
         .await
         .unwrap();
+    let sent = Instant::now();
     assert!(one_exchange(&mut idle).await.starts_with("HTTP/1.1 200"));
-    let waited = time_to_close(&mut idle)
+    let waited = closed_after(&mut idle, sent)
         .await
         .expect("idle keep-alive connection never closed");
-    assert!(
-        waited >= Duration::from_millis(250),
-        "closed too early: {waited:?}"
-    );
-    assert!(waited < Duration::from_secs(2), "closed late: {waited:?}");
-    // A second request's head dribbled out after a first answer (slowloris): cut off too.
+    assert!(waited >= timeout, "closed too early: {waited:?}");
+    assert!(waited < Duration::from_secs(3), "closed late: {waited:?}");
+    // A second request's head sent in part after a first answer: cut off too.
+    let mut half = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    assert!(one_exchange(&mut half).await.starts_with("HTTP/1.1 200"));
+    half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let waited = closed_after(&mut half, sent)
+        .await
+        .expect("half-sent second head never cut off");
+    assert!(waited >= timeout, "closed too early: {waited:?}");
+    // Slowloris: a second head dribbled out a byte at a time, each byte well within the
+    // timeout of the one before, is cut off all the same.
     let mut slow = tokio::net::TcpStream::connect(gw.running.addr)
         .await
         .unwrap();
+    let sent = Instant::now();
     assert!(one_exchange(&mut slow).await.starts_with("HTTP/1.1 200"));
-    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    let waited = time_to_close(&mut slow)
-        .await
-        .expect("half-sent second head never cut off");
+    let head =
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+    let mut cut = None;
+    for b in head.iter().cycle().take(200) {
+        if slow.write_all(&[*b]).await.is_err() {
+            cut = Some(sent.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = match cut {
+        Some(w) => w,
+        None => closed_after(&mut slow, sent)
+            .await
+            .expect("dribbling client never cut off"),
+    };
+    assert!(waited >= timeout, "closed too early: {waited:?}");
     assert!(
-        waited >= Duration::from_millis(250),
-        "closed too early: {waited:?}"
+        waited < Duration::from_secs(3),
+        "dribbling client kept for {waited:?}"
     );
     assert_eq!(
         sim::get(&sim.counters().requests),
-        2,
+        3,
         "only the complete requests reached the backend"
     );
-    // A connection that keeps sending requests more often than the timeout stays open.
+    // A connection that sends requests more often than the timeout stays open well past it.
     let mut busy = tokio::net::TcpStream::connect(gw.running.addr)
         .await
         .unwrap();
-    for _ in 0..6 {
+    let opened = Instant::now();
+    while opened.elapsed() < timeout * 2 {
         assert!(one_exchange(&mut busy).await.starts_with("HTTP/1.1 200"));
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -125,8 +125,11 @@ impl HttpBody for Relay {
                 if *this.bytes > 0 {
                     // The server aborts the response on an error, dropping whatever it has
                     // not written yet: when the upstream fails right after some frames, the
-                    // client would lose those (and even the head). One `Pending` first lets
-                    // the server flush them; the error follows on the next poll.
+                    // client would lose those (and even the head). One `Pending` first gives
+                    // the server a flush (HTTP/1.1: the dispatcher flushes between polls);
+                    // the error follows on the next poll. Best effort: what does not fit in
+                    // the socket's buffer by then is still lost, and an HTTP/2 stream's reset
+                    // may overtake DATA frames still queued.
                     *this.failed = Some(e);
                     cx.waker().wake_by_ref();
                     return Poll::Pending;

@@ -1,0 +1,57 @@
+# Shared by bench/run.sh and bench/callgrind.sh (sourced, from the repository root): the output
+# folder, the tools and the binary under test, free ports, and the nginx "upstream" both use.
+
+OUT="bench/out"
+mkdir -p "$OUT/tmp"
+OUT="$(cd "$OUT" && pwd)"
+
+# Install the Debian packages named (binary:package pairs) whose binary is missing, then set
+# NGINX and BIN: PORTCULLIS_BIN when given (e.g. a saved earlier build), else a release build.
+bench_setup() {
+  local missing=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair##*:}")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing ${missing[*]} (Debian packages)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+  if [ -n "${PORTCULLIS_BIN:-}" ]; then
+    BIN="$PORTCULLIS_BIN"
+  else
+    echo "==> building portcullis (release)"
+    cargo build --release --locked -q
+    BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/portcullis"
+  fi
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The canned chat completion the upstream answers every request with.
+BODY='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Portcullis benchmark answer."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}'
+
+# An nginx config in $OUT/NAME.conf: NAME, worker_processes, then the http-block body.
+nginx_conf() {
+  cat > "$OUT/$1.conf" <<NGX
+worker_processes $2;
+pid $OUT/$1.pid;
+error_log $OUT/$1.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $OUT/tmp; proxy_temp_path $OUT/tmp; fastcgi_temp_path $OUT/tmp;
+  uwsgi_temp_path $OUT/tmp; scgi_temp_path $OUT/tmp;
+$3
+}
+NGX
+}
+
+# The upstream: `return 200` with $BODY on 127.0.0.1:PORT. NAME, worker_processes, PORT.
+upstream_conf() {
+  nginx_conf "$1" "$2" "  server {
+    listen 127.0.0.1:$3;
+    location / { default_type application/json; return 200 '$BODY'; }
+  }"
+}
