@@ -21,33 +21,7 @@ WARMUP="${WARMUP:-300}"
 bench_setup nginx:nginx-light valgrind:valgrind
 UP_PORT=$(free_port); PCL_PORT=$(free_port)
 upstream_conf cg-upstream 1 "$UP_PORT"
-cat > "$OUT/cg-portcullis.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PCL_PORT"
-workers = 1
-[admin]
-listen = ""
-[audit]
-path = "$OUT/cg-audit.log"
-[store]
-url = "sqlite://$OUT/cg-keys.db"
-key_hmac_secret = "bench-store-secret-0123456789abcdef0123456789"
-[[issuers]]
-name = "bench"
-issuer = "https://bench.idp.invalid"
-audiences = ["api://bench"]
-algorithms = ["HS256"]
-hmac_secret = "bench-jwt-secret-0123456789abcdef0123456789"
-[[clients]]
-id = "anon"
-anonymous = true
-deployments = ["*"]
-operations = ["*"]
-[[backends]]
-name = "upstream"
-url = "http://127.0.0.1:$UP_PORT"
-deployments = { "gpt-4o" = "gpt-4o" }
-TOML
+gateway_conf "$OUT/cg-portcullis.toml" "$PCL_PORT" "$UP_PORT" cg- "workers = 1"
 rm -f "$OUT"/callgrind.out.* "$OUT/cg-keys.db"*
 
 PCL_PID=""

@@ -55,3 +55,43 @@ upstream_conf() {
     location / { default_type application/json; return 200 '$BODY'; }
   }"
 }
+
+JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
+
+# The gateway as the bench runs it: anonymous callers allowed, an API-key store, an HS256
+# issuer and a client for JWT callers, one backend. FILE, listen port, upstream port, a prefix
+# for its audit and key files, and extra `[server]` lines.
+gateway_conf() {
+  cat > "$1" <<TOML
+[server]
+listen = "127.0.0.1:$2"
+$5
+[admin]
+listen = ""
+[audit]
+path = "$OUT/$4audit.log"
+[store]
+url = "sqlite://$OUT/$4keys.db"
+key_hmac_secret = "bench-store-secret-0123456789abcdef0123456789"
+[[issuers]]
+name = "bench"
+issuer = "https://bench.idp.invalid"
+audiences = ["api://bench"]
+algorithms = ["HS256"]
+hmac_secret = "$JWT_SECRET"
+[[clients]]
+id = "anon"
+anonymous = true
+deployments = ["*"]
+operations = ["*"]
+[[clients]]
+id = "bench"
+jwt = [{ issuer = "bench", claims = { azp = "bench-app" } }]
+deployments = ["gpt-4o"]
+operations = ["chat"]
+[[backends]]
+name = "upstream"
+url = "http://127.0.0.1:$3"
+deployments = { "gpt-4o" = "gpt-4o" }
+TOML
+}

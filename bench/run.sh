@@ -24,7 +24,6 @@ DUR="${1:-10}"
 ROUNDS="${ROUNDS:-3}"
 . bench/common.sh
 bench_setup nginx:nginx-light wrk:wrk
-JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
 UP_PORT=$(free_port); NGX_PORT=$(free_port); PCL_PORT=$(free_port); PCL1_PORT=$(free_port)
 
 upstream_conf upstream auto "$UP_PORT"
@@ -38,37 +37,7 @@ nginx_conf proxy auto "  upstream backend { server 127.0.0.1:$UP_PORT; keepalive
       proxy_buffering off;
     }
   }"
-cat > "$OUT/portcullis.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PCL_PORT"
-[admin]
-listen = ""
-[audit]
-path = "$OUT/audit.log"
-[store]
-url = "sqlite://$OUT/keys.db"
-key_hmac_secret = "bench-store-secret-0123456789abcdef0123456789"
-[[issuers]]
-name = "bench"
-issuer = "https://bench.idp.invalid"
-audiences = ["api://bench"]
-algorithms = ["HS256"]
-hmac_secret = "$JWT_SECRET"
-[[clients]]
-id = "anon"
-anonymous = true
-deployments = ["*"]
-operations = ["*"]
-[[clients]]
-id = "bench"
-jwt = [{ issuer = "bench", claims = { azp = "bench-app" } }]
-deployments = ["gpt-4o"]
-operations = ["chat"]
-[[backends]]
-name = "upstream"
-url = "http://127.0.0.1:$UP_PORT"
-deployments = { "gpt-4o" = "gpt-4o" }
-TOML
+gateway_conf "$OUT/portcullis.toml" "$PCL_PORT" "$UP_PORT" "" ""
 rm -f "$OUT/keys.db"
 API_KEY=$("$BIN" keys create --config "$OUT/portcullis.toml" --client bench --name bench 2>/dev/null)
 JWT=$(python3 - "$JWT_SECRET" <<'PY'
