@@ -1,13 +1,8 @@
-//! Listener: the accept loop shared by the gateway, the admin endpoint and the simulator.
-//!
-//! HTTP/1.1 and h2c on one port (hyper-util `auto`), TCP_NODELAY on every accepted
-//! socket, a header timeout against slow clients and idle keep-alive connections (a
-//! [`Watchdog`] per connection: one timer per connection rather than one per request), and
-//! graceful shutdown: when the
-//! shutdown future resolves the listener closes, idle connections close, and in-flight
-//! requests (including long streams) get up to `drain_timeout` to finish.
+//! The header timeout, kept per connection: a [`Watchdog`] closes a connection that has sent no
+//! complete request head within `header_timeout` of connecting or of its last answer, with one
+//! timer per connection. What it watches: requests being answered ([`Answering`], held by the
+//! response body until hyper drops it, see [`Watched`]) and writes to the client ([`Counted`]).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -16,154 +11,26 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioIo;
 
 use crate::error::{Body, BoxError};
-
-/// Listener settings.
-#[derive(Debug, Clone, Copy)]
-pub struct ServeOptions {
-    /// Time a client has to send a complete request head, after connecting or after its
-    /// previous answer ended (see [`Watchdog`]).
-    pub header_timeout: Duration,
-    /// Time in-flight requests get after shutdown begins.
-    pub drain_timeout: Duration,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        Self {
-            header_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Serve `service` on `listener` until `shutdown` resolves, then drain.
-pub async fn serve<S, F>(
-    listener: TcpListener,
-    service: S,
-    opts: ServeOptions,
-    shutdown: impl Future<Output = ()>,
-) where
-    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
-    serve_with(listener, service, opts, shutdown, || {}).await;
-}
-
-/// [`serve`], calling `on_accept` for every accepted connection (the simulator counts them).
-pub async fn serve_with<S, F>(
-    listener: TcpListener,
-    service: S,
-    opts: ServeOptions,
-    shutdown: impl Future<Output = ()>,
-    mut on_accept: impl FnMut(),
-) where
-    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No hyper header-read timer: it costs a timer registration per request. The
-    // connection's `Watchdog` enforces `header_timeout` instead, with one timer per connection.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        on_accept();
-        let _ = stream.set_nodelay(true);
-        let svc = service.clone();
-        let activity = Arc::new(Activity::default());
-        let seen = activity.clone();
-        let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            if req.version() == http::Version::HTTP_2 {
-                seen.http2.store(true, Ordering::Relaxed);
-            }
-            let answering = Answering::new(&seen);
-            let fut = svc(req);
-            async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
-        });
-        let io = Counted {
-            io: TokioIo::new(stream),
-            activity: activity.clone(),
-        };
-        let conn = builder.serve_connection(io, hyper_svc).into_owned();
-        let conn = graceful.watch(conn);
-        let mut watchdog = Watchdog::new(activity, opts.header_timeout);
-        tokio::spawn(async move {
-            tokio::pin!(conn);
-            let result = std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(Some(r));
-                }
-                if watchdog.expired(cx) {
-                    return Poll::Ready(None);
-                }
-                Poll::Pending
-            })
-            .await;
-            let Some(result) = result else {
-                tracing::debug!("closing a connection that sent no complete request in time");
-                return;
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    let open = graceful.count();
-    tokio::select! {
-        () = graceful.shutdown() => {
-            tracing::info!(connections = open, "all connections drained");
-        }
-        () = tokio::time::sleep(opts.drain_timeout) => {
-            tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout reached; closing remaining connections");
-        }
-    }
-}
 
 /// What a connection's [`Watchdog`] knows of it: how many requests are being answered, a
 /// count of request starts, request ends and writes (progress), and whether it turned out to
 /// be HTTP/2.
 #[derive(Default)]
-struct Activity {
+pub(super) struct Activity {
     busy: AtomicU32,
     events: AtomicU32,
-    http2: AtomicBool,
+    pub(super) http2: AtomicBool,
 }
 
 /// Held from the moment a request's head has arrived until its response body is done (sent,
 /// or dropped when the client went away).
-struct Answering(Arc<Activity>);
+pub(super) struct Answering(Arc<Activity>);
 
 impl Answering {
-    fn new(activity: &Arc<Activity>) -> Self {
+    pub(super) fn new(activity: &Arc<Activity>) -> Self {
         activity.busy.fetch_add(1, Ordering::Relaxed);
         activity.events.fetch_add(1, Ordering::Relaxed);
         Self(activity.clone())
@@ -178,13 +45,13 @@ impl Drop for Answering {
 }
 
 /// A response body that keeps its connection marked busy until it is dropped.
-struct Watched {
+pub(super) struct Watched {
     inner: Body,
     _answering: Answering,
 }
 
 impl Watched {
-    fn new(inner: Body, answering: Answering) -> Self {
+    pub(super) fn new(inner: Body, answering: Answering) -> Self {
         Self {
             inner,
             _answering: answering,
@@ -228,7 +95,7 @@ const QUIET_TICKS: u32 = 4;
 /// it went quiet, never sooner. HTTP/2 connections are left to hyper's HTTP/2 keep-alive once
 /// their first request shows what they are; until then the same rule cuts an HTTP/2 preface
 /// with no request.
-struct Watchdog {
+pub(super) struct Watchdog {
     activity: Arc<Activity>,
     tick: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -238,7 +105,7 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn new(activity: Arc<Activity>, header_timeout: Duration) -> Self {
+    pub(super) fn new(activity: Arc<Activity>, header_timeout: Duration) -> Self {
         let tick = (header_timeout / QUIET_TICKS).max(Duration::from_millis(1));
         Self {
             activity,
@@ -252,7 +119,7 @@ impl Watchdog {
 
     /// Whether the connection must be closed now. Called on every wake-up of the connection's
     /// task: between ticks this is a check of the timer's state, no clock read.
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(sleep) = self.sleep.as_mut() else {
             return false;
         };
@@ -303,9 +170,9 @@ fn poll_timer(sleep: Pin<&mut tokio::time::Sleep>, cx: &mut Context<'_>) -> Poll
 /// in hyper's write buffer. A client still reading that tail is not idle; one that reads
 /// nothing for a whole `header_timeout` after its answer's last frame is cut off like any
 /// other quiet connection.
-struct Counted {
-    io: TokioIo<tokio::net::TcpStream>,
-    activity: Arc<Activity>,
+pub(super) struct Counted {
+    pub(super) io: TokioIo<tokio::net::TcpStream>,
+    pub(super) activity: Arc<Activity>,
 }
 
 impl Counted {
@@ -357,27 +224,5 @@ impl hyper::rt::Write for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }

@@ -1,0 +1,171 @@
+//! Listener: the accept loop shared by the gateway, the admin endpoint and the simulator.
+//!
+//! HTTP/1.1 and h2c on one port (hyper-util `auto`), TCP_NODELAY on every accepted
+//! socket, a header timeout against slow clients and idle keep-alive connections (`watchdog`:
+//! one timer per connection rather than one per request), and graceful shutdown: when the
+//! shutdown future resolves the listener closes, idle connections close, and in-flight
+//! requests (including long streams) get up to `drain_timeout` to finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::error::Body;
+
+mod watchdog;
+use watchdog::{Activity, Answering, Counted, Watchdog, Watched};
+
+/// Listener settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Time a client has to send a complete request head, after connecting or after its
+    /// previous answer ended (enforced by the `watchdog` module).
+    pub header_timeout: Duration,
+    /// Time in-flight requests get after shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serve `service` on `listener` until `shutdown` resolves, then drain.
+pub async fn serve<S, F>(
+    listener: TcpListener,
+    service: S,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_with(listener, service, opts, shutdown, || {}).await;
+}
+
+/// [`serve`], calling `on_accept` for every accepted connection (the simulator counts them).
+pub async fn serve_with<S, F>(
+    listener: TcpListener,
+    service: S,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+    mut on_accept: impl FnMut(),
+) where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No hyper header-read timer: it costs a timer registration per request. The
+    // connection's `Watchdog` enforces `header_timeout` instead, with one timer per connection.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        on_accept();
+        let _ = stream.set_nodelay(true);
+        let svc = service.clone();
+        let activity = Arc::new(Activity::default());
+        let seen = activity.clone();
+        let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            if req.version() == http::Version::HTTP_2 {
+                seen.http2.store(true, Ordering::Relaxed);
+            }
+            let answering = Answering::new(&seen);
+            let fut = svc(req);
+            async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
+        });
+        let io = Counted {
+            io: TokioIo::new(stream),
+            activity: activity.clone(),
+        };
+        let conn = builder.serve_connection(io, hyper_svc).into_owned();
+        let conn = graceful.watch(conn);
+        let mut watchdog = Watchdog::new(activity, opts.header_timeout);
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let result = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                if watchdog.expired(cx) {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            let Some(result) = result else {
+                tracing::debug!("closing a connection that sent no complete request in time");
+                return;
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    tokio::select! {
+        () = graceful.shutdown() => {
+            tracing::info!(connections = open, "all connections drained");
+        }
+        () = tokio::time::sleep(opts.drain_timeout) => {
+            tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout reached; closing remaining connections");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
