@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 
 use crate::error::GatewayError;
 use crate::route::Route;
@@ -180,22 +180,24 @@ pub async fn forward(
                 })
             }
         };
-        let mut req = Request::new(up.body.clone());
-        *req.method_mut() = out.method.clone();
-        *req.uri_mut() = http::Uri::from(up.path_and_query);
         // Only a failover needs the headers again: the last candidate takes them.
-        *req.headers_mut() = if is_last {
+        let mut headers = if is_last {
             std::mem::take(&mut out.headers)
         } else {
             out.headers.clone()
         };
         if !up.body.is_empty() || out.method == Method::POST || out.method == Method::PUT {
-            req.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));
         }
         if let Some((name, value)) = credential {
-            req.headers_mut().insert(name, value);
+            headers.insert(name, value);
         }
+        let req = pool::Outbound {
+            method: out.method.clone(),
+            target: up.target,
+            headers,
+            body: up.body,
+        };
         attempts += 1;
         let sent = tokio::time::timeout(backend.first_byte_timeout, backend.pool.send(req)).await;
         let outcome = match sent {

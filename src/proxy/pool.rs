@@ -57,6 +57,57 @@ use crate::proxy::h1;
 /// The request body type sent upstream (request bodies are already buffered).
 pub type UpstreamBody = Bytes;
 
+/// A request for a backend: what [`Pool::send`] sends.
+pub struct Outbound {
+    pub method: Method,
+    pub target: OriginForm,
+    pub headers: http::HeaderMap,
+    pub body: UpstreamBody,
+}
+
+/// An origin-form request target (`/path?query`, RFC 9112 §3.2.1) that is safe to write on a
+/// request line: it starts with `/` and holds no space, control byte, DEL or `#`. Checking
+/// this costs a scan of the bytes; building an `http::Uri` re-parses the whole target, which
+/// an HTTP/1.1 backend never needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginForm(String);
+
+/// A target [`OriginForm::new`] refused.
+#[derive(Debug, thiserror::Error)]
+#[error("not an origin-form request target")]
+pub struct InvalidTarget;
+
+impl OriginForm {
+    pub fn new(target: String) -> Result<Self, InvalidTarget> {
+        let ok =
+            target.starts_with('/') && target.bytes().all(|b| b > b' ' && b != 0x7f && b != b'#');
+        if ok {
+            Ok(Self(target))
+        } else {
+            Err(InvalidTarget)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Request<UpstreamBody>> for Outbound {
+    /// The request's method, headers, body and its URI's path and query (tests, tools).
+    fn from(req: Request<UpstreamBody>) -> Self {
+        let (parts, body) = req.into_parts();
+        // `http` parsed it: no space, control byte or fragment.
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        Self {
+            method: parts.method,
+            target: OriginForm(target.to_owned()),
+            headers: parts.headers,
+            body,
+        }
+    }
+}
+
 type H1 = h1::Conn;
 type H2 = http2::SendRequest<Full<Bytes>>;
 
@@ -418,15 +469,15 @@ impl Pool {
         })
     }
 
-    /// Send `req` (its URI's path and query, or an absolute URI on this backend) on the
-    /// calling worker's connections.
+    /// Send `req` on the calling worker's connections.
     ///
     /// Not an `async fn`: the returned future is exactly the HTTP/1.1 or HTTP/2 one, so it
     /// stays small (it is moved into the request's future on every request).
     pub fn send(
         &self,
-        req: Request<UpstreamBody>,
+        req: impl Into<Outbound>,
     ) -> impl Future<Output = Result<Response<ResponseBody>, PoolError>> + Send + '_ {
+        let req = req.into();
         let worker = crate::worker::index() % self.inner.slots.len();
         if self.inner.target.http2 {
             Either::Right(self.send_h2(worker, req))
@@ -440,18 +491,16 @@ impl Pool {
     fn send_h1(
         &self,
         worker: usize,
-        req: Request<UpstreamBody>,
+        req: Outbound,
     ) -> impl Future<Output = Result<Response<ResponseBody>, PoolError>> + Send + '_ {
-        let (parts, body) = req.into_parts();
-        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let wire = h1::encode_request(
-            &parts.method,
-            target,
+            &req.method,
+            req.target.as_str(),
             &self.inner.target.host_header,
-            &parts.headers,
-            body,
+            &req.headers,
+            req.body,
         );
-        let head_request = parts.method == Method::HEAD;
+        let head_request = req.method == Method::HEAD;
         async move {
             let mut use_idle = true;
             loop {
@@ -503,11 +552,17 @@ impl Pool {
     fn send_h2(
         &self,
         worker: usize,
-        req: Request<UpstreamBody>,
+        req: Outbound,
     ) -> impl Future<Output = Result<Response<ResponseBody>, PoolError>> + Send + '_ {
-        let mut req = req.map(Full::new);
-        absolute_form(req.uri_mut(), &self.inner.target);
+        let built = absolute_uri(&self.inner.target, &req.target).map(|uri| {
+            let mut r = Request::new(Full::new(req.body));
+            *r.method_mut() = req.method;
+            *r.uri_mut() = uri;
+            *r.headers_mut() = req.headers;
+            r
+        });
         async move {
+            let mut req = built.map_err(|e| PoolError::Request(e.into()))?;
             let mut use_shared = true;
             loop {
                 let shared = if use_shared {
@@ -654,26 +709,12 @@ where
 
 /// `/path?q` → `scheme://authority/path?q`: HTTP/2 requests carry the target's scheme and
 /// authority as pseudo-headers.
-fn absolute_form(uri: &mut Uri, target: &Target) {
-    if uri.scheme().is_some() {
-        return;
-    }
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    match Uri::builder()
+fn absolute_uri(target: &Target, origin: &OriginForm) -> Result<Uri, http::Error> {
+    Uri::builder()
         .scheme(target.scheme.clone())
         .authority(target.authority.clone())
-        .path_and_query(pq)
+        .path_and_query(origin.as_str())
         .build()
-    {
-        Ok(u) => *uri = u,
-        // Not expected (all three parts are valid already). The URI is left as it was, and
-        // hyper refuses to send an HTTP/2 request without a scheme: an error, never a
-        // request to some other path.
-        Err(e) => tracing::error!(error = %e, "cannot build an HTTP/2 request URI"),
-    }
 }
 
 /// rustls client config: webpki roots plus the backend's extra CA bundle; ALPN by protocol.
@@ -797,14 +838,37 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn absolute_form_adds_the_targets_scheme_and_authority() {
+    fn absolute_uri_adds_the_targets_scheme_and_authority() {
         let pool = pool_for("https://x.example:8443", true);
-        let mut u = Uri::from_static("/openai/x?api-version=1&a=b");
-        absolute_form(&mut u, &pool.inner.target);
+        let origin = OriginForm::new("/openai/x?api-version=1&a=b".into()).unwrap();
+        let u = absolute_uri(&pool.inner.target, &origin).unwrap();
         assert_eq!(u, "https://x.example:8443/openai/x?api-version=1&a=b");
-        let mut u = Uri::from_static("http://other:1/y");
-        absolute_form(&mut u, &pool.inner.target);
-        assert_eq!(u, "http://other:1/y", "an absolute URI is left as it is");
+    }
+
+    #[test]
+    fn origin_form_targets_cannot_break_the_request_line() {
+        for ok in [
+            "/",
+            "/openai/deployments/d/chat/completions?api-version=2024-10-21&x=%20",
+            "/v1/files/é",
+        ] {
+            assert_eq!(OriginForm::new(ok.into()).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            "openai/x",
+            "*",
+            "http://a/b",
+            "/a b",
+            "/a\r\nHost: evil",
+            "/a\nb",
+            "/a\tb",
+            "/a\0",
+            "/a\x7f",
+            "/a#frag",
+        ] {
+            assert!(OriginForm::new(bad.into()).is_err(), "{bad:?} accepted");
+        }
     }
 
     pub(crate) fn pool_for(url: &str, http2: bool) -> Pool {

@@ -9,9 +9,9 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::uri::PathAndQuery;
 use serde::Deserialize;
 
+use super::pool::OriginForm;
 use crate::config::BackendKind;
 use crate::error::GatewayError;
 use crate::route::{Route, Style};
@@ -22,7 +22,7 @@ use crate::routing::Backend;
 pub struct Upstream {
     /// Origin-form target (`/openai/deployments/x/chat/completions?api-version=...`); the
     /// pool adds the backend's scheme and authority where the protocol needs them (HTTP/2).
-    pub path_and_query: PathAndQuery,
+    pub target: OriginForm,
     pub body: Bytes,
 }
 
@@ -130,7 +130,7 @@ pub fn rewrite(
         push_all(&mut pq, &[sep, q]);
         sep = "&";
     }
-    let path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(pq))
+    let target = OriginForm::new(pq)
         .map_err(|e| GatewayError::InvalidRequest(format!("cannot build upstream URL: {e}")))?;
     // v1-style routes took `public` from this very body: when it is already the backend's
     // name, the body is right as it is and need not be parsed again.
@@ -144,10 +144,7 @@ pub fn rewrite(
         }
         _ => body.clone(),
     };
-    Ok(Upstream {
-        path_and_query,
-        body,
-    })
+    Ok(Upstream { target, body })
 }
 
 fn push_all(buf: &mut String, parts: &[&str]) {
@@ -206,7 +203,7 @@ mod tests {
         )
         .unwrap();
         (
-            up.path_and_query.to_string(),
+            up.target.as_str().to_owned(),
             String::from_utf8(up.body.to_vec()).unwrap(),
         )
     }
