@@ -61,14 +61,19 @@ async fn one_exchange(s: &mut tokio::net::TcpStream) -> String {
     }
 }
 
-/// Read until the peer closes; how long after `since` that was (`None`: still open 5 s on).
+/// How long after `since` the peer closed `s` (`None`: still open 5 s on).
 async fn closed_after(s: &mut tokio::net::TcpStream, since: Instant) -> Option<Duration> {
-    use tokio::io::AsyncReadExt;
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+    read_until_closed(s, since).await.map(|(_, waited)| waited)
+}
+
+/// A new connection that has had one answer, and the moment before its request was sent.
+async fn after_one_answer(gw: &Gateway) -> (tokio::net::TcpStream, Instant) {
+    let mut s = tokio::net::TcpStream::connect(gw.running.addr)
         .await
-        .ok()
-        .map(|_| since.elapsed())
+        .unwrap();
+    let sent = Instant::now();
+    assert!(one_exchange(&mut s).await.starts_with("HTTP/1.1 200"));
+    (s, sent)
 }
 
 #[tokio::test]
@@ -78,22 +83,14 @@ async fn keep_alive_connections_get_the_header_timeout_after_every_answer() {
     let (sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
     // Idle after an answer: closed once the header timeout has passed since the answer (so
     // since before the request was sent), not before.
-    let mut idle = tokio::net::TcpStream::connect(gw.running.addr)
-        .await
-        .unwrap();
-    let sent = Instant::now();
-    assert!(one_exchange(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let (mut idle, sent) = after_one_answer(&gw).await;
     let waited = closed_after(&mut idle, sent)
         .await
         .expect("idle keep-alive connection never closed");
     assert!(waited >= timeout, "closed too early: {waited:?}");
     assert!(waited < Duration::from_secs(3), "closed late: {waited:?}");
     // A second request's head sent in part after a first answer: cut off too.
-    let mut half = tokio::net::TcpStream::connect(gw.running.addr)
-        .await
-        .unwrap();
-    let sent = Instant::now();
-    assert!(one_exchange(&mut half).await.starts_with("HTTP/1.1 200"));
+    let (mut half, sent) = after_one_answer(&gw).await;
     half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
@@ -103,11 +100,7 @@ async fn keep_alive_connections_get_the_header_timeout_after_every_answer() {
     assert!(waited >= timeout, "closed too early: {waited:?}");
     // Slowloris: a second head dribbled out a byte at a time, each byte well within the
     // timeout of the one before, is cut off all the same.
-    let mut slow = tokio::net::TcpStream::connect(gw.running.addr)
-        .await
-        .unwrap();
-    let sent = Instant::now();
-    assert!(one_exchange(&mut slow).await.starts_with("HTTP/1.1 200"));
+    let (mut slow, sent) = after_one_answer(&gw).await;
     let head =
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
     let mut cut = None;

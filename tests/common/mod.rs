@@ -160,15 +160,12 @@ impl Gateway {
     /// what came back and how long after sending the close came; `None` if the
     /// connection was still open after 5 s.
     pub async fn raw(&self, bytes: &[u8]) -> Option<(Vec<u8>, Duration)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(self.running.addr)
             .await
             .unwrap();
         s.write_all(bytes).await.unwrap();
-        let sent = Instant::now();
-        let mut buf = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-        read.ok().map(|_| (buf, sent.elapsed()))
+        read_until_closed(&mut s, Instant::now()).await
     }
 
     /// Audit lines written so far, parsed.
@@ -195,6 +192,18 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Read `s` until the peer closes it: what came, and how long after `since` the close was;
+/// `None` if it was still open 5 s on.
+pub async fn read_until_closed(
+    s: &mut tokio::net::TcpStream,
+    since: Instant,
+) -> Option<(Vec<u8>, Duration)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    read.ok().map(|_| (buf, since.elapsed()))
 }
 
 /// A simulator requiring [`BACKEND_KEY`].
