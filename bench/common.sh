@@ -56,6 +56,35 @@ upstream_conf() {
   }"
 }
 
+# nginx as the reverse proxy under comparison (keepalive upstream, proxy_buffering off) on
+# 127.0.0.1:PORT in front of the upstream on UP_PORT. NAME, PORT, UP_PORT.
+proxy_conf() {
+  nginx_conf "$1" auto "  upstream backend { server 127.0.0.1:$3; keepalive 128; }
+  server {
+    listen 127.0.0.1:$2;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_buffering off;
+    }
+  }"
+}
+
+# The request every target gets: wrk's script for a POST of a small chat completion, with an
+# optional extra header. FILE [HEADER VALUE]
+post_lua() {
+  {
+    echo 'wrk.method = "POST"'
+    echo 'wrk.headers["Content-Type"] = "application/json"'
+    [ $# -eq 3 ] && echo "wrk.headers[\"$2\"] = \"$3\""
+    echo "wrk.body = '{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"Say something short.\"}],\"max_tokens\":16}'"
+  } > "$1"
+}
+
+# The Azure data-plane path every target is asked for.
+PATH_Q="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+
 JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
 
 # The gateway as the bench runs it: anonymous callers allowed, an API-key store, an HS256

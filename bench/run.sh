@@ -27,16 +27,7 @@ bench_setup nginx:nginx-light wrk:wrk
 UP_PORT=$(free_port); NGX_PORT=$(free_port); PCL_PORT=$(free_port); PCL1_PORT=$(free_port)
 
 upstream_conf upstream auto "$UP_PORT"
-nginx_conf proxy auto "  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
-  server {
-    listen 127.0.0.1:$NGX_PORT;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection \"\";
-      proxy_buffering off;
-    }
-  }"
+proxy_conf proxy "$NGX_PORT" "$UP_PORT"
 gateway_conf "$OUT/portcullis.toml" "$PCL_PORT" "$UP_PORT" "" ""
 rm -f "$OUT/keys.db"
 API_KEY=$("$BIN" keys create --config "$OUT/portcullis.toml" --client bench --name bench 2>/dev/null)
@@ -51,17 +42,9 @@ sig = hmac.new(sys.argv[1].encode(), f"{h}.{p}".encode(), hashlib.sha256).digest
 print(f"{h}.{p}.{b64(sig)}")
 PY
 )
-lua() { # NAME [HEADER VALUE]
-  {
-    echo 'wrk.method = "POST"'
-    echo 'wrk.headers["Content-Type"] = "application/json"'
-    [ $# -eq 3 ] && echo "wrk.headers[\"$2\"] = \"$3\""
-    echo "wrk.body = '{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"Say something short.\"}],\"max_tokens\":16}'"
-  } > "$OUT/$1.lua"
-}
-lua post
-lua post-key api-key "$API_KEY"
-lua post-jwt Authorization "Bearer $JWT"
+post_lua "$OUT/post.lua"
+post_lua "$OUT/post-key.lua" api-key "$API_KEY"
+post_lua "$OUT/post-jwt.lua" Authorization "Bearer $JWT"
 # The same gateway with one worker thread: on this 2-core box the load generator and the
 # upstream share the cores, so fewer, busier threads batch more work per wake-up.
 sed -e "s/127.0.0.1:$PCL_PORT/127.0.0.1:$PCL1_PORT/" -e 's/^\[server\]$/[server]\nworkers = 1/' \
@@ -83,7 +66,6 @@ PCL_PID=$!; PIDS+=("$PCL_PID")
 "$BIN" serve --config "$OUT/portcullis-w1.toml" 2>"$OUT/portcullis-w1.log" &
 PCL1_PID=$!; PIDS+=("$PCL1_PID")
 
-PATH_Q="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 for port in $UP_PORT $NGX_PORT $PCL_PORT $PCL1_PORT; do
   for _ in $(seq 1 100); do
     curl -fsS -o /dev/null -X POST "http://127.0.0.1:$port$PATH_Q" -d '{"model":"gpt-4o"}' && break
