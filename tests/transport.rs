@@ -163,6 +163,112 @@ async fn streams_pausing_longer_than_the_header_timeout_are_not_cut() {
     );
 }
 
+/// An h2c connection (prior knowledge) from hyper's client, and the task driving it, which
+/// ends with how the connection ended.
+async fn h2c_connection(
+    gw: &Gateway,
+) -> (
+    hyper::client::conn::http2::SendRequest<String>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (send, tokio::spawn(conn))
+}
+
+async fn h2_get(send: &mut hyper::client::conn::http2::SendRequest<String>, url: String) -> u16 {
+    send.ready().await.expect("connection no longer usable");
+    let req = http::Request::get(url).body(String::new()).unwrap();
+    let resp = send.send_request(req).await.expect("request refused");
+    resp.status().as_u16()
+}
+
+#[tokio::test]
+async fn idle_http2_connections_get_goaway_after_the_header_timeout() {
+    use http_body_util::BodyExt;
+    let timeout = Duration::from_millis(300);
+    let (_sim, gw) = azure_pair("header_timeout = \"300ms\"", "").await;
+    // Idle after an answer: ended once the header timeout has passed, not before, and with
+    // GOAWAY (a clean end for the client), not a dropped socket.
+    let (mut send, ended) = h2c_connection(&gw).await;
+    let sent = Instant::now();
+    assert_eq!(h2_get(&mut send, format!("{}/health", gw.url)).await, 200);
+    let how = tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("idle HTTP/2 connection still open 5 s on")
+        .unwrap();
+    let waited = sent.elapsed();
+    assert!(how.is_ok(), "not ended by GOAWAY: {how:?}");
+    assert!(waited >= timeout, "ended too early: {waited:?}");
+    assert!(waited < Duration::from_secs(3), "ended late: {waited:?}");
+    // A stream pausing longer than the timeout between events is not a quiet connection:
+    // it is answered in full, and the connection still takes a new request right after.
+    let (mut send, ended) = h2c_connection(&gw).await;
+    send.ready().await.unwrap();
+    let started = Instant::now();
+    let req = http::Request::post(format!("{}/v1/chat/completions", gw.url))
+        .header("content-type", "application/json")
+        .header("x-sim-behavior", "latency:250")
+        .body(
+            serde_json::json!({
+                "model": "gpt-4o", "stream": true, "max_tokens": 3,
+                "messages": [{ "role": "user", "content": "Hi" }]
+            })
+            .to_string(),
+        )
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("stream cut off");
+    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(started.elapsed() >= timeout * 2, "{:?}", started.elapsed());
+    assert_eq!(h2_get(&mut send, format!("{}/health", gw.url)).await, 200);
+    drop(send);
+    let _ = ended.await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_at_once_and_lets_streams_finish() {
+    // The header timeout (10 s by default) is far off: what closes the idle connections here
+    // is the shutdown itself.
+    let (_sim, gw) = azure_pair("drain_timeout = \"10s\"", "").await;
+    let (mut idle, _) = after_one_answer(&gw).await;
+    let (mut h2, h2_ended) = h2c_connection(&gw).await;
+    assert_eq!(h2_get(&mut h2, format!("{}/health", gw.url)).await, 200);
+    let mut stream = gw.chat(true, &[("x-sim-behavior", "latency:100")]).await;
+    assert_eq!(stream.status(), 200);
+    let mut text = stream.chunk().await.unwrap().unwrap().to_vec();
+    let at = Instant::now();
+    gw.running.shutdown();
+    let waited = closed_after(&mut idle, at)
+        .await
+        .expect("idle keep-alive connection kept open through the shutdown");
+    assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
+    let how = tokio::time::timeout(Duration::from_secs(3), h2_ended)
+        .await
+        .expect("idle HTTP/2 connection kept open through the shutdown")
+        .unwrap();
+    assert!(
+        how.is_ok(),
+        "HTTP/2 connection not ended by GOAWAY: {how:?}"
+    );
+    while let Some(c) = stream.chunk().await.expect("stream cut by the shutdown") {
+        text.extend_from_slice(&c);
+    }
+    assert!(String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"));
+    tokio::time::timeout(Duration::from_secs(5), gw.running.wait())
+        .await
+        .expect("drain did not end once the stream had");
+}
+
 use portcullis::sim;
 
 /// A throwaway CA and a server certificate for `localhost` signed by it.

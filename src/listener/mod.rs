@@ -1,14 +1,15 @@
 //! Listener: the accept loop shared by the gateway, the admin endpoint and the simulator.
 //!
 //! HTTP/1.1 and h2c on one port (hyper-util `auto`), TCP_NODELAY on every accepted
-//! socket, a header timeout against slow clients and idle keep-alive connections (`watchdog`:
-//! one timer per connection rather than one per request), and graceful shutdown: when the
-//! shutdown future resolves the listener closes, idle connections close, and in-flight
-//! requests (including long streams) get up to `drain_timeout` to finish.
+//! socket, a header timeout against slow clients and idle connections (`watchdog`: one timer
+//! per connection rather than one per request; an idle HTTP/1.1 connection is closed, an idle
+//! HTTP/2 connection gets GOAWAY), and graceful shutdown: when the shutdown future resolves
+//! the listener closes, idle connections close, and in-flight requests (including long
+//! streams) get up to `drain_timeout` to finish.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -17,8 +18,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::error::Body;
 
@@ -80,7 +81,11 @@ pub async fn serve_with<S, F>(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let graceful = GracefulShutdown::new();
+    // Shutdown, as each connection's task sees it: the flag, read on every poll (an atomic
+    // load), and a watch channel whose change wakes the task and whose sender's `closed()`
+    // tells when the last connection has ended (every task holds a receiver).
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let (stop, stopping) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -113,18 +118,41 @@ pub async fn serve_with<S, F>(
             activity: activity.clone(),
         };
         let conn = builder.serve_connection(io, hyper_svc).into_owned();
-        let conn = graceful.watch(conn);
         let mut watchdog = Watchdog::new(activity, opts.header_timeout);
+        let mut stop_rx = stopping.clone();
+        let stop_flag = stop_flag.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
-            let result = std::future::poll_fn(|cx| {
+            // Polled once, which leaves this task's waker (the same for the task's whole
+            // life) with the channel; after that the flag says when it has fired. Polling the
+            // channel on every wake-up would cost a lock each time.
+            let woken_at_stop = stop_rx.changed();
+            tokio::pin!(woken_at_stop);
+            let mut registered = false;
+            // Set once hyper has been told to wind the connection down (shutdown, or an idle
+            // HTTP/2 connection): it then ends by itself when its requests have been answered.
+            let mut going_away = false;
+            let result = std::future::poll_fn(|cx| loop {
+                if !registered {
+                    registered = true;
+                    let _ = woken_at_stop.as_mut().poll(cx);
+                }
+                if !going_away && stop_flag.load(Ordering::Acquire) {
+                    going_away = true;
+                    conn.as_mut().graceful_shutdown();
+                }
                 if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                if watchdog.expired(cx) {
+                if (going_away && watchdog.is_http2()) || !watchdog.expired(cx) {
+                    return Poll::Pending;
+                }
+                if !watchdog.is_http2() {
                     return Poll::Ready(None);
                 }
-                Poll::Pending
+                tracing::debug!("sending GOAWAY to an idle HTTP/2 connection");
+                going_away = true;
+                conn.as_mut().graceful_shutdown();
             })
             .await;
             let Some(result) = result else {
@@ -137,9 +165,12 @@ pub async fn serve_with<S, F>(
         });
     }
     drop(listener);
-    let open = graceful.count();
+    drop(stopping);
+    let open = stop.receiver_count();
+    stop_flag.store(true, Ordering::Release);
+    let _ = stop.send(());
     tokio::select! {
-        () = graceful.shutdown() => {
+        () = stop.closed() => {
             tracing::info!(connections = open, "all connections drained");
         }
         () = tokio::time::sleep(opts.drain_timeout) => {

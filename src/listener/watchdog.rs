@@ -1,4 +1,4 @@
-//! The header timeout, kept per connection: a [`Watchdog`] closes a connection that has sent no
+//! The header timeout, kept per connection: a [`Watchdog`] tells when a connection has sent no
 //! complete request head within `header_timeout` of connecting or of its last answer, with one
 //! timer per connection. What it watches: requests being answered ([`Answering`], held by the
 //! response body until hyper drops it, see [`Watched`]) and writes to the client ([`Counted`]).
@@ -15,13 +15,14 @@ use hyper_util::rt::TokioIo;
 
 use crate::error::{Body, BoxError};
 
-/// What a connection's [`Watchdog`] knows of it: how many requests are being answered, a
-/// count of request starts, request ends and writes (progress), and whether it turned out to
-/// be HTTP/2.
+/// What a connection's [`Watchdog`] knows of it: how many requests are being answered, counts
+/// of request starts and ends and of writes (progress), and whether it turned out to be
+/// HTTP/2.
 #[derive(Default)]
 pub(super) struct Activity {
     busy: AtomicU32,
     events: AtomicU32,
+    writes: AtomicU32,
     pub(super) http2: AtomicBool,
 }
 
@@ -82,23 +83,25 @@ impl http_body::Body for Watched {
 /// Ticks per `header_timeout`: a connection is closed after this many quiet ticks in a row.
 const QUIET_TICKS: u32 = 4;
 
-/// Closes an HTTP/1.1 connection that has not sent a complete request head within
-/// `header_timeout` of being accepted or of its last response ending — a half-sent head
-/// (slowloris), or an idle keep-alive connection. A connection with a request in progress
-/// (however long its answer streams) is never closed.
+/// Tells when a connection has not sent a complete request head within `header_timeout` of
+/// being accepted or of its last response ending: a half-sent head (slowloris), an idle
+/// keep-alive connection, an HTTP/2 preface with no request, or an HTTP/2 connection with no
+/// stream open. A connection with a request in progress (however long its answer streams)
+/// never expires. The listener closes an expired HTTP/1.1 connection and sends an expired
+/// HTTP/2 connection GOAWAY (hyper then closes it once any stream still open has ended).
 ///
 /// One timer per connection, ticking every quarter of `header_timeout`, instead of the timer
 /// per request hyper's own header-read timeout arms. A tick is quiet when no request is being
-/// answered and none started or ended, and nothing was written to the client, since the tick
-/// before (reads do not count: a client dribbling a head is not progress); after [`QUIET_TICKS`] quiet
-/// ticks the connection is closed, so it is closed between 1 and 1.25 `header_timeout` after
-/// it went quiet, never sooner. HTTP/2 connections are left to hyper's HTTP/2 keep-alive once
-/// their first request shows what they are; until then the same rule cuts an HTTP/2 preface
-/// with no request.
+/// answered and none started or ended since the tick before, and, on HTTP/1.1, nothing was
+/// written to the client either (reads never count: a client dribbling a head is not
+/// progress). After [`QUIET_TICKS`] quiet ticks the connection has expired: between 1 and
+/// 1.25 `header_timeout` after it went quiet, never sooner. On HTTP/2 writes do not count,
+/// because hyper's keep-alive pings are writes; a stream still flushing its last frames is
+/// safe there because GOAWAY lets it finish.
 pub(super) struct Watchdog {
     activity: Arc<Activity>,
     tick: Duration,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
     armed: bool,
     seen: u32,
     quiet: u32,
@@ -110,19 +113,22 @@ impl Watchdog {
         Self {
             activity,
             tick,
-            sleep: Some(Box::pin(tokio::time::sleep(tick))),
+            sleep: Box::pin(tokio::time::sleep(tick)),
             armed: false,
             seen: 0,
             quiet: 0,
         }
     }
 
-    /// Whether the connection must be closed now. Called on every wake-up of the connection's
-    /// task: between ticks this is a check of the timer's state, no clock read.
+    /// Whether the connection turned out to be HTTP/2 (known from its first request).
+    pub(super) fn is_http2(&self) -> bool {
+        self.activity.http2.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection has expired (see above). Called on every wake-up of the
+    /// connection's task: between ticks this is a check of the timer's state, no clock read.
     pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(sleep) = self.sleep.as_mut() else {
-            return false;
-        };
+        let sleep = &mut self.sleep;
         if !self.armed {
             self.armed = true;
             if poll_timer(sleep.as_mut(), cx).is_pending() {
@@ -132,11 +138,10 @@ impl Watchdog {
             return false;
         }
         loop {
-            if self.activity.http2.load(Ordering::Relaxed) {
-                self.sleep = None;
-                return false;
+            let mut events = self.activity.events.load(Ordering::Relaxed);
+            if !self.activity.http2.load(Ordering::Relaxed) {
+                events = events.wrapping_add(self.activity.writes.load(Ordering::Relaxed));
             }
-            let events = self.activity.events.load(Ordering::Relaxed);
             if self.activity.busy.load(Ordering::Relaxed) > 0 || events != self.seen {
                 self.seen = events;
                 self.quiet = 0;
@@ -178,7 +183,7 @@ pub(super) struct Counted {
 impl Counted {
     fn wrote(&self, n: &Poll<std::io::Result<usize>>) {
         if matches!(n, Poll::Ready(Ok(n)) if *n > 0) {
-            self.activity.events.fetch_add(1, Ordering::Relaxed);
+            self.activity.writes.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
