@@ -123,9 +123,10 @@ pub async fn serve_with<S, F>(
         let stop_flag = stop_flag.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
-            // Polled once, which leaves this task's waker (the same for the task's whole
-            // life) with the channel; after that the flag says when it has fired. Polling the
-            // channel on every wake-up would cost a lock each time.
+            // Polled once (outside the coop budget, so it does register), which leaves this
+            // task's waker (the same for the task's whole life) with the channel; after that
+            // the flag says when it has fired. Polling the channel on every wake-up would cost
+            // a lock each time.
             let woken_at_stop = stop_rx.changed();
             tokio::pin!(woken_at_stop);
             let mut registered = false;
@@ -135,7 +136,9 @@ pub async fn serve_with<S, F>(
             let result = std::future::poll_fn(|cx| loop {
                 if !registered {
                     registered = true;
-                    let _ = woken_at_stop.as_mut().poll(cx);
+                    let _ =
+                        std::pin::pin!(tokio::task::coop::unconstrained(woken_at_stop.as_mut()))
+                            .poll(cx);
                 }
                 if !going_away && stop_flag.load(Ordering::Acquire) {
                     going_away = true;
@@ -150,6 +153,8 @@ pub async fn serve_with<S, F>(
                 if !watchdog.is_http2() {
                     return Poll::Ready(None);
                 }
+                // After GOAWAY hyper closes the connection once the client has acknowledged it
+                // (or its keep-alive ping times out, for a client that stopped reading).
                 tracing::debug!("sending GOAWAY to an idle HTTP/2 connection");
                 going_away = true;
                 conn.as_mut().graceful_shutdown();

@@ -97,7 +97,10 @@ const QUIET_TICKS: u32 = 4;
 /// progress). After [`QUIET_TICKS`] quiet ticks the connection has expired: between 1 and
 /// 1.25 `header_timeout` after it went quiet, never sooner. On HTTP/2 writes do not count,
 /// because hyper's keep-alive pings are writes; a stream still flushing its last frames is
-/// safe there because GOAWAY lets it finish.
+/// safe there because GOAWAY lets it finish. A connection is known to be HTTP/2 from its
+/// first request: until then an h2c preface is treated as HTTP/1.1 (dropped when quiet, its
+/// handshake writes counting), which closes it within the timeout as long as `header_timeout`
+/// is shorter than hyper's 30 s keep-alive ping interval (the default is 10 s).
 pub(super) struct Watchdog {
     activity: Arc<Activity>,
     tick: Duration,
