@@ -97,10 +97,10 @@ const QUIET_TICKS: u32 = 4;
 /// progress). After [`QUIET_TICKS`] quiet ticks the connection has expired: between 1 and
 /// 1.25 `header_timeout` after it went quiet, never sooner. On HTTP/2 writes do not count,
 /// because hyper's keep-alive pings are writes; a stream still flushing its last frames is
-/// safe there because GOAWAY lets it finish. A connection is known to be HTTP/2 from its
-/// first request: until then an h2c preface is treated as HTTP/1.1 (dropped when quiet, its
-/// handshake writes counting), which closes it within the timeout as long as `header_timeout`
-/// is shorter than hyper's 30 s keep-alive ping interval (the default is 10 s).
+/// safe there because GOAWAY lets it finish. Before a connection's first request writes do
+/// not count either (nothing an HTTP/1.1 client is sent then is an answer; an h2c client is
+/// sent its handshake and pings), so an h2c preface with no request is dropped when quiet
+/// like any connection that sends no request, whatever `header_timeout` is.
 pub(super) struct Watchdog {
     activity: Arc<Activity>,
     tick: Duration,
@@ -141,8 +141,10 @@ impl Watchdog {
             return false;
         }
         loop {
+            // Writes are progress only on HTTP/1.1 once a request has come: before that, what
+            // a connection is sent is an h2c handshake or hyper's pings, not an answer's tail.
             let mut events = self.activity.events.load(Ordering::Relaxed);
-            if !self.activity.http2.load(Ordering::Relaxed) {
+            if events != 0 && !self.activity.http2.load(Ordering::Relaxed) {
                 events = events.wrapping_add(self.activity.writes.load(Ordering::Relaxed));
             }
             if self.activity.busy.load(Ordering::Relaxed) > 0 || events != self.seen {
@@ -232,5 +234,65 @@ impl hyper::rt::Write for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(400);
+
+    /// Wake the watchdog every half tick, calling `each` before every check, until it has
+    /// expired (`Some(when)`, from the start) or `limit` has passed (`None`).
+    async fn run(dog: &mut Watchdog, limit: Duration, each: impl Fn()) -> Option<Duration> {
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < limit {
+            each();
+            if std::future::poll_fn(|cx| Poll::Ready(dog.expired(cx))).await {
+                return Some(start.elapsed());
+            }
+            tokio::time::sleep(TIMEOUT / QUIET_TICKS / 2).await;
+        }
+        None
+    }
+
+    fn answered_one(activity: &Arc<Activity>) {
+        drop(Answering::new(activity));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_keep_only_an_http1_connection_with_answers_open() {
+        let write = |a: &Arc<Activity>| {
+            a.writes.fetch_add(1, Ordering::Relaxed);
+        };
+        let in_time = |waited: Option<Duration>| {
+            let waited = waited.expect("never expired");
+            assert!(waited >= TIMEOUT, "expired early: {waited:?}");
+            assert!(waited <= TIMEOUT * 3 / 2, "expired late: {waited:?}");
+        };
+        // Before any request, being written to (an h2c handshake, keep-alive pings) is not
+        // progress: the connection expires as if silent.
+        let fresh = Arc::new(Activity::default());
+        let mut dog = Watchdog::new(fresh.clone(), TIMEOUT);
+        in_time(run(&mut dog, TIMEOUT * 4, || write(&fresh)).await);
+        // HTTP/2 after a request: pings are writes, and still not progress.
+        let h2 = Arc::new(Activity::default());
+        h2.http2.store(true, Ordering::Relaxed);
+        answered_one(&h2);
+        let mut dog = Watchdog::new(h2.clone(), TIMEOUT);
+        in_time(run(&mut dog, TIMEOUT * 4, || write(&h2)).await);
+        // HTTP/1.1 after an answer: a client still reading its tail keeps the connection
+        // open as long as writes go on, and it expires once they stop.
+        let h1 = Arc::new(Activity::default());
+        answered_one(&h1);
+        let mut dog = Watchdog::new(h1.clone(), TIMEOUT);
+        assert_eq!(run(&mut dog, TIMEOUT * 3, || write(&h1)).await, None);
+        in_time(run(&mut dog, TIMEOUT * 4, || {}).await);
+        // A request being answered keeps any connection open, however long it takes.
+        let busy = Arc::new(Activity::default());
+        let _answering = Answering::new(&busy);
+        let mut dog = Watchdog::new(busy.clone(), TIMEOUT);
+        assert_eq!(run(&mut dog, TIMEOUT * 5, || {}).await, None);
     }
 }
