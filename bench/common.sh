@@ -85,6 +85,17 @@ post_lua() {
 # The Azure data-plane path every target is asked for.
 PATH_Q="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 
+# Wait (up to 10 s each) until every 127.0.0.1:PORT given answers a POST to $PATH_Q.
+wait_answering() {
+  local port
+  for port in "$@"; do
+    for _ in $(seq 1 100); do
+      curl -fsS -o /dev/null -X POST "http://127.0.0.1:$port$PATH_Q" -d '{"model":"gpt-4o"}' && break
+      sleep 0.1
+    done
+  done
+}
+
 JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
 
 # The gateway as the bench runs it: anonymous callers allowed, an API-key store, an HS256

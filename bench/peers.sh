@@ -36,12 +36,7 @@ trap cleanup EXIT
 "$NGINX" -c "$OUT/peers-proxy.conf"
 "$BIN" serve --config "$OUT/peers-portcullis.toml" 2>"$OUT/peers-portcullis.log" &
 PCL_PID=$!
-for port in $UP_PORT $NGX_PORT $PCL_PORT; do
-  for _ in $(seq 1 100); do
-    curl -fsS -o /dev/null -X POST "http://127.0.0.1:$port$PATH_Q" -d '{"model":"gpt-4o"}' && break
-    sleep 0.1
-  done
-done
+wait_answering "$UP_PORT" "$NGX_PORT" "$PCL_PORT"
 
 python3 - "$OUT" "$DUR" "$ROUNDS" "$PCL_PID" "$NGX_PORT" "$PCL_PORT" "$PATH_Q" <<'PY'
 import os, re, resource, subprocess, sys

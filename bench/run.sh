@@ -66,12 +66,7 @@ PCL_PID=$!; PIDS+=("$PCL_PID")
 "$BIN" serve --config "$OUT/portcullis-w1.toml" 2>"$OUT/portcullis-w1.log" &
 PCL1_PID=$!; PIDS+=("$PCL1_PID")
 
-for port in $UP_PORT $NGX_PORT $PCL_PORT $PCL1_PORT; do
-  for _ in $(seq 1 100); do
-    curl -fsS -o /dev/null -X POST "http://127.0.0.1:$port$PATH_Q" -d '{"model":"gpt-4o"}' && break
-    sleep 0.1
-  done
-done
+wait_answering "$UP_PORT" "$NGX_PORT" "$PCL_PORT" "$PCL1_PORT"
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 RSS_IDLE=$(rss "$PCL_PID")
 

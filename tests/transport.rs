@@ -138,6 +138,13 @@ async fn keep_alive_connections_get_the_header_timeout_after_every_answer() {
     }
 }
 
+/// A streaming chat request answered in three events (with `latency:N`, N ms apart).
+fn three_event_stream() -> serde_json::Value {
+    let mut body = chat_body(true);
+    body["max_tokens"] = 3.into();
+    body
+}
+
 #[tokio::test]
 async fn streams_pausing_longer_than_the_header_timeout_are_not_cut() {
     let (_sim, gw) = azure_pair("header_timeout = \"150ms\"", "").await;
@@ -145,10 +152,7 @@ async fn streams_pausing_longer_than_the_header_timeout_are_not_cut() {
     let resp = http()
         .post(format!("{}/v1/chat/completions", gw.url))
         .header("x-sim-behavior", "latency:250")
-        .json(&serde_json::json!({
-            "model": "gpt-4o", "stream": true, "max_tokens": 3,
-            "messages": [{ "role": "user", "content": "Hi" }]
-        }))
+        .json(&three_event_stream())
         .send()
         .await
         .unwrap();
@@ -216,13 +220,7 @@ async fn idle_http2_connections_get_goaway_after_the_header_timeout() {
     let req = http::Request::post(format!("{}/v1/chat/completions", gw.url))
         .header("content-type", "application/json")
         .header("x-sim-behavior", "latency:250")
-        .body(
-            serde_json::json!({
-                "model": "gpt-4o", "stream": true, "max_tokens": 3,
-                "messages": [{ "role": "user", "content": "Hi" }]
-            })
-            .to_string(),
-        )
+        .body(three_event_stream().to_string())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);

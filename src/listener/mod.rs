@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::error::Body;
 
 mod watchdog;
-use watchdog::{Activity, Answering, Counted, Watchdog, Watched};
+use watchdog::{poll_outside_budget, Activity, Answering, Counted, Watchdog, Watched};
 
 /// Listener settings.
 #[derive(Debug, Clone, Copy)]
@@ -136,9 +136,7 @@ pub async fn serve_with<S, F>(
             let result = std::future::poll_fn(|cx| loop {
                 if !registered {
                     registered = true;
-                    let _ =
-                        std::pin::pin!(tokio::task::coop::unconstrained(woken_at_stop.as_mut()))
-                            .poll(cx);
+                    let _ = poll_outside_budget(woken_at_stop.as_mut(), cx);
                 }
                 if !going_away && stop_flag.load(Ordering::Acquire) {
                     going_away = true;

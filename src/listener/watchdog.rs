@@ -134,7 +134,7 @@ impl Watchdog {
         let sleep = &mut self.sleep;
         if !self.armed {
             self.armed = true;
-            if poll_timer(sleep.as_mut(), cx).is_pending() {
+            if poll_outside_budget(sleep.as_mut(), cx).is_pending() {
                 return false;
             }
         } else if !sleep.is_elapsed() {
@@ -160,19 +160,23 @@ impl Watchdog {
                 .as_mut()
                 .reset(tokio::time::Instant::now() + self.tick);
             // Polled once so the timer holds this task's waker.
-            if poll_timer(sleep.as_mut(), cx).is_pending() {
+            if poll_outside_budget(sleep.as_mut(), cx).is_pending() {
                 return false;
             }
         }
     }
 }
 
-/// Poll the watchdog's timer outside tokio's cooperative budget: a connection that used up
-/// the task's budget would otherwise get `Pending` without the timer registering the waker
-/// (or, on the first poll, without the timer being created at all), and the tick would
-/// never come.
-fn poll_timer(sleep: Pin<&mut tokio::time::Sleep>, cx: &mut Context<'_>) -> Poll<()> {
-    Pin::new(&mut tokio::task::coop::unconstrained(sleep)).poll(cx)
+/// Poll `fut` outside tokio's cooperative budget, for a future that must register this
+/// task's waker whenever it is polled (the watchdog's timer, the shutdown wake-up): one
+/// polled on a task that used up its budget would otherwise get `Pending` without
+/// registering (or, for a timer's first poll, without the timer being created at all), and
+/// the wake-up would never come.
+pub(super) fn poll_outside_budget<F: Future + ?Sized>(
+    fut: Pin<&mut F>,
+    cx: &mut Context<'_>,
+) -> Poll<F::Output> {
+    Pin::new(&mut tokio::task::coop::unconstrained(fut)).poll(cx)
 }
 
 /// The client socket as hyper sees it, counting every write as progress for the
