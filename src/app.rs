@@ -124,7 +124,9 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
     );
     let credentials = BackendCredentials::start(v, &metrics)?;
     let snapshot = Snapshot::build(v, identity, &credentials.credentials, &metrics)?;
-    let gateway = Arc::new(Gateway::new(snapshot, metrics, audit));
+    let budget =
+        crate::buffer::BodyBudget::new(v.max_buffered_body_bytes, v.config.server.buffer_wait.0);
+    let gateway = Arc::new(Gateway::new(snapshot, metrics, audit, budget));
 
     let bind_err = |source| StartError::Bind {
         addr: v.listen,
@@ -152,7 +154,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         let thread = worker::spawn(i, move || async move {
             match TcpListener::from_std(l) {
                 Ok(l) => {
-                    let svc = move |req: Request<Incoming>| gw.clone().handle(req);
+                    let svc = move |req: Request<Incoming>, peer| gw.clone().handle(req, peer);
                     listener::serve(l, svc, opts, wait_for(stopped)).await;
                 }
                 Err(e) => tracing::error!(worker = i, error = %e, "cannot register listener"),
@@ -166,7 +168,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         let admin = Admin::new(gateway.clone(), v.admin_token.clone());
         tasks.push(tokio::spawn(listener::serve(
             l,
-            move |req: Request<Incoming>| {
+            move |req: Request<Incoming>, _peer| {
                 let resp = admin.handle(&req);
                 async move { resp }
             },
@@ -177,7 +179,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
             wait_for(admin_stopped),
         )));
     }
-    tracing::info!(%addr, admin = ?admin_addr, workers, backends = v.config.backends.len(), "portcullis is listening");
+    tracing::info!(%addr, admin = ?admin_addr, workers, backends = v.config.backends.len(), max_buffered_body_bytes = v.max_buffered_body_bytes, "portcullis is listening");
     Ok(Running {
         addr,
         admin_addr,

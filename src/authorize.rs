@@ -22,6 +22,8 @@ pub struct ClientPolicy {
     /// Bit per [`Operation`]; all set for `"*"`.
     operations: u32,
     deployment_scopes: Vec<(WildMatch, Vec<String>)>,
+    /// What [`crate::admit`] counts for this client.
+    pub limits: Arc<crate::admit::ClientLimits>,
 }
 
 fn bit(op: Operation) -> u32 {
@@ -56,6 +58,7 @@ impl ClientPolicy {
                     )
                 })
                 .collect(),
+            limits: Arc::new(crate::admit::ClientLimits::new(c)),
         }
     }
 
@@ -102,7 +105,7 @@ pub fn deployment(caller: &Caller, deployment: &str) -> Result<(), GatewayError>
         return Err(GatewayError::ClientNotAllowed(format!(
             "client '{}' may not call the deployment '{}'",
             caller.client.id,
-            crate::gateway::shown(deployment)
+            crate::shown::shown(deployment)
         )));
     }
     let missing = caller.client.missing_scopes(deployment, &caller.grants);
@@ -110,7 +113,7 @@ pub fn deployment(caller: &Caller, deployment: &str) -> Result<(), GatewayError>
         Ok(())
     } else {
         Err(GatewayError::InsufficientScope {
-            deployment: crate::gateway::shown(deployment),
+            deployment: crate::shown::shown(deployment),
             scope: missing.join(" "),
         })
     }

@@ -5,8 +5,10 @@
 //! (documented in the README). Upstream errors never pass through here: they reach the
 //! client unchanged.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 
 /// The body type every gateway response uses: either a buffered body or an upstream stream.
@@ -26,9 +28,12 @@ pub enum GatewayError {
     /// The request cannot be understood (bad JSON, missing model, ...).
     #[error("{0}")]
     InvalidRequest(String),
-    /// The method is not allowed on this path.
-    #[error("method {0} is not allowed here")]
-    MethodNotAllowed(String),
+    /// The method is not one the operation uses (405, with `Allow`).
+    #[error("method {method} is not allowed here")]
+    MethodNotAllowed {
+        method: String,
+        allow: &'static [Method],
+    },
     /// The client did not send its body within `server.body_timeout`.
     #[error("the request body did not arrive within {0}")]
     RequestTimeout(String),
@@ -59,6 +64,21 @@ pub enum GatewayError {
     /// The gateway cannot hold the credential it needs for any backend that could serve.
     #[error("the gateway cannot authenticate to the backend: {0}")]
     BackendAuthUnavailable(String),
+    /// The backend's answer cannot be relayed (a status outside 100–599, a broken body).
+    #[error("the backend sent an invalid response: {0}")]
+    BackendInvalidResponse(String),
+    /// The gateway holds as many request bodies as `server.max_buffered_body_bytes` allows,
+    /// and none was released in time.
+    #[error("the gateway is overloaded; retry after {}s", retry_secs(*.retry_after))]
+    Overloaded { retry_after: Duration },
+    /// The client has `max_concurrent_requests` requests (or open streams) already.
+    #[error("client '{client}' already has {limit} requests in flight, its limit of concurrent requests")]
+    TooManyConcurrentRequests { client: String, limit: u32 },
+}
+
+/// Whole seconds for `retry-after`, never 0 (a client would retry at once).
+fn retry_secs(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
 }
 
 impl GatewayError {
@@ -67,10 +87,14 @@ impl GatewayError {
         match self {
             Self::NotFound { .. } | Self::UnknownDeployment(_) => StatusCode::NOT_FOUND,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::BackendUnavailable(_) | Self::BackendInvalidResponse(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyConcurrentRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
@@ -84,12 +108,15 @@ impl GatewayError {
             Self::NotFound { .. } => "not_found",
             Self::UnknownDeployment(_) => "unknown_deployment",
             Self::InvalidRequest(_) => "invalid_request",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::RequestTimeout(_) => "request_timeout",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BackendUnavailable(_) => "backend_unavailable",
             Self::BackendTimeout(_) => "backend_timeout",
             Self::BackendAuthUnavailable(_) => "backend_auth_unavailable",
+            Self::BackendInvalidResponse(_) => "backend_invalid_response",
+            Self::Overloaded { .. } => "overloaded",
+            Self::TooManyConcurrentRequests { .. } => "too_many_concurrent_requests",
             Self::Unauthenticated { code, .. } => code,
             Self::ClientNotAllowed(_) => "client_not_allowed",
             Self::InsufficientScope { .. } => "insufficient_scope",
@@ -102,12 +129,16 @@ impl GatewayError {
             Self::NotFound { .. }
             | Self::UnknownDeployment(_)
             | Self::InvalidRequest(_)
-            | Self::MethodNotAllowed(_)
+            | Self::MethodNotAllowed { .. }
             | Self::RequestTimeout(_)
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::BackendUnavailable(_)
             | Self::BackendTimeout(_)
-            | Self::BackendAuthUnavailable(_) => "api_error",
+            | Self::BackendAuthUnavailable(_)
+            | Self::BackendInvalidResponse(_)
+            | Self::Overloaded { .. } => "api_error",
+            // OpenAI's `type` for request-count limits.
+            Self::TooManyConcurrentRequests { .. } => "requests",
             Self::Unauthenticated { .. } => "authentication_error",
             Self::ClientNotAllowed(_) | Self::InsufficientScope { .. } => "permission_error",
         }
@@ -153,6 +184,20 @@ impl GatewayError {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
         }
+        let h = resp.headers_mut();
+        match &self {
+            Self::MethodNotAllowed { allow, .. } => {
+                let list: Vec<&str> = allow.iter().map(Method::as_str).collect();
+                if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
+                    h.insert(header::ALLOW, v);
+                }
+            }
+            Self::Overloaded { retry_after } => retry_after_headers(h, *retry_after),
+            Self::TooManyConcurrentRequests { .. } => {
+                retry_after_headers(h, Duration::from_secs(1));
+            }
+            _ => {}
+        }
         resp
     }
 
@@ -180,6 +225,16 @@ impl GatewayError {
         }
         Some(c)
     }
+}
+
+/// `retry-after` (whole seconds, rounded up) and `retry-after-ms`, as Azure OpenAI sends them
+/// and the OpenAI SDKs read them.
+pub fn retry_after_headers(h: &mut http::HeaderMap, after: Duration) {
+    h.insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(after)));
+    h.insert(
+        http::HeaderName::from_static("retry-after-ms"),
+        HeaderValue::from(after.as_millis().max(1) as u64),
+    );
 }
 
 /// Text safe inside an RFC 7230 quoted-string (and a header value): printable ASCII
@@ -224,5 +279,23 @@ mod tests {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(v["error"]["param"].is_null());
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn refusals_carry_allow_and_retry_after() {
+        let r = GatewayError::MethodNotAllowed {
+            method: "FOO".into(),
+            allow: &[Method::GET, Method::POST],
+        }
+        .into_response(None);
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["allow"], "GET, POST");
+        let r = GatewayError::Overloaded {
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response(None);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "2");
+        assert_eq!(r.headers()["retry-after-ms"], "1500");
     }
 }

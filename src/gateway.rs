@@ -1,10 +1,11 @@
 //! The gateway service: one request through the pipeline.
 //!
 //! ```text
-//! parse route → read body (bounded) → resolve deployment → route (candidates)
+//! parse route → identify → authorize (operation; deployment when the path names it)
+//!   → admit → read body (bounded) → authorize (deployment named by the body) → route
 //!   → forward (upstream auth applied per backend) → relay response → audit
 //! ```
-//! Identity, authorization and admission slot in before routing as they land. The state
+//! Each step is one call into the module named after it. The state
 //! a request uses is one immutable [`Snapshot`], loaded once per request from an
 //! `ArcSwap`, so a new configuration never changes a request already running.
 
@@ -17,10 +18,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 
+use crate::admit;
 use crate::audit::{AuditRecord, AuditSink};
 use crate::authorize;
+use crate::buffer::{self, BodyBudget, BodyLimits};
 use crate::config::Validated;
 use crate::error::{json_response, Body, BoxError, GatewayError};
 use crate::identify::{Caller, Identifier};
@@ -34,8 +37,9 @@ use crate::upstream_auth::Credential;
 pub struct Snapshot {
     pub backends: BackendTable,
     pub identity: Identifier,
-    pub max_body_bytes: u64,
-    pub body_timeout: std::time::Duration,
+    pub body_limits: BodyLimits,
+    /// `server.trusted_proxies`: peers whose forwarding headers are kept and extended.
+    trusted_proxies: Vec<ipnet::IpNet>,
     /// `auth.resource`: this gateway's URL as clients know it (RFC 9728).
     resource: Option<String>,
     scopes_supported: Vec<String>,
@@ -54,8 +58,11 @@ impl Snapshot {
         Ok(Self {
             backends: BackendTable::build(v, credentials, metrics)?,
             identity,
-            max_body_bytes: v.config.server.max_body_bytes,
-            body_timeout: v.config.server.body_timeout.0,
+            body_limits: BodyLimits {
+                max_bytes: v.config.server.max_body_bytes,
+                timeout: v.config.server.body_timeout.0,
+            },
+            trusted_proxies: v.trusted_proxies.clone(),
             resource: v
                 .config
                 .auth
@@ -126,15 +133,28 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     audit: AuditSink,
     draining: AtomicBool,
+    /// Request-body bytes all requests may hold at once (`server.max_buffered_body_bytes`).
+    pub budget: BodyBudget,
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, audit: AuditSink) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        audit: AuditSink,
+        budget: BodyBudget,
+    ) -> Self {
+        let gauge = metrics.buffered_body_bytes.clone();
+        let seen = budget.clone();
+        metrics.before_render(Box::new(move || {
+            gauge.set(i64::try_from(seen.held()).unwrap_or(i64::MAX));
+        }));
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             audit,
             draining: AtomicBool::new(false),
+            budget,
         }
     }
 
@@ -182,8 +202,12 @@ impl Gateway {
         }
     }
 
-    /// Handle one client request.
-    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body>
+    /// Handle one client request from `peer`.
+    pub async fn handle<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+        peer: std::net::SocketAddr,
+    ) -> Response<Body>
     where
         B: HttpBody<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -216,7 +240,7 @@ impl Gateway {
         };
         let snap = self.snapshot.load_full();
         let result = self
-            .pipeline(req, &snap, &mut guard.rec, &request_id, started)
+            .pipeline(req, peer, &snap, &mut guard.rec, &request_id, started)
             .await;
         guard.armed = false;
         let mut resp = match result {
@@ -276,6 +300,7 @@ impl Gateway {
     async fn pipeline<B>(
         &self,
         req: Request<B>,
+        peer: std::net::SocketAddr,
         snap: &Snapshot,
         rec: &mut AuditRecord,
         request_id: &HeaderValue,
@@ -299,38 +324,42 @@ impl Gateway {
         })?;
         rec.note_caller(&caller);
         let route = route?;
+        route.check_method(&parts.method)?;
         authorize::operation(&caller, route.operation)?;
         if route.is_model_listing() {
             rec.decision = Some("allow");
             return self.models(&parts.method, &route, &caller, snap, rec, started);
         }
-
-        let body = tokio::time::timeout(
-            snap.body_timeout,
-            read_body(&parts.headers, body, snap.max_body_bytes),
-        )
-        .await
-        .map_err(|_| {
-            GatewayError::RequestTimeout(humantime::format_duration(snap.body_timeout).to_string())
-        })??;
-        rec.bytes_in = body.len() as u64;
+        // A deployment the path names is checked before a byte of the body is read.
+        if let Some(d) = &route.deployment {
+            authorize::deployment(&caller, d)?;
+        }
+        let admission = admit::admit(&caller)?;
+        let body = buffer::read(&parts.headers, body, snap.body_limits, &self.budget).await?;
+        rec.bytes_in = body.bytes.len() as u64;
         // Kept apart: the headers themselves move into the upstream request.
-        let content_type_value = parts.headers.get(header::CONTENT_TYPE).cloned();
+        let mut content_types = parts.headers.get_all(header::CONTENT_TYPE).iter();
+        let content_type_value = content_types.next().cloned();
+        if content_types.next().is_some() {
+            return Err(GatewayError::InvalidRequest(
+                "the request has more than one Content-Type header".into(),
+            ));
+        }
         let content_type = content_type_value.as_ref().and_then(|v| v.to_str().ok());
         let deployment = match &route.deployment {
             Some(d) => Some(d.clone()),
-            None => proxy::rewrite::body_model(&body, content_type)?,
+            None => proxy::rewrite::body_model(&body.bytes, content_type)?,
         };
         if let Some(d) = &deployment {
             if !route::valid_name(d) {
-                return Err(GatewayError::UnknownDeployment(shown(d)));
+                return Err(GatewayError::UnknownDeployment(crate::shown::shown(d)));
             }
-        } else if route.operation.needs_deployment() {
+        } else if route.must_name_model(&parts.method) {
             return Err(GatewayError::InvalidRequest(
                 "you must provide a model parameter".into(),
             ));
         }
-        if let Some(d) = &deployment {
+        if let (None, Some(d)) = (&route.deployment, &deployment) {
             authorize::deployment(&caller, d)?;
         }
         rec.decision = Some("allow");
@@ -342,15 +371,26 @@ impl Gateway {
                 GatewayError::UnknownDeployment(deployment.clone().unwrap_or_default())
             })?;
 
+        let origin = proxy::Origin {
+            peer: peer.ip(),
+            trusted: !snap.trusted_proxies.is_empty()
+                && snap
+                    .trusted_proxies
+                    .iter()
+                    .any(|n| n.contains(&peer.ip().to_canonical())),
+        };
         let out = Outgoing {
             route: &route,
             deployment: deployment.as_deref(),
             method: &parts.method,
-            headers: proxy::upstream_headers(parts.headers, request_id),
-            body,
+            headers: proxy::upstream_headers(parts.headers, request_id, origin),
+            body: body.bytes.clone(),
             content_type,
         };
-        let answer = match proxy::forward(out, candidates).await {
+        let forwarded = proxy::forward(out, candidates).await;
+        // The body (and its room in the budget) is needed until a backend has answered.
+        drop(body);
+        let answer = match forwarded {
             Ok(a) => a,
             Err(failed) => {
                 rec.note_backend(failed.backend.as_deref(), failed.attempts);
@@ -358,8 +398,7 @@ impl Gateway {
             }
         };
         rec.note_backend(Some(&answer.backend), answer.attempts);
-        let (mut head, upstream_body) = answer.response.into_parts();
-        proxy::strip_hop_by_hop(&mut head.headers);
+        let (head, upstream_body) = answer.response.into_parts();
         rec.status = head.status.as_u16();
         rec.stream = head
             .headers
@@ -373,6 +412,7 @@ impl Gateway {
             started,
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
+            admission,
         };
         let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish);
         Ok(Response::from_parts(head, relay.boxed_unsync()))
@@ -388,7 +428,10 @@ impl Gateway {
         started: Instant,
     ) -> Result<Response<Body>, GatewayError> {
         if method != Method::GET {
-            return Err(GatewayError::MethodNotAllowed(method.to_string()));
+            return Err(GatewayError::MethodNotAllowed {
+                method: crate::shown::shown(method.as_str()),
+                allow: &[Method::GET],
+            });
         }
         let body = match route.rest.strip_prefix("models/") {
             None if route.rest == "models" => {
@@ -404,7 +447,7 @@ impl Gateway {
             Some(id) if authorize::visible(caller, id) && snap.backends.serves(id) => {
                 Bytes::from(model_object(id).to_string())
             }
-            Some(id) => return Err(GatewayError::UnknownDeployment(shown(id))),
+            Some(id) => return Err(GatewayError::UnknownDeployment(crate::shown::shown(id))),
             None => {
                 return Err(GatewayError::NotFound {
                     method: method.to_string(),
@@ -448,41 +491,6 @@ impl Drop for Unanswered<'_> {
         self.gateway.count(&rec, None);
         self.gateway.audit.emit(rec);
     }
-}
-
-/// Read the whole request body, refusing more than `limit` bytes (413) — early from
-/// `Content-Length` when the client sends one.
-async fn read_body<B>(headers: &http::HeaderMap, body: B, limit: u64) -> Result<Bytes, GatewayError>
-where
-    B: HttpBody<Data = Bytes> + Send,
-    B::Error: Into<BoxError>,
-{
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(GatewayError::PayloadTooLarge { limit });
-    }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::PayloadTooLarge { limit })
-        }
-        Err(e) => Err(GatewayError::InvalidRequest(format!(
-            "could not read the request body: {e}"
-        ))),
-    }
-}
-
-/// A client-supplied name as it may appear in an error message: escaped, at most 64 chars.
-pub(crate) fn shown(name: &str) -> String {
-    let mut s: String = name.escape_default().take(64).collect();
-    if name.escape_default().count() > 64 {
-        s.push('…');
-    }
-    s
 }
 
 /// The client's `x-request-id` when it is a sane token, else a fresh UUID.

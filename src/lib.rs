@@ -1,20 +1,25 @@
 //! Portcullis: an identity-aware gateway for Azure OpenAI and OpenAI-compatible APIs.
 //!
 //! The modules follow the request pipeline (see `ARCHITECTURE.md`):
-//! [`listener`] accepts, [`route`] recognises the call, [`routing`] picks backends,
+//! [`listener`] accepts, [`route`] recognises the call, [`identify`] and [`authorize`]
+//! decide who calls and whether they may, [`admit`] checks there is room, [`routing`] picks backends,
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
 //! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
-//! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path.
+//! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`shown`] and
+//! [`digest`] are leaf helpers several stages use.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod admit;
 pub mod app;
 pub mod audit;
 pub mod authorize;
+pub mod buffer;
 pub mod config;
 pub mod demo;
+pub mod digest;
 pub mod error;
 pub mod gateway;
 pub mod identify;
@@ -23,6 +28,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod routing;
+pub mod shown;
 pub mod sim;
 pub mod store;
 pub mod upstream_auth;

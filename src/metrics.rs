@@ -92,6 +92,8 @@ pub struct Metrics {
     pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     pub upstream_attempts: Family<AttemptLabels, Counter>,
     pub streams_in_flight: Gauge,
+    /// Request-body bytes held now (set from the budget when metrics are rendered).
+    pub buffered_body_bytes: Gauge,
     pub audit_dropped: Counter,
     pub auth: Family<AuthLabels, Counter>,
     jwks_keys: Family<IssuerLabels, Gauge>,
@@ -136,6 +138,12 @@ impl Metrics {
             "streams_in_flight",
             "Response bodies currently being relayed to clients",
             streams_in_flight.clone(),
+        );
+        let buffered_body_bytes = Gauge::default();
+        registry.register(
+            "buffered_body_bytes",
+            "Request-body bytes held in memory now, out of server.max_buffered_body_bytes",
+            buffered_body_bytes.clone(),
         );
         let audit_dropped = Counter::default();
         registry.register(
@@ -185,6 +193,7 @@ impl Metrics {
             latency,
             upstream_attempts,
             streams_in_flight,
+            buffered_body_bytes,
             audit_dropped,
         }
     }

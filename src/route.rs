@@ -6,6 +6,8 @@
 //! - Azure v1: `/openai/v1/{operation...}` (model in the body)
 //! - OpenAI: `/v1/{operation...}` (model in the body)
 
+use http::Method;
+
 use crate::error::GatewayError;
 
 /// The API dialect the client used.
@@ -76,6 +78,22 @@ impl Operation {
         )
     }
 
+    /// The methods this operation uses, as the `Allow` header of a 405 lists them.
+    /// Anything else is refused: a policy that allows `chat` allows creating completions,
+    /// not whatever a backend might do with `PUT` or a made-up method on that path.
+    pub const fn methods(self) -> &'static [Method] {
+        match self {
+            Self::Chat | Self::Completions | Self::Embeddings | Self::Images | Self::Audio => {
+                &[Method::POST]
+            }
+            Self::Models => &[Method::GET],
+            Self::Batches => &[Method::GET, Method::POST],
+            Self::Responses | Self::Files | Self::Other => {
+                &[Method::GET, Method::POST, Method::DELETE]
+            }
+        }
+    }
+
     /// The operation a path's first segment after the style prefix names.
     fn classify(first: &str) -> Self {
         Self::from_name(first).unwrap_or(Self::Other)
@@ -98,6 +116,29 @@ pub struct Route {
 }
 
 impl Route {
+    /// Refuse a method the operation does not use (405 with `Allow`).
+    pub fn check_method(&self, method: &Method) -> Result<(), GatewayError> {
+        let allowed = self.operation.methods();
+        if allowed.contains(method) {
+            Ok(())
+        } else {
+            Err(GatewayError::MethodNotAllowed {
+                method: crate::shown::shown(method.as_str()),
+                allow: allowed,
+            })
+        }
+    }
+
+    /// Whether this call creates something that runs on a model, so the request must name
+    /// one: the operations bound to a deployment, and `POST /responses` (the Responses API's
+    /// create; its other calls address a stored response by id).
+    pub fn must_name_model(&self, method: &Method) -> bool {
+        self.operation.needs_deployment()
+            || (self.operation == Operation::Responses
+                && method == Method::POST
+                && self.rest == "responses")
+    }
+
     /// Whether the gateway answers this itself from its deployment table.
     pub fn is_model_listing(&self) -> bool {
         self.operation == Operation::Models && self.style != Style::AzureDeployments
@@ -105,11 +146,7 @@ impl Route {
 }
 
 /// Parse a request path and query into a route.
-pub fn parse(
-    method: &http::Method,
-    path: &str,
-    query: Option<&str>,
-) -> Result<Route, GatewayError> {
+pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, GatewayError> {
     let not_found = || GatewayError::NotFound {
         method: method.to_string(),
         path: path.to_owned(),
@@ -134,7 +171,8 @@ pub fn parse(
     };
     // One pass over the bytes (this runs for every request): the segments, the bytes a
     // path must not hold, and where the operation segment ends.
-    let (mut dot_segment, mut empty_segment, mut forbidden) = (false, false, false);
+    let (mut dot_segment, mut dot_start, mut empty_segment, mut forbidden) =
+        (false, false, false, false);
     let mut first_end = None;
     let mut start = 0;
     let bytes = rest.as_bytes();
@@ -143,11 +181,14 @@ pub fn parse(
             b'/' => {
                 let segment = &bytes[start..i];
                 dot_segment |= segment == b"." || segment == b"..";
+                dot_start |= segment.first() == Some(&b'.');
                 empty_segment |= segment.is_empty();
                 first_end.get_or_insert(i);
                 start = i + 1;
             }
-            b'%' | b'\\' => forbidden = true,
+            // `;` starts path parameters for some servers and proxies (`..;/` walks up a
+            // level in Tomcat, Spring, Jetty): no OpenAI or Azure path uses it.
+            b'%' | b'\\' | b';' => forbidden = true,
             _ => {}
         }
     }
@@ -157,9 +198,11 @@ pub fn parse(
     // Policy decisions key on the operation, so the path must mean exactly what it says:
     // no percent-encoding (`chat%2Fcompletions`), empty segments or backslashes that a
     // backend might normalise into a different operation than the one checked here.
-    if empty_segment || forbidden {
+    if empty_segment || forbidden || dot_start {
         return Err(GatewayError::InvalidRequest(
-            "the path must not contain percent-encoding, backslashes or empty segments".into(),
+            "the path must not contain percent-encoding, backslashes, semicolons, empty \
+             segments or segments that begin with a dot"
+                .into(),
         ));
     }
     // The operation segment is matched exactly: `CHAT/completions` would otherwise become
@@ -203,11 +246,12 @@ pub fn parse(
 const CREDENTIAL_PARAMS: [&str; 5] = ["subscription-key", "api-key", "key", "code", "sig"];
 
 /// Deployment and model names: what Azure and OpenAI allow, nothing that could bend a path.
+/// A leading dot is refused too: `..;`-style segments and hidden names bend paths on some
+/// servers.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 256
-        && name != "."
-        && name != ".."
+        && !name.starts_with('.')
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
@@ -216,7 +260,6 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Method;
 
     #[test]
     fn azure_data_plane() {
@@ -297,6 +340,17 @@ mod tests {
             "/v1/chat/completions/",
             "/openai/deployments/gpt-4o/chat%2fcompletions",
             "/v1/chat\\completions",
+            // `;` path parameters and dot-led segments: a backend that strips `;...` from a
+            // segment would resolve `..;` as `..` and run another deployment or operation.
+            "/openai/deployments/rec/chat/..;/..;/..;/secret/chat/completions",
+            "/openai/deployments/rec/chat/.;/completions",
+            "/v1/chat/..;/embeddings",
+            "/v1/audio/..;/chat/completions",
+            "/v1/chat/completions;jsessionid=x",
+            "/v1/chat/.hidden",
+            "/v1/chat/...",
+            "/openai/deployments/.rec/chat/completions",
+            "/openai/deployments/rec;x=y/chat/completions",
         ] {
             assert!(
                 matches!(

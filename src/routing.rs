@@ -41,6 +41,8 @@ pub struct Backend {
     pub pool: Pool,
     /// This backend's request and attempt counters and latency histograms.
     pub series: BackendSeries,
+    /// Response headers dropped by default that this backend may pass to clients.
+    pub pass_response_headers: Vec<http::HeaderName>,
 }
 
 /// Default Azure data-plane API version when neither client nor config names one.
@@ -121,6 +123,11 @@ impl BackendTable {
                 idle_timeout: b.timeouts.idle.0,
                 credential: credential.clone(),
                 pool,
+                pass_response_headers: b
+                    .pass_response_headers
+                    .iter()
+                    .filter_map(|h| http::HeaderName::from_bytes(h.as_str().as_bytes()).ok())
+                    .collect(),
             }));
         }
         Ok(Self::from_backends(backends))

@@ -100,7 +100,7 @@ impl TokenSpec {
                 basic,
             } => format!(
                 "secret|{token_url}|{client_id}|{basic}|{:x?}",
-                crate::identify::sha256(secret.expose().as_bytes())
+                crate::digest::sha256(secret.expose().as_bytes())
             ),
             SourceSpec::Certificate {
                 token_url,

@@ -81,6 +81,10 @@ pub struct Validated {
     pub issuer_secrets: Vec<Option<Secret>>,
     /// Directory relative paths are resolved against.
     pub base_dir: PathBuf,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `server.max_buffered_body_bytes`, or the default sized for this machine.
+    pub max_buffered_body_bytes: u64,
 }
 
 /// Read and validate a configuration file.
@@ -286,6 +290,42 @@ fn validate(
     let listen = parse_addr(config.server.listen.as_str(), "server.listen", problems);
     if config.server.max_body_bytes == 0 {
         problem(problems, "server.max_body_bytes", "must be greater than 0");
+    } else if config.server.max_body_bytes > MAX_BODY_LIMIT {
+        problem(problems, "server.max_body_bytes", "must be at most 4 GiB");
+    }
+    let max_buffered_body_bytes = match config.server.max_buffered_body_bytes {
+        Some(n) if n < config.server.max_body_bytes => {
+            problem(
+                problems,
+                "server.max_buffered_body_bytes",
+                format!(
+                    "must be at least server.max_body_bytes ({}), or no request of the largest allowed size could ever be read",
+                    config.server.max_body_bytes
+                ),
+            );
+            n
+        }
+        Some(n) => n,
+        None => default_buffered_body_bytes(config.server.max_body_bytes),
+    };
+    check_duration(config.server.buffer_wait, "server.buffer_wait", problems);
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in config.server.trusted_proxies.iter().enumerate() {
+        let text = t.as_str();
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(n) => trusted_proxies.push(n.trunc()),
+            Err(_) => problem(
+                problems,
+                format!("server.trusted_proxies[{i}]"),
+                format!(
+                    "'{}' is not an IP address or CIDR range (e.g. 10.0.0.0/8)",
+                    text.escape_default()
+                ),
+            ),
+        }
     }
     if config.server.workers > 256 {
         problem(
@@ -423,12 +463,41 @@ fn validate(
                 ),
             }
         }
+        for (j, h) in b.pass_response_headers.iter().enumerate() {
+            let at = format!("{path}.pass_response_headers[{j}]");
+            match http::HeaderName::from_bytes(h.as_str().as_bytes()) {
+                Ok(name) if crate::proxy::is_hop_by_hop(&name) => problem(
+                    problems,
+                    at,
+                    format!(
+                        "'{name}' is hop-by-hop: it describes one connection and is never relayed"
+                    ),
+                ),
+                Ok(_) => {}
+                Err(_) => problem(
+                    problems,
+                    at,
+                    format!("'{}' is not a header name", h.as_str().escape_default()),
+                ),
+            }
+        }
         let auth = backend_auth::resolve(&b.auth, &format!("{path}.auth"), base_dir, env, problems);
         backend_auth.push(auth.unwrap_or(ResolvedAuth::None));
     }
 
+    for (i, c) in config.clients.iter().enumerate() {
+        if c.max_concurrent_requests == Some(0) {
+            problem(
+                problems,
+                format!("clients[{i}].max_concurrent_requests"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+    }
     let ids = identity::validate(&config, base_dir, problems);
     Some(Validated {
+        trusted_proxies,
+        max_buffered_body_bytes,
         key_hmac_secret: ids.key_hmac_secret,
         issuer_secrets: ids.issuer_secrets,
         listen: listen?,
@@ -438,6 +507,36 @@ fn validate(
         base_dir: base_dir.to_path_buf(),
         config,
     })
+}
+
+/// Largest `server.max_body_bytes`: bodies are held in memory, and no OpenAI or Azure
+/// operation takes more.
+const MAX_BODY_LIMIT: u64 = 4 * 1024 * 1024 * 1024;
+
+/// The default `server.max_buffered_body_bytes`: an eighth of the memory this process may
+/// use, between 64 MiB and 1 GiB, and never less than one largest body.
+fn default_buffered_body_bytes(max_body: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    let memory = available_memory().unwrap_or(2048 * MIB);
+    (memory / 8).clamp(64 * MIB, 1024 * MIB).max(max_body)
+}
+
+/// Memory available to this process: the cgroup v2 limit when there is one (containers),
+/// else the machine's physical memory.
+fn available_memory() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let physical = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match (cgroup, physical) {
+        (Some(c), Some(p)) => Some(c.min(p)),
+        (c, p) => c.or(p),
+    }
 }
 
 /// Longest duration accepted anywhere: longer values are typos or attempts to disable a

@@ -53,6 +53,21 @@ pub struct ServerConfig {
     /// Worker threads, each with its own listener and upstream pools; 0 = one per core.
     #[serde(default)]
     pub workers: usize,
+    /// Request-body bytes the whole gateway holds in memory at once (bodies are buffered
+    /// for routing and failover). Default: an eighth of the memory available to the
+    /// process (cgroup limit or physical memory), between 64 MiB and 1 GiB, and at least
+    /// `max_body_bytes`.
+    #[serde(default)]
+    pub max_buffered_body_bytes: Option<u64>,
+    /// How long a request waits for room under `max_buffered_body_bytes` before it gets
+    /// 503 `overloaded`.
+    #[serde(default = "default_buffer_wait")]
+    pub buffer_wait: Dur,
+    /// TCP peers (addresses or CIDR ranges) whose `X-Forwarded-For`, `X-Forwarded-Proto`
+    /// and `Forwarded` headers are kept and extended; from anyone else they are replaced
+    /// by what the gateway sees.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Text>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +80,9 @@ impl Default for ServerConfig {
             body_timeout: default_body_timeout(),
             shutdown_delay: default_shutdown_delay(),
             workers: 0,
+            max_buffered_body_bytes: None,
+            buffer_wait: default_buffer_wait(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -83,6 +101,9 @@ fn default_shutdown_delay() -> Dur {
 }
 fn default_body_timeout() -> Dur {
     Dur(Duration::from_secs(60))
+}
+fn default_buffer_wait() -> Dur {
+    Dur(Duration::from_secs(5))
 }
 fn default_drain_timeout() -> Dur {
     Dur(Duration::from_secs(30))
@@ -176,6 +197,10 @@ pub struct BackendConfig {
     pub ca_file: Option<Text>,
     #[serde(default)]
     pub auth: BackendAuthConfig,
+    /// Response headers that are dropped by default (cookies, credentials, HSTS, ...; see
+    /// the README) but that this backend's answers may pass to clients.
+    #[serde(default)]
+    pub pass_response_headers: Vec<Text>,
 }
 
 fn default_weight() -> u32 {
@@ -477,4 +502,8 @@ pub struct ClientConfig {
     /// `scope` or `roles`) to call it.
     #[serde(default)]
     pub deployment_scopes: BTreeMap<String, Vec<Text>>,
+    /// Requests of this client in flight at once, open streams included; more get 429
+    /// `too_many_concurrent_requests`. Unlimited when absent.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<u32>,
 }

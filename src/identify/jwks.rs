@@ -118,7 +118,7 @@ impl KeySet {
 }
 
 fn parse_key(raw: serde_json::Value) -> Result<VerifyKey, String> {
-    let fingerprint = super::sha256(raw.to_string().as_bytes());
+    let fingerprint = crate::digest::sha256(raw.to_string().as_bytes());
     let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("unreadable: {e}"))?;
     if let Some(u) = &jwk.common.public_key_use {
         if *u != PublicKeyUse::Signature {

@@ -319,7 +319,10 @@ impl Identifier {
     }
 
     async fn jwt(&self, token: &str) -> Result<Arc<Caller>, Refusal> {
-        let digest = self.verified.as_ref().map(|_| sha256(token.as_bytes()));
+        let digest = self
+            .verified
+            .as_ref()
+            .map(|_| crate::digest::sha256(token.as_bytes()));
         if let (Some(cache), Some(d)) = (&self.verified, &digest) {
             if let Some(hit) = cache.get(d) {
                 let now = jsonwebtoken::get_current_timestamp();
@@ -404,15 +407,6 @@ impl Identifier {
             ),
         })
     }
-}
-
-/// SHA-256 of `bytes`: verified-token cache keys (the cache never holds tokens themselves)
-/// and JWK fingerprints.
-pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 /// Whether claim `name` carries every value in `wanted`: equality for strings, containment

@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -45,14 +46,15 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serve `service` on `listener` until `shutdown` resolves, then drain.
+/// Serve `service` on `listener` until `shutdown` resolves, then drain. The service is
+/// given each request and the address of the peer that sent it.
 pub async fn serve<S, F>(
     listener: TcpListener,
     service: S,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     serve_with(listener, service, opts, shutdown, || {}).await;
@@ -66,7 +68,7 @@ pub async fn serve_with<S, F>(
     shutdown: impl Future<Output = ()>,
     mut on_accept: impl FnMut(),
 ) where
-    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -88,7 +90,7 @@ pub async fn serve_with<S, F>(
     let (stop, stopping) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -110,7 +112,7 @@ pub async fn serve_with<S, F>(
                 seen.http2.store(true, Ordering::Relaxed);
             }
             let answering = Answering::new(&seen);
-            let fut = svc(req);
+            let fut = svc(req, peer);
             async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
         });
         let io = Counted {

@@ -34,6 +34,8 @@ pub struct Finish {
     pub started: Instant,
     pub audit: AuditSink,
     pub metrics: Arc<Metrics>,
+    /// The request's hold on its client's limits, released when the body ends.
+    pub admission: crate::admit::Admission,
 }
 
 impl Finish {
@@ -189,6 +191,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let (audit, _writer) = AuditSink::start(&path.to_string_lossy(), metrics.clone()).unwrap();
         Finish {
+            admission: Default::default(),
             record: AuditRecord::new(HeaderValue::from_static("t"), Method::POST, "/".into()),
             started: Instant::now(),
             audit,

@@ -56,6 +56,72 @@ fn is_client_credential(name: &HeaderName) -> bool {
     )
 }
 
+/// Client headers that ask a server or framework to treat the request as another URL or
+/// method (IIS/ASP.NET `X-Original-URL`, Symfony/Zend `X-Rewrite-URL`, the method
+/// overrides of Rails, Express, Spring and Google APIs): the gateway checked this method
+/// and path, so no backend may run another. Never sent upstream.
+fn is_override(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-original-url"
+            | "x-rewrite-url"
+            | "x-original-uri"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-original-method"
+    )
+}
+
+/// Headers that say where a request came from. From the client they are claims: dropped,
+/// and set again from what the gateway saw (kept and extended only from a trusted proxy).
+fn is_forwarding(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n.starts_with("x-forwarded-")
+        || matches!(
+            n,
+            "forwarded" | "x-real-ip" | "true-client-ip" | "x-client-ip" | "x-cluster-client-ip"
+        )
+}
+
+/// Response headers a backend's answer never passes to clients unless its
+/// `pass_response_headers` names them: cookies (Azure's `ARRAffinity` would land on the
+/// gateway's origin), credentials and auth challenges (they are the gateway's business with
+/// the backend, not the client's), the backend account's identity (`OpenAI-Organization`,
+/// `OpenAI-Project`), and policies a browser would apply to the gateway's whole origin
+/// (`Strict-Transport-Security`, `Alt-Svc`, key pins, `Clear-Site-Data`).
+pub const DROPPED_RESPONSE_HEADERS: [&str; 16] = [
+    "set-cookie",
+    "set-cookie2",
+    "cookie",
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "ocp-apim-subscription-key",
+    "x-goog-api-key",
+    "www-authenticate",
+    "openai-organization",
+    "openai-project",
+    "strict-transport-security",
+    "alt-svc",
+    "public-key-pins",
+    "public-key-pins-report-only",
+    "clear-site-data",
+];
+
+fn is_dropped_response(name: &HeaderName) -> bool {
+    DROPPED_RESPONSE_HEADERS.contains(&name.as_str())
+}
+
+/// What the gateway knows of where a request came from, for the forwarding headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// The TCP peer.
+    pub peer: std::net::IpAddr,
+    /// Whether the peer is one of `server.trusted_proxies`.
+    pub trusted: bool,
+}
+
 /// The request id header, taken from the client or generated.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -78,19 +144,123 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_where(headers, |_| false);
 }
 
+/// A backend's response headers as they may reach the client: no hop-by-hop headers, none
+/// of [`DROPPED_RESPONSE_HEADERS`] unless `pass` names it, and no header whose value holds
+/// `secret` — the credential the gateway sent this backend (a backend that reflects request
+/// headers would otherwise hand it to every client, under any name). Returns how many
+/// headers were dropped for holding the secret.
+pub fn clean_response_headers(
+    headers: &mut HeaderMap,
+    pass: &[HeaderName],
+    secret: Option<&[u8]>,
+) -> usize {
+    let finder = secret
+        .filter(|s| !s.is_empty())
+        .map(memchr::memmem::Finder::new);
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut has_connection = false;
+    let mut leaks = 0;
+    for (name, value) in headers.iter() {
+        let leaked = finder
+            .as_ref()
+            .is_some_and(|f| value.len() >= f.needle().len() && f.find(value.as_bytes()).is_some());
+        let dropped =
+            is_hop_by_hop(name) || leaked || (is_dropped_response(name) && !pass.contains(name));
+        if dropped {
+            has_connection |= name == header::CONNECTION;
+            leaks += usize::from(leaked);
+            // A repeated name is visited once per value; removing it once removes all.
+            if doomed.last() != Some(name) {
+                doomed.push(name.clone());
+            }
+        }
+    }
+    if has_connection {
+        doomed.extend(connection_named(headers));
+    }
+    for name in doomed {
+        headers.remove(name);
+    }
+    leaks
+}
+
+/// The part of a credential header's value that is secret: the token of `Bearer <token>`,
+/// or the whole value (an `api-key`).
+fn secret_of(value: &HeaderValue) -> &[u8] {
+    let v = value.as_bytes();
+    match v.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case(b"bearer ") => &v[7..],
+        _ => v,
+    }
+}
+
 /// The client's headers as they may go upstream: no hop-by-hop headers, no client
-/// credentials, no `Host` (set from the backend URL), no stale `Content-Length`, no
-/// `Expect` (the gateway answered it and holds the whole body), and the request id the
+/// credentials, no URL or method overrides, no `Host` (set from the backend URL), no stale
+/// `Content-Length`, no `Expect` (the gateway answered it and holds the whole body), the
+/// forwarding headers from what the gateway saw (see [`Origin`]), and the request id the
 /// gateway settled on.
-pub fn upstream_headers(mut client: HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+pub fn upstream_headers(
+    mut client: HeaderMap,
+    request_id: &HeaderValue,
+    origin: Origin,
+) -> HeaderMap {
+    // Claims a trusted proxy made, kept to be extended below.
+    let (mut xff, mut forwarded, mut proto) = (None, None, None);
+    if origin.trusted {
+        xff = joined(&client, "x-forwarded-for");
+        forwarded = joined(&client, "forwarded");
+        proto = client
+            .get("x-forwarded-proto")
+            .filter(|v| matches!(v.as_bytes(), b"http" | b"https"))
+            .cloned();
+    }
     remove_where(&mut client, |n| {
         is_client_credential(n)
+            || is_override(n)
+            || is_forwarding(n)
             || n == header::HOST
             || n == header::CONTENT_LENGTH
             || n == header::EXPECT
     });
+    let peer = origin.peer.to_canonical();
+    let proto = proto.unwrap_or(HeaderValue::from_static("http"));
+    let proto_str = proto.to_str().unwrap_or("http");
+    let for_value = match peer {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("\"[{a}]\""),
+    };
+    let mut xff_value = xff.map(|x| x + ", ").unwrap_or_default();
+    xff_value.push_str(&peer.to_string());
+    let mut fwd_value = forwarded.map(|f| f + ", ").unwrap_or_default();
+    fwd_value.push_str(&format!("for={for_value};proto={proto_str}"));
+    for (name, value) in [("x-forwarded-for", xff_value), ("forwarded", fwd_value)] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            client.insert(HeaderName::from_static(name), v);
+        }
+    }
+    client.insert(HeaderName::from_static("x-forwarded-proto"), proto);
     client.insert(REQUEST_ID.clone(), request_id.clone());
     client
+}
+
+/// All values of a header joined by ", " (a list header may come in several fields), when
+/// every one is visible ASCII.
+fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let v = v.to_str().ok()?.trim();
+        if v.is_empty() {
+            continue;
+        }
+        match &mut out {
+            Some(o) => {
+                o.push_str(", ");
+                o.push_str(v);
+            }
+            None => out = Some(v.to_owned()),
+        }
+    }
+    out
 }
 
 /// Remove every hop-by-hop header, any header the `Connection` header names, and those
@@ -189,6 +359,8 @@ pub async fn forward(
         if !up.body.is_empty() || out.method == Method::POST || out.method == Method::PUT {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));
         }
+        // Kept (a reference count) to find it reflected in the answer's headers.
+        let sent_credential = credential.as_ref().map(|(_, v)| v.clone());
         if let Some((name, value)) = credential {
             headers.insert(name, value);
         }
@@ -201,7 +373,28 @@ pub async fn forward(
         attempts += 1;
         let sent = tokio::time::timeout(backend.first_byte_timeout, backend.pool.send(req)).await;
         let outcome = match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
+                if resp.status().as_u16() > 599 {
+                    record(&backend, "invalid_response");
+                    tracing::warn!(backend = %backend.name, status = resp.status().as_u16(), "backend answered with a status outside 100-599");
+                    return Err(Failed {
+                        error: GatewayError::BackendInvalidResponse(format!(
+                            "backend '{}' answered with status {}, outside 100-599",
+                            backend.name,
+                            resp.status().as_u16()
+                        )),
+                        backend: Some(backend),
+                        attempts,
+                    });
+                }
+                let leaks = clean_response_headers(
+                    resp.headers_mut(),
+                    &backend.pass_response_headers,
+                    sent_credential.as_ref().map(secret_of),
+                );
+                if leaks > 0 {
+                    tracing::warn!(backend = %backend.name, headers = leaks, "backend answer reflected the gateway's credential; those headers were dropped");
+                }
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
                     record(&backend, "rate_limited");
                     tracing::info!(backend = %backend.name, "backend answered 429; trying the next one");
@@ -307,15 +500,61 @@ mod tests {
             ("x-request-id", "old"),
             ("accept", "application/json"),
             ("x-ms-useragent", "sdk"),
+            (
+                "x-original-url",
+                "/openai/deployments/secret/chat/completions",
+            ),
+            ("x-rewrite-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-real-ip", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
         ] {
             c.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         c.append("accept", HeaderValue::from_static("text/event-stream"));
-        let h = upstream_headers(c, &HeaderValue::from_static("rid"));
+        let untrusted = Origin {
+            peer: "192.0.2.7".parse().unwrap(),
+            trusted: false,
+        };
+        let h = upstream_headers(c.clone(), &HeaderValue::from_static("rid"), untrusted);
         // The order of differently named fields carries no meaning (RFC 9110 §5.3).
         let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
-        assert_eq!(names, ["accept", "x-ms-useragent", "x-request-id"]);
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "forwarded",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-ms-useragent",
+                "x-request-id"
+            ]
+        );
+        assert_eq!(
+            h["x-forwarded-for"], "192.0.2.7",
+            "the client's claim replaced"
+        );
+        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=http");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        // From a trusted proxy the chain is kept and extended; IPv6 is quoted in Forwarded.
+        let trusted = Origin {
+            peer: "2001:db8::1".parse().unwrap(),
+            trusted: true,
+        };
+        let h2 = upstream_headers(c, &HeaderValue::from_static("rid"), trusted);
+        assert_eq!(h2["x-forwarded-for"], "1.2.3.4, 2001:db8::1");
+        assert_eq!(
+            h2["forwarded"],
+            "for=1.2.3.4, for=\"[2001:db8::1]\";proto=https"
+        );
+        assert_eq!(h2["x-forwarded-proto"], "https");
+        assert!(h2.get("x-original-url").is_none() && h2.get("x-real-ip").is_none());
         assert_eq!(
             h.get_all("accept").iter().count(),
             2,
@@ -343,5 +582,55 @@ mod tests {
         r.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         strip_hop_by_hop(&mut r);
         assert_eq!(r, before);
+    }
+
+    #[test]
+    fn response_headers_lose_cookies_credentials_and_reflections() {
+        let mut r = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("set-cookie", "ARRAffinity=abc; Path=/"),
+            ("set-cookie", "other=1"),
+            ("api-key", "leaked"),
+            ("authorization", "Bearer x"),
+            ("strict-transport-security", "max-age=31536000"),
+            (
+                "www-authenticate",
+                "Bearer authorization_uri=\"https://login.example\"",
+            ),
+            ("alt-svc", "h3=\"evil.example:443\""),
+            ("openai-organization", "org-gateway"),
+            ("x-echo-whatever", "key=super-secret-backend-key;"),
+            ("x-ratelimit-remaining-tokens", "9"),
+            ("connection", "close"),
+        ] {
+            r.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let leaks =
+            clean_response_headers(&mut r, &[], Some(b"super-secret-backend-key".as_slice()));
+        assert_eq!(leaks, 1);
+        let mut names: Vec<&str> = r.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-ratelimit-remaining-tokens"]);
+        // A backend allowed to pass cookies passes both of them, never a reflected secret.
+        let mut r = HeaderMap::new();
+        r.append("set-cookie", HeaderValue::from_static("a=1"));
+        r.append(
+            "set-cookie",
+            HeaderValue::from_static("b=super-secret-backend-key"),
+        );
+        r.append("set-cookie", HeaderValue::from_static("c=3"));
+        let pass = [HeaderName::from_static("set-cookie")];
+        clean_response_headers(&mut r, &pass, Some(b"super-secret-backend-key".as_slice()));
+        assert!(
+            r.get("set-cookie").is_none(),
+            "a field holding the secret drops its name"
+        );
+        let mut r = HeaderMap::new();
+        r.append("set-cookie", HeaderValue::from_static("a=1"));
+        clean_response_headers(&mut r, &pass, None);
+        assert_eq!(r["set-cookie"], "a=1");
+        assert_eq!(secret_of(&HeaderValue::from_static("Bearer tok")), b"tok");
+        assert_eq!(secret_of(&HeaderValue::from_static("k1")), b"k1");
     }
 }

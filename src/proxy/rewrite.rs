@@ -9,7 +9,6 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use serde::Deserialize;
 
 use super::pool::OriginForm;
 use crate::config::BackendKind;
@@ -26,31 +25,12 @@ pub struct Upstream {
     pub body: Bytes,
 }
 
-#[derive(Deserialize)]
-struct ModelOnly<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-}
-
-/// The boundary of a `multipart/form-data` body, if that is what it is.
-pub fn multipart_boundary(content_type: Option<&str>) -> Option<String> {
-    let ct = content_type?;
-    let (mime, params) = ct.split_once(';').unwrap_or((ct, ""));
-    if !mime.trim().eq_ignore_ascii_case("multipart/form-data") {
-        return None;
-    }
-    params.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_owned())
-            .filter(|b| !b.is_empty())
-    })
-}
-
 /// The `model` named in a request body: the `model` field of a multipart form, or the
 /// `model` member of a JSON object. Any other non-empty body is refused: a body the gateway
-/// cannot read could name a model the gateway never checked. `Ok(None)` when none is named.
+/// cannot read could name a model the gateway never checked. So is a `model` that is not a
+/// string (`null` included: some backends fall back to a default model) and a member whose
+/// name is `model` in another case (`Model`, `MODEL`: case-insensitive deserialisers, as in
+/// .NET, take it as the model). `Ok(None)` when none is named.
 pub fn body_model(
     body: &Bytes,
     content_type: Option<&str>,
@@ -58,18 +38,67 @@ pub fn body_model(
     if body.is_empty() {
         return Ok(None);
     }
-    if let Some(boundary) = multipart_boundary(content_type) {
+    if let Some(boundary) = super::multipart::boundary(content_type)? {
         return super::multipart::model(body, &boundary);
     }
-    match serde_json::from_slice::<ModelOnly<'_>>(body) {
-        Ok(m) => Ok(m.model.map(Cow::into_owned)),
-        Err(e) if e.is_data() => Err(GatewayError::InvalidRequest(
-            "request body must be a JSON object whose `model` is a string".into(),
-        )),
-        Err(e) => Err(GatewayError::InvalidRequest(format!(
-            "request body is not valid JSON: {e}"
-        ))),
+    json_model(body)
+}
+
+/// The top-level `model` of a JSON object body, read without building the document.
+fn json_model(body: &[u8]) -> Result<Option<String>, GatewayError> {
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    /// Why a body was refused, carried through serde's error type.
+    const NOT_A_STRING: &str = "portcullis: model is not a string";
+    const OTHER_CASE: &str = "portcullis: model in another case";
+    const TWICE: &str = "portcullis: model twice";
+
+    struct Top;
+    impl<'de> Visitor<'de> for Top {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut model = None;
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                if key == "model" {
+                    let v: serde_json::Value = map.next_value()?;
+                    let serde_json::Value::String(m) = v else {
+                        return Err(de::Error::custom(NOT_A_STRING));
+                    };
+                    if model.replace(m).is_some() {
+                        return Err(de::Error::custom(TWICE));
+                    }
+                } else if key.eq_ignore_ascii_case("model") {
+                    return Err(de::Error::custom(OTHER_CASE));
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(model)
+        }
     }
+
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = (&mut de)
+        .deserialize_map(Top)
+        .and_then(|m| de.end().map(|()| m));
+    result.map_err(|e| {
+        let text = e.to_string();
+        let msg = if text.starts_with(NOT_A_STRING) {
+            "`model` must be a string naming a deployment".to_owned()
+        } else if text.starts_with(OTHER_CASE) {
+            "the request body names `model` in another case: write it as `model`".to_owned()
+        } else if text.starts_with(TWICE) {
+            "the request body has more than one `model` member".to_owned()
+        } else if e.is_data() {
+            "request body must be a JSON object whose `model` is a string".to_owned()
+        } else {
+            format!("request body is not valid JSON: {e}")
+        };
+        GatewayError::InvalidRequest(msg)
+    })
 }
 
 /// Compute the upstream request for `route` on `backend`. `public` is the public
@@ -137,7 +166,7 @@ pub fn rewrite(
     let body_names_it = route.deployment.is_none() && public == mapped;
     let body = match mapped {
         Some(m) if set_model && !body_names_it && !body.is_empty() => {
-            match multipart_boundary(content_type) {
+            match super::multipart::boundary(content_type)? {
                 Some(boundary) => super::multipart::with_model(body, &boundary, m)?,
                 None => with_model(body, m)?,
             }
@@ -155,10 +184,9 @@ fn push_all(buf: &mut String, parts: &[&str]) {
 
 /// `body` with its `model` member set to `model`; the original bytes when it already is.
 fn with_model(body: &Bytes, model: &str) -> Result<Bytes, GatewayError> {
-    if let Ok(ModelOnly { model: Some(m) }) = serde_json::from_slice::<ModelOnly<'_>>(body) {
-        if m == model {
-            return Ok(body.clone());
-        }
+    // Checked as for routing: a `Model` the backend might take instead is refused.
+    if json_model(body)?.as_deref() == Some(model) {
+        return Ok(body.clone());
     }
     let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}"))
@@ -298,9 +326,23 @@ mod tests {
             body_model(&Bytes::from(form), ct).unwrap().as_deref(),
             Some("whisper")
         );
+        assert_eq!(
+            body_model(&Bytes::from_static(br#"{"input":"x"}"#), None).unwrap(),
+            None
+        );
+        // Unicode escapes in the name are the same name, for the gateway as for a backend.
+        let escaped = Bytes::from_static(br#"{"mod\u0065l":"m2"}"#);
+        assert_eq!(body_model(&escaped, None).unwrap().as_deref(), Some("m2"));
         for bad in [
             &b"{not json"[..],
             br#"{"model":5}"#,
+            br#"{"model":null}"#,
+            br#"{"Model":"gpt-4o"}"#,
+            br#"{"MODEL":"gpt-4o","model":"cheap"}"#,
+            br#"{"model":"cheap","mOdEl":"gpt-4o"}"#,
+            br#"{"model":"a","model":"b"}"#,
+            br#"{"model":"a"} {"model":"b"}"#,
+            br#"["model","a"]"#,
             b"\xef\xbb\xbf{\"model\":\"x\"}",
             b"model=x",
         ] {

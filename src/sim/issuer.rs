@@ -126,7 +126,7 @@ impl DemoIssuer {
             ),
         });
         let shared = keys.clone();
-        let svc = move |req: Request<Incoming>| {
+        let svc = move |req: Request<Incoming>, _peer| {
             let docs = docs.clone();
             let keys = shared.clone();
             async move {

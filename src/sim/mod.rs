@@ -146,7 +146,7 @@ impl SimHandle {
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let st = state.clone();
-        let svc = move |req: Request<Incoming>| handle(st.clone(), req);
+        let svc = move |req: Request<Incoming>, _peer| handle(st.clone(), req);
         let opts = ServeOptions {
             drain_timeout: Duration::from_millis(100),
             ..ServeOptions::default()

@@ -127,7 +127,7 @@ impl Msi {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let svc = move |req: Request<Incoming>| handle(msi_state.clone(), req);
+        let svc = move |req: Request<Incoming>, _peer| handle(msi_state.clone(), req);
         let opts = ServeOptions {
             drain_timeout: Duration::from_millis(100),
             ..ServeOptions::default()
