@@ -398,7 +398,21 @@ impl Gateway {
             }
         };
         rec.note_backend(Some(&answer.backend), answer.attempts);
-        let (head, upstream_body) = answer.response.into_parts();
+        let (head, mut upstream_body) = answer.response.into_parts();
+        // A body the bytes read with the head already show to be broken (a chunk size that
+        // is not hex, say) is refused now, while the client can still get a clean 502.
+        let first = match upstream_body.take_buffered() {
+            Some(Ok(frame)) => Some(frame),
+            Some(Err(e)) => {
+                answer.backend.series.attempt("invalid_response");
+                tracing::warn!(backend = %answer.backend.name, error = %proxy::error_chain(e.as_ref()), "backend answered with a malformed body");
+                return Err(GatewayError::BackendInvalidResponse(format!(
+                    "backend '{}' sent a malformed response body",
+                    answer.backend.name
+                )));
+            }
+            None => None,
+        };
         rec.status = head.status.as_u16();
         rec.stream = head
             .headers
@@ -414,7 +428,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             admission,
         };
-        let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish);
+        let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish, first);
         Ok(Response::from_parts(head, relay.boxed_unsync()))
     }
 

@@ -91,6 +91,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     pub upstream_attempts: Family<AttemptLabels, Counter>,
+    /// Response bodies that ended with an error after their head was sent, by backend and
+    /// outcome (`upstream_error`, `idle_timeout`).
+    pub relay_errors: Family<AttemptLabels, Counter>,
     pub streams_in_flight: Gauge,
     /// Request-body bytes held now (set from the budget when metrics are rendered).
     pub buffered_body_bytes: Gauge,
@@ -132,6 +135,12 @@ impl Metrics {
             "upstream_attempts",
             "Requests sent to backends, by backend and outcome",
             upstream_attempts.clone(),
+        );
+        let relay_errors = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "relay_errors",
+            "Responses whose body failed after the head was sent (the client got a cut answer), by backend and outcome",
+            relay_errors.clone(),
         );
         let streams_in_flight = Gauge::default();
         registry.register(
@@ -192,6 +201,7 @@ impl Metrics {
             requests,
             latency,
             upstream_attempts,
+            relay_errors,
             streams_in_flight,
             buffered_body_bytes,
             audit_dropped,

@@ -41,6 +41,17 @@ pub struct Finish {
 impl Finish {
     fn done(mut self, bytes_out: u64, outcome: &'static str) {
         self.metrics.streams_in_flight.dec();
+        if matches!(outcome, "upstream_error" | "idle_timeout") {
+            if let Some(backend) = &self.record.backend {
+                self.metrics
+                    .relay_errors
+                    .get_or_create(&crate::metrics::AttemptLabels {
+                        backend: backend.clone(),
+                        outcome,
+                    })
+                    .inc();
+            }
+        }
         self.record.bytes_out = bytes_out;
         self.record.outcome = outcome;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
@@ -61,6 +72,8 @@ pin_project! {
         finish: Option<Finish>,
         // An upstream error held back for one poll, so the frames before it are flushed.
         failed: Option<BoxError>,
+        // The first frame, when the pipeline found it already read with the head.
+        first: Option<Frame<Bytes>>,
     }
 
     impl PinnedDrop for Relay {
@@ -68,7 +81,7 @@ pin_project! {
             let this = this.project();
             // A body of known length may be dropped right after its last byte (or never
             // polled at all when it is empty): that is still a clean end.
-            let ended = this.inner.is_end_stream();
+            let ended = this.first.is_none() && this.inner.is_end_stream();
             if let Some(f) = this.finish.take() {
                 let outcome = if ended { "complete" } else { "client_disconnected" };
                 f.done(*this.bytes, outcome);
@@ -78,8 +91,14 @@ pin_project! {
 }
 
 impl Relay {
-    /// Wrap an upstream body. `finish` is completed when the body ends.
-    pub fn new(inner: ResponseBody, idle_timeout: Duration, finish: Finish) -> Self {
+    /// Wrap an upstream body. `finish` is completed when the body ends; `first` is a frame
+    /// already taken from `inner` (see [`ResponseBody::take_buffered`]), relayed first.
+    pub fn new(
+        inner: ResponseBody,
+        idle_timeout: Duration,
+        finish: Finish,
+        first: Option<Frame<Bytes>>,
+    ) -> Self {
         finish.metrics.streams_in_flight.inc();
         let now = Instant::now();
         Self {
@@ -90,6 +109,7 @@ impl Relay {
             bytes: 0,
             finish: Some(finish),
             failed: None,
+            first,
         }
     }
 }
@@ -106,7 +126,11 @@ impl HttpBody for Relay {
         if let Some(e) = this.failed.take() {
             return Poll::Ready(Some(Err(e)));
         }
-        match this.inner.as_mut().poll_frame(cx) {
+        let polled = match this.first.take() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => this.inner.as_mut().poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.len() as u64;
@@ -167,11 +191,22 @@ impl HttpBody for Relay {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let Some(held) = self.first.as_ref().and_then(Frame::data_ref) else {
+            return inner;
+        };
+        // The frame taken ahead is part of the body still to come.
+        let n = held.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + n);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + n);
+        }
+        hint
     }
 }
 
@@ -214,7 +249,7 @@ mod tests {
         // Read to the end (streamed and not): the connection goes back.
         for stream in [true, false] {
             let resp = pool.send(chat(&sim.url(), stream, None)).await.unwrap();
-            let relay = Relay::new(resp.into_body(), idle, finish(&dir));
+            let relay = Relay::new(resp.into_body(), idle, finish(&dir), None);
             relay.collect().await.unwrap();
             assert_eq!(pool.idle_count(0), 1, "stream = {stream}");
         }
@@ -222,7 +257,7 @@ mod tests {
         // Dropped after the first event (the client went away): it does not.
         let resp = pool.send(chat(&sim.url(), true, None)).await.unwrap();
         assert_eq!(pool.idle_count(0), 0, "the idle one is in use");
-        let mut relay = Relay::new(resp.into_body(), idle, finish(&dir));
+        let mut relay = Relay::new(resp.into_body(), idle, finish(&dir), None);
         relay.frame().await.unwrap().unwrap();
         drop(relay);
         assert_eq!(pool.idle_count(0), 0);
@@ -232,7 +267,7 @@ mod tests {
             .send(chat(&sim.url(), true, Some("reset:2")))
             .await
             .unwrap();
-        let relay = Relay::new(resp.into_body(), idle, finish(&dir));
+        let relay = Relay::new(resp.into_body(), idle, finish(&dir), None);
         assert!(relay.collect().await.is_err());
         assert_eq!(pool.idle_count(0), 0);
     }

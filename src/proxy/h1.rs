@@ -681,6 +681,32 @@ impl Body {
         }
     }
 
+    /// The first frame, if the bytes read with the head already hold one (or show the body
+    /// is malformed), without reading more: `None` when more must be read first.
+    pub fn take_buffered(&mut self) -> Option<Result<Frame<Bytes>, Error>> {
+        let conn = self.conn.as_mut()?;
+        if conn.buf.is_empty() {
+            return None;
+        }
+        match self.framing.decode(&mut conn.buf) {
+            Ok(Decoded::Data(data)) => {
+                if self.framing.is_done() {
+                    self.finish();
+                }
+                Some(Ok(Frame::data(data)))
+            }
+            Ok(Decoded::End) => {
+                self.finish();
+                None
+            }
+            Ok(Decoded::More) => None,
+            Err(e) => {
+                self.conn = None;
+                Some(Err(e))
+            }
+        }
+    }
+
     pub fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,

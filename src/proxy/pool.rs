@@ -380,6 +380,17 @@ impl std::fmt::Debug for ResponseBody {
     }
 }
 
+impl ResponseBody {
+    /// The first frame when it has already been read with the head (HTTP/1.1), or the error
+    /// that the bytes read so far make certain; `None` otherwise (nothing is read here).
+    pub fn take_buffered(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        match self {
+            ResponseBody::H1(b) => b.take_buffered().map(|r| r.map_err(Into::into)),
+            ResponseBody::H2(_) => None,
+        }
+    }
+}
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -10,7 +10,8 @@
 //!
 //! Tests program it through [`SimHandle::set_behavior`], or per request with the
 //! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>`,
-//! `latency:<ms>`, `echo`); every request it receives is recorded for assertions.
+//! `latency:<ms>`, `echo`, `leaky-headers`, `reflect-headers`); every request it receives
+//! is recorded for assertions.
 
 pub mod bearer;
 pub mod issuer;
@@ -49,6 +50,12 @@ pub enum Behavior {
     Hang,
     /// Answer 200 with the request body, byte for byte, and its content type.
     Echo,
+    /// Answer normally, adding the headers a gateway must not relay: Azure's `ARRAffinity`
+    /// cookies, credentials, auth challenges, HSTS, `Alt-Svc`, the account's organisation.
+    LeakyHeaders,
+    /// Answer normally, adding every request header back as `x-reflect-<name>` (a debug
+    /// endpoint, a misconfigured proxy).
+    ReflectHeaders,
 }
 
 /// Simulator settings.
@@ -289,7 +296,10 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         }
     }
     match behavior {
-        Behavior::Normal | Behavior::ResetMidStream { .. } => {}
+        Behavior::Normal
+        | Behavior::ResetMidStream { .. }
+        | Behavior::LeakyHeaders
+        | Behavior::ReflectHeaders => {}
         Behavior::RateLimited { retry_after_ms } => return responses::rate_limited(retry_after_ms),
         Behavior::ServerError(code) => return responses::server_error(code),
         Behavior::Hang => {
@@ -315,14 +325,57 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         reset_after,
         seq: state.seq.fetch_add(1, Ordering::Relaxed),
     };
-    responses::dispatch(
+    let mut resp = responses::dispatch(
         ctx,
         &parts.method,
         parts.uri.path(),
         parts.uri.query(),
         &body,
-    )
+    );
+    let h = resp.headers_mut();
+    match behavior {
+        Behavior::LeakyHeaders => {
+            for (k, v) in LEAKY_HEADERS {
+                h.append(*k, http::HeaderValue::from_static(v));
+            }
+        }
+        Behavior::ReflectHeaders => {
+            for (k, v) in &parts.headers {
+                if let Ok(name) = http::HeaderName::try_from(format!("x-reflect-{k}")) {
+                    h.append(name, v.clone());
+                }
+            }
+        }
+        _ => {}
+    }
+    resp
 }
+
+/// What [`Behavior::LeakyHeaders`] adds to an answer.
+pub const LEAKY_HEADERS: &[(&str, &str)] = &[
+    (
+        "set-cookie",
+        "ARRAffinity=0123abcd; Path=/; HttpOnly; Secure; Domain=contoso.openai.azure.com",
+    ),
+    (
+        "set-cookie",
+        "ARRAffinitySameSite=0123abcd; Path=/; HttpOnly; SameSite=None; Secure",
+    ),
+    ("api-key", "backend-key-echoed"),
+    ("authorization", "Bearer backend-token-echoed"),
+    ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"),
+    (
+        "strict-transport-security",
+        "max-age=31536000; includeSubDomains",
+    ),
+    (
+        "www-authenticate",
+        "Bearer authorization_uri=\"https://login.microsoftonline.com/tenant\"",
+    ),
+    ("alt-svc", "h3=\":443\"; ma=86400"),
+    ("openai-organization", "org-backend-account"),
+    ("openai-project", "proj_backend"),
+];
 
 enum Override {
     Behavior(Behavior),
@@ -342,6 +395,8 @@ fn parse_behavior(h: &str) -> Option<Override> {
         }
         "hang" => Override::Behavior(Behavior::Hang),
         "echo" => Override::Behavior(Behavior::Echo),
+        "leaky-headers" => Override::Behavior(Behavior::LeakyHeaders),
+        "reflect-headers" => Override::Behavior(Behavior::ReflectHeaders),
         "reset" => Override::Behavior(Behavior::ResetMidStream {
             after_chunks: usize::try_from(num()?).ok()?,
         }),
