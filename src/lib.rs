@@ -21,6 +21,8 @@ pub mod config;
 pub mod demo;
 pub mod digest;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod gateway;
 pub mod identify;
 pub mod listener;

@@ -748,6 +748,56 @@ impl Body {
     }
 }
 
+/// Fuzzing entry point (feature `fuzzing`): parse `data` as a backend's answer to a GET
+/// (heads, interim answers, then the body by its framing), once whole and once split at
+/// `split`, and check the two readings agree; never panics on any input.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_response(data: &[u8], split: usize) {
+    fn read(pieces: &[&[u8]]) -> Result<(u16, Vec<u8>, bool), String> {
+        let mut buf = BytesMut::new();
+        let mut pieces = pieces.iter();
+        let (head, mut framing) = loop {
+            match parse_head(&mut buf, false).map_err(|e| e.to_string())? {
+                Some(Parsed::Interim) => continue,
+                Some(Parsed::Final(r, f, _)) => break (r, f),
+                None => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => return Err("incomplete head".into()),
+                },
+            }
+        };
+        let mut body = Vec::new();
+        loop {
+            match framing.decode(&mut buf).map_err(|e| e.to_string())? {
+                Decoded::Data(d) => body.extend_from_slice(&d),
+                Decoded::End => return Ok((head.status().as_u16(), body, true)),
+                Decoded::More => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => {
+                        let clean = framing.eof().is_ok();
+                        return Ok((head.status().as_u16(), body, clean));
+                    }
+                },
+            }
+        }
+    }
+    let split = split.min(data.len());
+    let whole = read(&[data]);
+    let parts = read(&[&data[..split], &data[split..]]);
+    if let (Ok(w), Ok(p)) = (&whole, &parts) {
+        assert_eq!(
+            w, p,
+            "the same bytes read differently when split at {split}"
+        );
+        assert!(w.1.len() <= data.len(), "more body than input");
+    }
+    // A head complete in the first piece must parse the same either way; a body error may
+    // show in only one reading when the split cuts it (then it is only more input).
+    if whole.is_ok() && split == data.len() {
+        assert!(parts.is_ok());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -182,6 +182,12 @@ fn push_all(buf: &mut String, parts: &[&str]) {
     }
 }
 
+/// [`with_model`], for the fuzz targets (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_with_model(body: &Bytes, model: &str) -> Result<Bytes, GatewayError> {
+    with_model(body, model)
+}
+
 /// `body` with its `model` member set to `model`; the original bytes when it already is.
 fn with_model(body: &Bytes, model: &str) -> Result<Bytes, GatewayError> {
     // Checked as for routing: a `Model` the backend might take instead is refused.
