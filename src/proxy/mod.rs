@@ -154,16 +154,20 @@ pub fn clean_response_headers(
     pass: &[HeaderName],
     secret: Option<&[u8]>,
 ) -> usize {
-    let finder = secret
-        .filter(|s| !s.is_empty())
-        .map(memchr::memmem::Finder::new);
+    let secret = secret.filter(|s| !s.is_empty());
+    // Built only when some value is long enough to hold the secret (never, for a JWT).
+    let mut finder: Option<memchr::memmem::Finder<'_>> = None;
     let mut doomed: Vec<HeaderName> = Vec::new();
     let mut has_connection = false;
     let mut leaks = 0;
     for (name, value) in headers.iter() {
-        let leaked = finder
-            .as_ref()
-            .is_some_and(|f| value.len() >= f.needle().len() && f.find(value.as_bytes()).is_some());
+        let leaked = secret.is_some_and(|s| {
+            value.len() >= s.len()
+                && finder
+                    .get_or_insert_with(|| memchr::memmem::Finder::new(s))
+                    .find(value.as_bytes())
+                    .is_some()
+        });
         let dropped =
             is_hop_by_hop(name) || leaked || (is_dropped_response(name) && !pass.contains(name));
         if dropped {
