@@ -7,6 +7,7 @@
 //! Bodies that need no change are forwarded byte for byte.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use bytes::Bytes;
 
@@ -41,21 +42,27 @@ pub fn body_model(
     if let Some(boundary) = super::multipart::boundary(content_type)? {
         return super::multipart::model(body, &boundary);
     }
-    json_model(body)
+    Ok(json_model(body)?.map(|(m, _)| m))
 }
 
-/// The top-level `model` of a JSON object body, read without building the document.
-fn json_model(body: &[u8]) -> Result<Option<String>, GatewayError> {
+/// The top-level `model` of a JSON object body and the byte range of its value (the
+/// quoted string as written), read without building the document.
+fn json_model(body: &[u8]) -> Result<Option<(String, Range<usize>)>, GatewayError> {
     use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use serde_json::value::RawValue;
 
     /// Why a body was refused, carried through serde's error type.
     const NOT_A_STRING: &str = "portcullis: model is not a string";
     const OTHER_CASE: &str = "portcullis: model in another case";
     const TWICE: &str = "portcullis: model twice";
 
-    struct Top;
+    /// Where the body's text starts, to turn the raw value's slice into an offset.
+    struct Top {
+        base: usize,
+        len: usize,
+    }
     impl<'de> Visitor<'de> for Top {
-        type Value = Option<String>;
+        type Value = Option<(String, Range<usize>)>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
@@ -63,11 +70,16 @@ fn json_model(body: &[u8]) -> Result<Option<String>, GatewayError> {
             let mut model = None;
             while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                 if key == "model" {
-                    let v: serde_json::Value = map.next_value()?;
-                    let serde_json::Value::String(m) = v else {
-                        return Err(de::Error::custom(NOT_A_STRING));
-                    };
-                    if model.replace(m).is_some() {
+                    let raw: &'de RawValue = map.next_value()?;
+                    let text = raw.get();
+                    let m: String =
+                        serde_json::from_str(text).map_err(|_| de::Error::custom(NOT_A_STRING))?;
+                    // A borrowed raw value is a slice of the body itself.
+                    let at = (text.as_ptr() as usize)
+                        .checked_sub(self.base)
+                        .filter(|at| at + text.len() <= self.len)
+                        .ok_or_else(|| de::Error::custom(NOT_A_STRING))?;
+                    if model.replace((m, at..at + text.len())).is_some() {
                         return Err(de::Error::custom(TWICE));
                     }
                 } else if key.eq_ignore_ascii_case("model") {
@@ -85,8 +97,12 @@ fn json_model(body: &[u8]) -> Result<Option<String>, GatewayError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| GatewayError::InvalidRequest("request body is not valid UTF-8".into()))?;
     let mut de = serde_json::Deserializer::from_str(text);
+    let top = Top {
+        base: text.as_ptr() as usize,
+        len: text.len(),
+    };
     let result = (&mut de)
-        .deserialize_map(Top)
+        .deserialize_map(top)
         .and_then(|m| de.end().map(|()| m));
     result.map_err(|e| {
         let text = e.to_string();
@@ -194,20 +210,37 @@ pub fn fuzz_with_model(body: &Bytes, model: &str) -> Result<Bytes, GatewayError>
 
 /// `body` with its `model` member set to `model`; the original bytes when it already is.
 fn with_model(body: &Bytes, model: &str) -> Result<Bytes, GatewayError> {
-    // Checked as for routing: a `Model` the backend might take instead is refused.
-    if json_model(body)?.as_deref() == Some(model) {
-        return Ok(body.clone());
+    // Read as for routing (a `Model` the backend might take instead is refused), then only
+    // the value's bytes change: every other byte is forwarded as the client wrote it.
+    let quoted = serde_json::to_string(model)
+        .map_err(|e| GatewayError::InvalidRequest(format!("cannot encode the model: {e}")))?;
+    let mut out = Vec::with_capacity(body.len() + quoted.len() + 10);
+    match json_model(body)? {
+        Some((m, _)) if m == model => return Ok(body.clone()),
+        Some((_, span)) => {
+            out.extend_from_slice(&body[..span.start]);
+            out.extend_from_slice(quoted.as_bytes());
+            out.extend_from_slice(&body[span.end..]);
+        }
+        None => {
+            // A JSON object (the reader checked): the member goes first, after the `{`.
+            let open = body.iter().position(|&b| b == b'{').ok_or_else(|| {
+                GatewayError::InvalidRequest("request body must be a JSON object".into())
+            })?;
+            let empty = body[open + 1..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|&b| b == b'}');
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(b"\"model\":");
+            out.extend_from_slice(quoted.as_bytes());
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(&body[open + 1..]);
+        }
     }
-    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}"))
-    })?;
-    let obj = value
-        .as_object_mut()
-        .ok_or_else(|| GatewayError::InvalidRequest("request body must be a JSON object".into()))?;
-    obj.insert("model".into(), serde_json::Value::String(model.to_owned()));
-    serde_json::to_vec(&value)
-        .map(Bytes::from)
-        .map_err(|e| GatewayError::InvalidRequest(format!("cannot encode request body: {e}")))
+    Ok(Bytes::from(out))
 }
 
 #[cfg(test)]
@@ -316,6 +349,43 @@ mod tests {
         );
         assert_eq!(uri, "/openai/v1/responses");
         assert!(out.contains(r#""model":"gpt-4o-ptu""#), "{out}");
+    }
+
+    #[test]
+    fn the_model_is_rewritten_in_place_and_nothing_else_changes() {
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        for (body, want) in [
+            (
+                r#"{ "z":1, "model" : "gpt-4o" ,"a":2.50}"#,
+                r#"{ "z":1, "model" : "gpt-4o-ptu" ,"a":2.50}"#,
+            ),
+            (r#"{"model":"gpt-\u0034o"}"#, r#"{"model":"gpt-4o-ptu"}"#),
+            (
+                r#"{"messages":[]}"#,
+                r#"{"model":"gpt-4o-ptu","messages":[]}"#,
+            ),
+            (" { } ", r#" {"model":"gpt-4o-ptu" } "#),
+            // Found by fuzzing (json_model): a number serde_json's value type cannot hold
+            // passed the reader and failed a rewrite that rebuilt the document.
+            (
+                r#"{"model":"a","x":66E1666666666666666666}"#,
+                r#"{"model":"gpt-4o-ptu","x":66E1666666666666666666}"#,
+            ),
+        ] {
+            assert_eq!(
+                with_model(&b(body), "gpt-4o-ptu").unwrap(),
+                want.as_bytes(),
+                "{body}"
+            );
+        }
+        let same = b(r#"{"model":"gpt-4o-ptu"}"#);
+        assert_eq!(with_model(&same, "gpt-4o-ptu").unwrap(), same);
+        assert_eq!(
+            with_model(&b("{}"), "a\"b").unwrap(),
+            br#"{"model":"a\"b"}"#.as_slice(),
+            "the name is encoded as a JSON string"
+        );
+        assert!(with_model(&b(r#"{"Model":"x"}"#), "m").is_err());
     }
 
     #[test]
