@@ -226,25 +226,52 @@ pub fn upstream_headers(
             || n == header::CONTENT_LENGTH
             || n == header::EXPECT
     });
-    let peer = origin.peer.to_canonical();
     let proto = proto.unwrap_or(HeaderValue::from_static("http"));
-    let proto_str = proto.to_str().unwrap_or("http");
-    let for_value = match peer {
-        std::net::IpAddr::V4(a) => a.to_string(),
-        std::net::IpAddr::V6(a) => format!("\"[{a}]\""),
+    let proto_str = if proto.as_bytes() == b"https" {
+        "https"
+    } else {
+        "http"
     };
-    let mut xff_value = xff.map(|x| x + ", ").unwrap_or_default();
-    xff_value.push_str(&peer.to_string());
-    let mut fwd_value = forwarded.map(|f| f + ", ").unwrap_or_default();
-    fwd_value.push_str(&format!("for={for_value};proto={proto_str}"));
-    for (name, value) in [("x-forwarded-for", xff_value), ("forwarded", fwd_value)] {
-        if let Ok(v) = HeaderValue::from_str(&value) {
+    // Formatted by hand: `Display` for an address costs more than the rest of this function.
+    let mut ip = String::with_capacity(48);
+    let v6 = push_ip(&mut ip, origin.peer.to_canonical());
+    let mut xff = xff.map(|x| x + ", ").unwrap_or_default();
+    xff.push_str(&ip);
+    let mut fwd = forwarded.map(|f| f + ", ").unwrap_or_default();
+    fwd.reserve(ip.len() + 20);
+    fwd.push_str(if v6 { "for=\"[" } else { "for=" });
+    fwd.push_str(&ip);
+    fwd.push_str(if v6 { "]\";proto=" } else { ";proto=" });
+    fwd.push_str(proto_str);
+    for (name, value) in [("x-forwarded-for", xff), ("forwarded", fwd)] {
+        if let Ok(v) = HeaderValue::try_from(value) {
             client.insert(HeaderName::from_static(name), v);
         }
     }
     client.insert(HeaderName::from_static("x-forwarded-proto"), proto);
     client.insert(REQUEST_ID.clone(), request_id.clone());
     client
+}
+
+/// Append `ip` as text; whether it is IPv6 (quoted and bracketed in `Forwarded`).
+fn push_ip(out: &mut String, ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(a) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+            false
+        }
+        std::net::IpAddr::V6(a) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{a}");
+            true
+        }
+    }
 }
 
 /// All values of a header joined by ", " (a list header may come in several fields), when
