@@ -2,7 +2,8 @@
 //!
 //! The modules follow the request pipeline (see `ARCHITECTURE.md`):
 //! [`listener`] accepts, [`route`] recognises the call, [`identify`] and [`authorize`]
-//! decide who calls and whether they may, [`admit`] checks there is room, [`routing`] picks backends,
+//! decide who calls and whether they may, [`admit`] checks there is room, [`buffer`] reads the
+//! body within its limits, [`routing`] picks backends,
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
 //! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
 //! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`shown`] and
