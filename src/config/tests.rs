@@ -573,3 +573,48 @@ fn workload_identity_reads_the_aks_variables() {
         "{e}"
     );
 }
+
+#[test]
+fn hardening_keys_are_checked_with_their_paths() {
+    let text = r#"
+[server]
+max_body_bytes = 1000
+max_buffered_body_bytes = 999
+trusted_proxies = ["10.0.0.0/8", "::1", "not-an-ip"]
+
+[[clients]]
+id = "a"
+deployments = ["*"]
+operations = ["*"]
+max_concurrent_requests = 0
+
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:9"
+deployments = { "gpt-4o" = "gpt-4o" }
+pass_response_headers = ["set-cookie", "transfer-encoding", "bad header"]
+"#;
+    let err = load(text).unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "server.max_buffered_body_bytes",
+            "server.trusted_proxies[2]",
+            "backends[0].pass_response_headers[1]",
+            "backends[0].pass_response_headers[2]",
+            "clients[0].max_concurrent_requests",
+        ],
+        "{err}"
+    );
+    assert!(err.problems.iter().all(|p| p.line.is_some()), "{err}");
+    let ok = load(&format!(
+        "{MINIMAL}\n[server]\ntrusted_proxies = [\"192.168.1.7\", \"fd00::/8\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(ok.trusted_proxies.len(), 2);
+    assert!(ok.trusted_proxies[0].contains(&"192.168.1.7".parse::<std::net::IpAddr>().unwrap()));
+    // The default budget is sized for the machine, never below one largest body.
+    assert!(ok.max_buffered_body_bytes >= 64 * 1024 * 1024);
+    assert!(ok.max_buffered_body_bytes <= 1024 * 1024 * 1024);
+}
