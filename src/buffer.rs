@@ -47,11 +47,6 @@ impl BodyBudget {
         self.total - self.room.available_permits() as u64
     }
 
-    /// The budget's size.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
     /// Take `n` more bytes into `held`, waiting at most the budget's `wait`.
     async fn take(
         &self,
@@ -67,15 +62,18 @@ impl BodyBudget {
         })?;
         let permit = match self.room.clone().try_acquire_many_owned(n) {
             Ok(p) => p,
-            Err(_) => tokio::time::timeout(self.wait, self.room.clone().acquire_many_owned(n))
-                .await
-                .map_err(|_| GatewayError::Overloaded {
-                    retry_after: self.wait,
-                })?
-                // The semaphore is never closed.
-                .map_err(|_| GatewayError::Overloaded {
-                    retry_after: self.wait,
-                })?,
+            // A timeout, or a closed semaphore (never: nothing closes it).
+            Err(_) => {
+                match tokio::time::timeout(self.wait, self.room.clone().acquire_many_owned(n)).await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        return Err(GatewayError::Overloaded {
+                            retry_after: self.wait,
+                        })
+                    }
+                }
+            }
         };
         match held {
             Some(h) => h.merge(permit),

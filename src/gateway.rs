@@ -373,11 +373,10 @@ impl Gateway {
 
         let origin = proxy::Origin {
             peer: peer.ip(),
-            trusted: !snap.trusted_proxies.is_empty()
-                && snap
-                    .trusted_proxies
-                    .iter()
-                    .any(|n| n.contains(&peer.ip().to_canonical())),
+            trusted: snap
+                .trusted_proxies
+                .iter()
+                .any(|n| n.contains(&peer.ip().to_canonical())),
         };
         let out = Outgoing {
             route: &route,

@@ -139,11 +139,6 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Remove hop-by-hop headers, including any the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_where(headers, |_| false);
-}
-
 /// A backend's response headers as they may reach the client: no hop-by-hop headers, none
 /// of [`DROPPED_RESPONSE_HEADERS`] unless `pass` names it, and no header whose value holds
 /// `secret` — the credential the gateway sent this backend (a backend that reflects request
@@ -157,10 +152,8 @@ pub fn clean_response_headers(
     let secret = secret.filter(|s| !s.is_empty());
     // Built only when some value is long enough to hold the secret (never, for a JWT).
     let mut finder: Option<memchr::memmem::Finder<'_>> = None;
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    let mut has_connection = false;
     let mut leaks = 0;
-    for (name, value) in headers.iter() {
+    remove_where(headers, |name, value| {
         let leaked = secret.is_some_and(|s| {
             value.len() >= s.len()
                 && finder
@@ -168,23 +161,9 @@ pub fn clean_response_headers(
                     .find(value.as_bytes())
                     .is_some()
         });
-        let dropped =
-            is_hop_by_hop(name) || leaked || (is_dropped_response(name) && !pass.contains(name));
-        if dropped {
-            has_connection |= name == header::CONNECTION;
-            leaks += usize::from(leaked);
-            // A repeated name is visited once per value; removing it once removes all.
-            if doomed.last() != Some(name) {
-                doomed.push(name.clone());
-            }
-        }
-    }
-    if has_connection {
-        doomed.extend(connection_named(headers));
-    }
-    for name in doomed {
-        headers.remove(name);
-    }
+        leaks += usize::from(leaked);
+        leaked || (is_dropped_response(name) && !pass.contains(name))
+    });
     leaks
 }
 
@@ -218,7 +197,7 @@ pub fn upstream_headers(
             .filter(|v| matches!(v.as_bytes(), b"http" | b"https"))
             .cloned();
     }
-    remove_where(&mut client, |n| {
+    remove_where(&mut client, |n, _| {
         is_client_credential(n)
             || is_override(n)
             || is_forwarding(n)
@@ -294,15 +273,18 @@ fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
     out
 }
 
-/// Remove every hop-by-hop header, any header the `Connection` header names, and those
-/// `also` selects. One pass over the names finds the few to remove (typically `Host` and
-/// `Content-Length` on requests, `Connection: keep-alive` on responses); only they are
-/// looked up again. This runs twice per request: cheaper than rebuilding the map.
-fn remove_where(headers: &mut HeaderMap, also: fn(&HeaderName) -> bool) {
+/// Remove every hop-by-hop header, any header the `Connection` header names, and every
+/// field `also` selects (by name and value: one value selected removes all of that name).
+/// One pass over the fields finds the few to remove (typically `Host` and `Content-Length`
+/// on requests, `Connection: keep-alive` on responses); only they are looked up again. This
+/// runs twice per request: cheaper than rebuilding the map.
+fn remove_where(headers: &mut HeaderMap, mut also: impl FnMut(&HeaderName, &HeaderValue) -> bool) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     let mut has_connection = false;
-    for name in headers.keys() {
-        if is_hop_by_hop(name) || also(name) {
+    for (name, value) in headers.iter() {
+        // `also` sees every value, even of a name already doomed (it may count them).
+        let selected = also(name, value);
+        if (is_hop_by_hop(name) || selected) && doomed.last() != Some(name) {
             has_connection |= name == header::CONNECTION;
             doomed.push(name.clone());
         }
@@ -595,7 +577,7 @@ mod tests {
     }
 
     #[test]
-    fn strip_hop_by_hop_on_responses() {
+    fn hop_by_hop_headers_leave_responses() {
         let mut r = HeaderMap::new();
         r.insert(
             "content-type",
@@ -606,12 +588,12 @@ mod tests {
             HeaderValue::from_static("9"),
         );
         let before = r.clone();
-        strip_hop_by_hop(&mut r);
+        clean_response_headers(&mut r, &[], None);
         assert_eq!(r, before, "nothing to strip, nothing changed");
         r.insert("connection", HeaderValue::from_static("close, x-hop"));
         r.insert("x-hop", HeaderValue::from_static("1"));
         r.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        strip_hop_by_hop(&mut r);
+        clean_response_headers(&mut r, &[], None);
         assert_eq!(r, before);
     }
 
