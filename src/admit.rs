@@ -5,7 +5,10 @@
 //! counted by one atomic per client (only for clients that set a limit). An admitted
 //! request holds an [`Admission`] until its answer has been relayed to the end (or the
 //! client went away); dropping it gives the slot back. Rate limits, token limits, quotas
-//! and budgets join here (issue 14).
+//! and budgets join here (issue 14); [`redis`] keeps their counters in Redis, shared by all
+//! replicas.
+
+pub mod redis;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
