@@ -34,6 +34,22 @@ async fn setup() -> (RedisLimiter, ::redis::aio::MultiplexedConnection) {
     (limiter, raw)
 }
 
+/// Delete every key of `l`'s namespace (period counters would otherwise stay a day).
+async fn forget(l: &RedisLimiter, raw: &mut ::redis::aio::MultiplexedConnection) {
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{}:*", l.namespace))
+        .query_async(raw)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = ::redis::cmd("DEL")
+            .arg(keys)
+            .query_async(raw)
+            .await
+            .unwrap();
+    }
+}
+
 async fn redis_now_s(raw: &mut ::redis::aio::MultiplexedConnection) -> u64 {
     let (s, _us): (u64, u64) = ::redis::cmd("TIME").query_async(raw).await.unwrap();
     s
@@ -130,6 +146,7 @@ async fn reserve_charges_every_item_or_none() {
     let r = refused(l.reserve("c", &both).await.unwrap());
     assert_eq!(r.item, 1);
     assert_eq!(r.retry_after_ms, end_s * 1000 - r.now_ms);
+    forget(&l, &mut raw).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,6 +183,7 @@ async fn concurrent_reserves_never_exceed_the_limit() {
         bucket_sum(&mut raw, &first.counter_key("c", "tpm")).await,
         sum
     );
+    forget(&first, &mut raw).await;
 }
 
 #[tokio::test]
@@ -222,6 +240,7 @@ async fn retry_after_follows_the_bucket_arithmetic() {
         .await
         .unwrap();
     assert!((61..=62).contains(&ttl), "ttl {ttl}");
+    forget(&l, &mut raw).await;
 }
 
 #[tokio::test]
@@ -295,6 +314,7 @@ async fn adjust_refunds_and_extra_charges() {
     assert_eq!(field, Some(250));
     let r = refused(l.reserve("c", &want(800)).await.unwrap());
     assert_eq!(r.items[0].remaining, 750);
+    forget(&l, &mut raw).await;
 }
 
 #[tokio::test]
@@ -347,7 +367,8 @@ async fn period_counters_expire_a_day_after_the_period() {
     let done = l.adjust("c", &[adj(-2_000_000)]).await.unwrap();
     assert_eq!(done.applied, [-900_000]);
     assert_eq!(get_u64(&mut raw, &key).await, Some(0));
-    assert_eq!(expire_time(raw, key).await, (end_s + 86_400) as i64);
+    assert_eq!(expire_time(raw.clone(), key).await, (end_s + 86_400) as i64);
+    forget(&l, &mut raw).await;
 }
 
 #[tokio::test]
@@ -388,6 +409,7 @@ async fn values_up_to_the_maximum_stay_exact() {
         bucket_sum(&mut raw, &l.counter_key("c", "bigm")).await,
         MAX_VALUE - 1
     );
+    forget(&l, &mut raw).await;
 }
 
 #[tokio::test]
@@ -409,6 +431,7 @@ async fn the_script_is_reloaded_after_script_flush() {
         .await
         .unwrap();
     assert_eq!(exists, [true]);
+    forget(&l, &mut raw).await;
 }
 
 #[tokio::test]
