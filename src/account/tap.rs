@@ -1288,4 +1288,119 @@ mod tests {
         want["stream_options"] = serde_json::json!({ "include_usage": true });
         assert_eq!(out, want);
     }
+
+    /// Against the simulator: what it sends, read as the gateway would read it.
+    mod with_sim {
+        use super::*;
+        use crate::account::usage::JsonUsage;
+        use crate::sim::tests::{post, ANSWER, AZURE_CHAT};
+        use crate::sim::{SimHandle, SimOptions};
+
+        fn strip_frames(frames: &[Bytes]) -> Vec<u8> {
+            let mut tap = SseTap::strip();
+            let mut out = Vec::new();
+            for f in frames {
+                out.extend_from_slice(&tap.feed(f.clone()));
+            }
+            out.extend_from_slice(&tap.flush());
+            out
+        }
+
+        #[tokio::test]
+        async fn strip_gives_the_client_the_stream_it_asked_for() {
+            let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+            for (path, body) in [
+                (
+                    AZURE_CHAT,
+                    r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+                ),
+                (
+                    "/v1/chat/completions",
+                    r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream": true,"stream_options":{"include_usage":false}}"#,
+                ),
+                (
+                    "/v1/completions",
+                    r#"{"model":"m","prompt":"Once","stream":true}"#,
+                ),
+            ] {
+                let seed = [("x-sim-seed", "41")];
+                let asked = post(&sim, path, &seed, body.as_bytes()).await;
+                let injected = inject_include_usage(body.as_bytes()).unwrap();
+                let sent = post(&sim, path, &seed, &injected).await;
+                assert_ne!(
+                    sent.body(),
+                    asked.body(),
+                    "{path}: the usage is there to strip"
+                );
+                assert_eq!(
+                    String::from_utf8(strip_frames(&sent.frames)).unwrap(),
+                    asked.text(),
+                    "{path}"
+                );
+                let r = all_ways(Mode::Strip, &sent.body());
+                assert_eq!(r.out, asked.body(), "{path}: however the frames fall");
+                let reported = sent.events().pop().unwrap();
+                assert_eq!(r.usage, Usage::from_value(&reported["usage"]), "{path}");
+                assert!(r.usage.unwrap().completion > 0);
+                assert_eq!((r.done, r.text.as_str()), (true, ANSWER), "{path}");
+            }
+        }
+
+        #[tokio::test]
+        async fn responses_stream_and_cut_stream() {
+            let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+            let body = br#"{"model":"o3","input":"Say hello","stream":true}"#;
+            let a = post(&sim, "/openai/v1/responses", &[], body).await;
+            let r = all_ways(Mode::Observe, &a.body());
+            let completed = a.events().pop().unwrap();
+            assert_eq!(r.usage, Usage::from_value(&completed["response"]["usage"]));
+            assert_eq!(r.usage.unwrap().reasoning, 16);
+            assert_eq!((r.done, r.text.as_str()), (false, ANSWER));
+
+            let body = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+            let a = post(
+                &sim,
+                AZURE_CHAT,
+                &[("x-sim-behavior", "cut-stream:4")],
+                body,
+            )
+            .await;
+            assert!(a.failed);
+            let mut tap = SseTap::observe();
+            for f in &a.frames {
+                tap.feed(f.clone());
+            }
+            let s = tap.finish();
+            assert_eq!((s.usage, s.done), (None, false));
+            assert_eq!(s.delta_text, "Portcullis is relaying this ");
+            assert_eq!(s.dropped, 0);
+        }
+
+        #[tokio::test]
+        async fn json_usage_reads_the_sims_answers_frame_by_frame() {
+            let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+            for (path, body) in [
+                (
+                    AZURE_CHAT,
+                    r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+                ),
+                ("/v1/embeddings", r#"{"model":"e","input":["usage","x"]}"#),
+                ("/v1/responses", r#"{"model":"o1","input":"hi"}"#),
+            ] {
+                let a = post(&sim, path, &[("x-sim-cached-tokens", "3")], body.as_bytes()).await;
+                let want = Usage::from_value(&a.json()["usage"]);
+                assert!(want.is_some_and(|u| u.prompt > 0), "{path}");
+                let mut scan = JsonUsage::new();
+                for f in &a.frames {
+                    scan.feed(f);
+                }
+                assert_eq!(scan.finish(), want, "{path}");
+                let mut scan = JsonUsage::new();
+                for b in a.body().chunks(3) {
+                    scan.feed(b);
+                }
+                assert_eq!(scan.finish(), want, "{path}: in 3-byte pieces");
+            }
+        }
+    }
 }
