@@ -1289,6 +1289,49 @@ mod tests {
         assert_eq!(out, want);
     }
 
+    /// A measurement, not a check: `cargo test --release --lib account::tap::tests::throughput
+    /// -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run in release"]
+    fn throughput() {
+        let stream = chat_stream(true).repeat(2000);
+        let events = stream.matches("\n\n").count();
+        let frames: Vec<Bytes> = stream
+            .split_inclusive("\n\n")
+            .map(|e| Bytes::copy_from_slice(e.as_bytes()))
+            .collect();
+        for mode in [Mode::Observe, Mode::Strip] {
+            let start = std::time::Instant::now();
+            let rounds = 20;
+            for _ in 0..rounds {
+                let mut tap = SseTap::new(mode);
+                for f in &frames {
+                    std::hint::black_box(tap.feed(f.clone()));
+                }
+                std::hint::black_box(tap.finish());
+            }
+            let t = start.elapsed().as_secs_f64() / f64::from(rounds);
+            eprintln!(
+                "{mode:?}: {:.0} ns/event, {:.0} MB/s",
+                t * 1e9 / events as f64,
+                stream.len() as f64 / t / 1e6
+            );
+        }
+        let mut doc = String::from(r#"{"object":"list","data":[{"embedding":["#);
+        for i in 0..200_000 {
+            doc += &format!("0.{i:06},");
+        }
+        doc += r#"0.1]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#;
+        let start = std::time::Instant::now();
+        let mut scan = crate::account::usage::JsonUsage::new();
+        for piece in doc.as_bytes().chunks(16 * 1024) {
+            scan.feed(piece);
+        }
+        assert!(scan.finish().is_some());
+        let t = start.elapsed().as_secs_f64();
+        eprintln!("JsonUsage: {:.0} MB/s", doc.len() as f64 / t / 1e6);
+    }
+
     /// Against the simulator: what it sends, read as the gateway would read it.
     mod with_sim {
         use super::*;
