@@ -5,13 +5,14 @@
 //! decide who calls and whether they may, [`admit`] checks there is room, [`buffer`] reads the
 //! body within its limits, [`routing`] picks backends,
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
-//! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
-//! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`shown`] and
-//! [`digest`] are leaf helpers several stages use.
+//! [`account`] reads what the answer cost, [`audit`] records the outcome. [`gateway`]
+//! composes them; [`config`], [`admin`], [`metrics`], [`sim`], [`demo`], [`worker`] and
+//! [`app`] surround the path; [`shown`] and [`digest`] are leaf helpers several stages use.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod account;
 pub mod admin;
 pub mod admit;
 pub mod app;

@@ -4,18 +4,43 @@
 //! required `api-version`, Azure v1 and OpenAI paths, `api-key` or bearer credentials with
 //! Azure's 401 body (or Entra ID access tokens verified for real against a JWKS, see
 //! [`bearer`]), SSE framed exactly as Azure sends it (`data: {...}\n\n`, a
-//! `prompt_filter_results` chunk first on Azure paths, a usage chunk when
-//! `stream_options.include_usage` is true, `data: [DONE]\n\n`), `x-ratelimit-*` and
-//! `apim-request-id` headers, and Azure's 429 body with `retry-after` / `retry-after-ms`.
+//! `prompt_filter_results` chunk first on Azure paths, `data: [DONE]\n\n`), `x-ratelimit-*`
+//! and `apim-request-id` headers, and Azure's 429 body with `retry-after` / `retry-after-ms`.
+//!
+//! Usage is counted as OpenAI counts it, deterministically: prompt tokens with the o200k
+//! tokenizer (chat: 3 per message, plus the tokens of each of its strings, 1 more for a
+//! `name`, plus 3 for the reply), completion tokens as the tokens of the generated answer.
+//! Models (or deployments) whose name starts with `o` reason: they report 16
+//! `reasoning_tokens`, counted in the completion tokens. Every usage carries
+//! `prompt_tokens_details.cached_tokens` (0, or `min(N, prompt)` with the request header
+//! `x-sim-cached-tokens: N`) and `completion_tokens_details.reasoning_tokens`. A stream
+//! with `stream_options.include_usage: true` carries `"usage":null` in every chunk (the
+//! Azure `prompt_filter_results` chunk too) and a last chunk with `"choices":[]` and the
+//! usage before `[DONE]`; without it, no `usage` member at all.
+//!
+//! The Responses API (`POST /openai/v1/responses`, `/openai/responses?api-version=…`,
+//! `/v1/responses`) answers a `response` object (an `output_text` message, `usage` with
+//! `input_tokens`/`output_tokens` and their details); with `"stream": true`, its event
+//! stream (`event: <type>\ndata: <json>\n\n`: `response.created`, `response.in_progress`,
+//! the output item and content part events, `response.output_text.delta` per word,
+//! `response.completed` with `response.usage`; no `[DONE]`).
+//!
+//! Answers are deterministic but for `id`s and `created` times; with the request header
+//! `x-sim-seed: <n>` those derive from `n` too, so two requests with the same seed get
+//! byte-identical answers (streams included).
 //!
 //! Tests program it through [`SimHandle::set_behavior`], or per request with the
-//! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>`,
+//! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>` (reset
+//! after that many frames of a stream), `cut-stream:<n>` (reset after the first `n` frames
+//! that carry generated text, so the client has real text from a stream that never ends),
 //! `latency:<ms>`, `echo`, `leaky-headers`, `reflect-headers`); every request it receives
 //! is recorded for assertions.
 
 pub mod bearer;
 pub mod issuer;
 mod responses;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +71,9 @@ pub enum Behavior {
     ServerError(u16),
     /// Start a stream, send this many chunks, then reset the connection.
     ResetMidStream { after_chunks: usize },
+    /// Start a stream, send its chunks up to and including the `after_text_chunks`-th one
+    /// that carries generated text, then reset the connection.
+    CutStream { after_text_chunks: usize },
     /// Never answer.
     Hang,
     /// Answer 200 with the request body, byte for byte, and its content type.
@@ -298,6 +326,7 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
     match behavior {
         Behavior::Normal
         | Behavior::ResetMidStream { .. }
+        | Behavior::CutStream { .. }
         | Behavior::LeakyHeaders
         | Behavior::ReflectHeaders => {}
         Behavior::RateLimited { retry_after_ms } => return responses::rate_limited(retry_after_ms),
@@ -315,15 +344,36 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
             return respond(StatusCode::OK, &[("content-type", ct)], full(body));
         }
     }
-    let reset_after = match behavior {
-        Behavior::ResetMidStream { after_chunks } => Some(after_chunks),
+    let reset = match behavior {
+        Behavior::ResetMidStream { after_chunks } => Some(responses::Reset::After(after_chunks)),
+        Behavior::CutStream { after_text_chunks } => {
+            Some(responses::Reset::AfterText(after_text_chunks))
+        }
         _ => None,
+    };
+    let number = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()))
+    };
+    let (Some(seed), Some(cached_tokens)) = (
+        number("x-sim-seed").map_or(Some(None), |n| n.map(Some)),
+        number("x-sim-cached-tokens").unwrap_or(Some(0)),
+    ) else {
+        return responses::azure_error(
+            StatusCode::BAD_REQUEST,
+            "400",
+            "bad x-sim-seed or x-sim-cached-tokens",
+        );
     };
     let ctx = responses::Ctx {
         state: &state,
         latency,
-        reset_after,
+        reset,
         seq: state.seq.fetch_add(1, Ordering::Relaxed),
+        seed,
+        cached_tokens,
     };
     let mut resp = responses::dispatch(
         ctx,
@@ -399,6 +449,9 @@ fn parse_behavior(h: &str) -> Option<Override> {
         "reflect-headers" => Override::Behavior(Behavior::ReflectHeaders),
         "reset" => Override::Behavior(Behavior::ResetMidStream {
             after_chunks: usize::try_from(num()?).ok()?,
+        }),
+        "cut-stream" => Override::Behavior(Behavior::CutStream {
+            after_text_chunks: usize::try_from(num()?).ok()?,
         }),
         "latency" => Override::Latency(Duration::from_millis(num()?)),
         _ => return None,

@@ -18,8 +18,87 @@ use crate::error::{Body, BoxError};
 pub(super) struct Ctx<'a> {
     pub state: &'a std::sync::Arc<SimState>,
     pub latency: Duration,
-    pub reset_after: Option<usize>,
+    pub reset: Option<Reset>,
     pub seq: u64,
+    /// `x-sim-seed`: ids and `created` derive from it instead of the sequence and the clock.
+    pub seed: Option<u64>,
+    /// `x-sim-cached-tokens`: the prompt tokens reported as cached (at most the prompt).
+    pub cached_tokens: u64,
+}
+
+/// Where a stream is cut short by a connection reset.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Reset {
+    /// After this many frames.
+    After(usize),
+    /// After this many frames carrying generated text.
+    AfterText(usize),
+}
+
+impl Ctx<'_> {
+    /// The number in this answer's ids.
+    fn id(&self) -> u64 {
+        self.seed.unwrap_or(self.seq)
+    }
+
+    /// The answer's `created` time.
+    fn created(&self) -> u64 {
+        self.seed.map_or_else(now, |s| 1_700_000_000 + s)
+    }
+}
+
+/// The reasoning tokens a reasoning model (`o…`) reports.
+const REASONING_TOKENS: u64 = 16;
+
+/// Tokens in `text` (o200k, as current OpenAI models count).
+fn tokens(text: &str) -> u64 {
+    bpe_openai::o200k_base().count(text) as u64
+}
+
+/// What a request used, as the simulator reports it.
+struct Counts {
+    prompt: u64,
+    cached: u64,
+    completion: u64,
+    reasoning: u64,
+}
+
+impl Counts {
+    fn new(ctx: &Ctx<'_>, model: &str, prompt: u64, answer: &str) -> Self {
+        let reasoning = if model.starts_with('o') {
+            REASONING_TOKENS
+        } else {
+            0
+        };
+        Self {
+            prompt,
+            cached: ctx.cached_tokens.min(prompt),
+            completion: tokens(answer) + reasoning,
+            reasoning,
+        }
+    }
+
+    /// Chat and completions' `usage`.
+    fn chat(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": { "cached_tokens": self.cached },
+            "completion_tokens_details": { "reasoning_tokens": self.reasoning },
+        })
+    }
+
+    /// The Responses API's `usage`.
+    fn responses(&self) -> Value {
+        json!({
+            "input_tokens": self.prompt,
+            "input_tokens_details": { "cached_tokens": self.cached },
+            "output_tokens": self.completion,
+            "output_tokens_details": { "reasoning_tokens": self.reasoning },
+            "total_tokens": self.prompt + self.completion,
+        })
+    }
 }
 
 const WORDS: [&str; 12] = [
@@ -176,16 +255,7 @@ pub(super) fn dispatch(
         (&Method::POST, o) if o.starts_with("audio/") => {
             ok_json(&json!({ "text": "simulated transcription" }))
         }
-        (&Method::POST, "responses") => ok_json(&json!({
-            "id": format!("resp_sim{}", ctx.seq),
-            "object": "response",
-            "created_at": now(),
-            "status": "completed",
-            "model": model,
-            "output": [{ "type": "message", "id": format!("msg_sim{}", ctx.seq), "status": "completed", "role": "assistant",
-                         "content": [{ "type": "output_text", "text": answer_words(&ctx, &req).join(" "), "annotations": [] }] }],
-            "usage": { "input_tokens": 5, "output_tokens": answer_words(&ctx, &req).len(), "total_tokens": 5 + answer_words(&ctx, &req).len() }
-        })),
+        (&Method::POST, "responses") => responses(ctx, &model, &req),
         _ => ok_json(&json!({ "object": "sim.echo", "method": method.as_str(), "path": path })),
     }
 }
@@ -211,21 +281,52 @@ fn answer_words(ctx: &Ctx<'_>, req: &Value) -> Vec<&'static str> {
     (0..n).map(|i| WORDS[i % WORDS.len()]).collect()
 }
 
-/// Rough prompt size: about four characters a token, as the simulator has no tokenizer.
+/// Prompt tokens as OpenAI documents them for chat: 3 per message, the tokens of each of
+/// its strings (text parts of a `content` array; other values as JSON), 1 more for a
+/// `name`, and 3 priming the reply. A completions prompt is its text's tokens.
 fn prompt_tokens(req: &Value, chat: bool) -> u64 {
-    let chars: usize = if chat {
-        req.get("messages")
-            .and_then(Value::as_array)
-            .map(|ms| {
-                ms.iter()
-                    .map(|m| m.get("content").map_or(0, |c| c.to_string().len()) + 12)
-                    .sum()
-            })
-            .unwrap_or(0)
-    } else {
-        req.get("prompt").map_or(0, |p| p.to_string().len())
+    if chat {
+        let messages = req.get("messages").and_then(Value::as_array);
+        return messages.map_or(0, |ms| ms.iter().map(message_tokens).sum::<u64>()) + 3;
+    }
+    text_tokens(req.get("prompt"))
+}
+
+fn message_tokens(m: &Value) -> u64 {
+    let Some(m) = m.as_object() else {
+        return 3 + value_tokens(m);
     };
-    (chars as u64).div_ceil(4).max(1)
+    3 + m
+        .iter()
+        .map(|(k, v)| value_tokens(v) + u64::from(k == "name"))
+        .sum::<u64>()
+}
+
+/// A string's tokens; an array's parts' `text` (or the parts themselves); JSON otherwise.
+fn value_tokens(v: &Value) -> u64 {
+    match v {
+        Value::Null => 0,
+        Value::String(s) => tokens(s),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match p.get("text") {
+                Some(t) => value_tokens(t),
+                None => value_tokens(p),
+            })
+            .sum(),
+        other => tokens(&other.to_string()),
+    }
+}
+
+/// A completions prompt or embeddings input: a string, strings, or token arrays.
+fn text_tokens(v: Option<&Value>) -> u64 {
+    match v {
+        None | Some(Value::Null) => 0,
+        Some(Value::String(s)) => tokens(s),
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => items.len() as u64,
+        Some(Value::Array(items)) => items.iter().map(|i| text_tokens(Some(i))).sum(),
+        Some(other) => tokens(&other.to_string()),
+    }
 }
 
 fn text_generation(
@@ -236,26 +337,23 @@ fn text_generation(
     chat: bool,
 ) -> Response<Body> {
     let words = answer_words(&ctx, req);
-    let usage = {
-        let p = prompt_tokens(req, chat);
-        let c = words.len() as u64;
-        json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c })
-    };
+    let text = words.join(" ");
+    let usage = Counts::new(&ctx, model, prompt_tokens(req, chat), &text).chat();
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let (id, object) = if chat {
-        (format!("chatcmpl-sim{}", ctx.seq), "chat.completion")
+        (format!("chatcmpl-sim{}", ctx.id()), "chat.completion")
     } else {
-        (format!("cmpl-sim{}", ctx.seq), "text_completion")
+        (format!("cmpl-sim{}", ctx.id()), "text_completion")
     };
+    let created = ctx.created();
     if !stream {
-        let text = words.join(" ");
         let choice = if chat {
             json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": "stop", "logprobs": null })
         } else {
             json!({ "index": 0, "text": text, "finish_reason": "stop", "logprobs": null })
         };
         let mut v = json!({
-            "id": id, "object": object, "created": now(), "model": model,
+            "id": id, "object": object, "created": created, "model": model,
             "choices": [choice], "usage": usage, "system_fingerprint": "fp_sim"
         });
         if azure {
@@ -273,28 +371,31 @@ fn text_generation(
     } else {
         "text_completion"
     };
-    let created = now();
+    // With include_usage, every chunk says `"usage":null` (last), as OpenAI documents.
+    let chunk = |mut v: Value| {
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
     let base = |choices: Value| {
-        json!({ "id": id, "object": chunk_object, "created": created, "model": model,
-                "system_fingerprint": "fp_sim", "choices": choices })
+        chunk(
+            json!({ "id": id, "object": chunk_object, "created": created, "model": model,
+                "system_fingerprint": "fp_sim", "choices": choices }),
+        )
     };
     let mut events: Vec<Value> = Vec::with_capacity(words.len() + 4);
     if azure && chat {
-        events.push(
+        events.push(chunk(
             json!({ "id": "", "object": "", "created": 0, "model": "", "choices": [],
             "prompt_filter_results": [{ "prompt_index": 0, "content_filter_results": {} }] }),
-        );
+        ));
     }
     if chat {
         events.push(base(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null }])));
     }
-    let last = words.len().saturating_sub(1);
-    for (i, w) in words.iter().enumerate() {
-        let piece = if i == last {
-            (*w).to_owned()
-        } else {
-            format!("{w} ")
-        };
+    let first_text = events.len();
+    for piece in pieces(&words) {
         events.push(if chat {
             base(json!([{ "index": 0, "delta": { "content": piece }, "finish_reason": null, "logprobs": null }]))
         } else {
@@ -316,15 +417,133 @@ fn text_generation(
         .map(|e| Bytes::from(format!("data: {e}\n\n")))
         .collect();
     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    sse(ctx, frames)
+    sse(ctx, frames, first_text)
+}
+
+/// The answer's words as streamed: each with the space that follows it.
+fn pieces(words: &[&str]) -> Vec<String> {
+    let last = words.len().saturating_sub(1);
+    words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            if i == last {
+                (*w).to_owned()
+            } else {
+                format!("{w} ")
+            }
+        })
+        .collect()
+}
+
+/// Responses API input tokens: `instructions` as a system message, a string `input` as a
+/// user message, an array `input` as chat messages.
+fn responses_input_tokens(req: &Value) -> u64 {
+    let instructions = req
+        .get("instructions")
+        .and_then(Value::as_str)
+        .map_or(0, |i| 3 + tokens("system") + tokens(i));
+    let input = match req.get("input") {
+        Some(Value::String(s)) => 3 + tokens("user") + tokens(s),
+        Some(Value::Array(items)) => items.iter().map(message_tokens).sum(),
+        Some(other) => 3 + value_tokens(other),
+        None => 0,
+    };
+    instructions + input + 3
+}
+
+/// `POST /responses`: a `response` object, or with `"stream": true` its event stream.
+fn responses(ctx: Ctx<'_>, model: &str, req: &Value) -> Response<Body> {
+    let words = answer_words(&ctx, req);
+    let text = words.join(" ");
+    let usage = Counts::new(&ctx, model, responses_input_tokens(req), &text).responses();
+    let (id, msg) = (
+        format!("resp_sim{}", ctx.id()),
+        format!("msg_sim{}", ctx.id()),
+    );
+    let created = ctx.created();
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({
+            "id": id, "object": "response", "created_at": created, "status": status,
+            "model": model, "output": output, "usage": usage,
+        })
+    };
+    let message = |status: &str, content: Value| json!({ "type": "message", "id": msg, "status": status, "role": "assistant", "content": content });
+    let part = |text: &str| json!({ "type": "output_text", "text": text, "annotations": [] });
+    let done = response(
+        "completed",
+        json!([message("completed", json!([part(&text)]))]),
+        usage,
+    );
+    if !req.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        return ok_json(&done);
+    }
+    let mut events: Vec<(&str, Value)> = vec![
+        (
+            "response.created",
+            json!({ "response": response("in_progress", json!([]), Value::Null) }),
+        ),
+        (
+            "response.in_progress",
+            json!({ "response": response("in_progress", json!([]), Value::Null) }),
+        ),
+        (
+            "response.output_item.added",
+            json!({ "output_index": 0, "item": message("in_progress", json!([])) }),
+        ),
+        (
+            "response.content_part.added",
+            json!({ "item_id": msg, "output_index": 0, "content_index": 0, "part": part("") }),
+        ),
+    ];
+    let first_text = events.len();
+    for piece in pieces(&words) {
+        events.push((
+            "response.output_text.delta",
+            json!({ "item_id": msg, "output_index": 0, "content_index": 0, "delta": piece }),
+        ));
+    }
+    events.extend([
+        (
+            "response.output_text.done",
+            json!({ "item_id": msg, "output_index": 0, "content_index": 0, "text": text }),
+        ),
+        (
+            "response.content_part.done",
+            json!({ "item_id": msg, "output_index": 0, "content_index": 0, "part": part(&text) }),
+        ),
+        (
+            "response.output_item.done",
+            json!({ "output_index": 0, "item": message("completed", json!([part(&text)])) }),
+        ),
+        ("response.completed", json!({ "response": done })),
+    ]);
+    let frames = events
+        .into_iter()
+        .enumerate()
+        .map(|(n, (kind, fields))| {
+            // `type` and `sequence_number` first, as OpenAI sends them.
+            let mut v = json!({ "type": kind, "sequence_number": n });
+            if let (Some(v), Value::Object(fields)) = (v.as_object_mut(), fields) {
+                v.extend(fields);
+            }
+            Bytes::from(format!("event: {kind}\ndata: {v}\n\n"))
+        })
+        .collect();
+    sse(ctx, frames, first_text)
 }
 
 /// Send `frames` one at a time, `latency` apart, noticing when the reader goes away.
-fn sse(ctx: Ctx<'_>, frames: Vec<Bytes>) -> Response<Body> {
+/// `first_text` is the index of the first frame carrying generated text.
+fn sse(ctx: Ctx<'_>, frames: Vec<Bytes>, first_text: usize) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
     let state = ctx.state.clone();
     let latency = ctx.latency;
-    let reset_after = ctx.reset_after;
+    let reset_after = match ctx.reset {
+        Some(Reset::After(n)) => Some(n),
+        Some(Reset::AfterText(n)) => Some(first_text + n),
+        None => None,
+    };
     state
         .counters
         .streams_started
@@ -394,10 +613,7 @@ fn embeddings(model: &str, req: &Value) -> Response<Body> {
             json!({ "object": "embedding", "index": i, "embedding": embedding })
         })
         .collect();
-    let tokens: u64 = inputs
-        .iter()
-        .map(|s| (s.len() as u64).div_ceil(4).max(1))
-        .sum();
+    let tokens = text_tokens(req.get("input"));
     ok_json(&json!({
         "object": "list", "data": data, "model": model,
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens }
