@@ -7,7 +7,8 @@
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
 //! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
 //! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`shown`] and
-//! [`digest`] are leaf helpers several stages use.
+//! [`digest`] are leaf helpers several stages use; [`tokens`] counts and estimates tokens for
+//! admission and accounting.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -34,5 +35,6 @@ pub mod routing;
 pub mod shown;
 pub mod sim;
 pub mod store;
+pub mod tokens;
 pub mod upstream_auth;
 pub mod worker;
