@@ -7,7 +7,8 @@
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
 //! [`account`] reads what the answer cost, [`audit`] records the outcome. [`gateway`]
 //! composes them; [`config`], [`admin`], [`metrics`], [`sim`], [`demo`], [`worker`] and
-//! [`app`] surround the path; [`shown`] and [`digest`] are leaf helpers several stages use.
+//! [`app`] surround the path; [`shown`], [`digest`], [`pricing`] and [`tokens`] (token
+//! counts and estimates) are leaf helpers several stages use.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -35,5 +36,6 @@ pub mod routing;
 pub mod shown;
 pub mod sim;
 pub mod store;
+pub mod tokens;
 pub mod upstream_auth;
 pub mod worker;
