@@ -12,16 +12,18 @@ use sqlx::SqlitePool;
 
 use super::error::Scrubber;
 use super::sql::impl_key_store;
+use super::usage::impl_usage_store;
 use super::StoreError;
 
 static MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 
-/// An SQLite-backed [`KeyStore`](super::KeyStore).
+/// An SQLite-backed [`KeyStore`](super::KeyStore) and [`UsageStore`](super::UsageStore).
 pub(super) struct SqliteStore {
     pool: SqlitePool,
     scrub: Scrubber,
 }
 
+impl_usage_store!(SqliteStore);
 impl_key_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 
 /// Where an `sqlite:` URL points.
