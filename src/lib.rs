@@ -5,7 +5,7 @@
 //! decide who calls and whether they may, [`admit`] checks there is room, [`buffer`] reads the
 //! body within its limits, [`routing`] picks backends,
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
-//! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
+//! [`audit`] records the outcome and [`usage_log`] writes its usage to the [`store`]. [`gateway`] composes them; [`config`], [`admin`],
 //! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`shown`] and
 //! [`digest`] are leaf helpers several stages use.
 
@@ -35,4 +35,5 @@ pub mod shown;
 pub mod sim;
 pub mod store;
 pub mod upstream_auth;
+pub mod usage_log;
 pub mod worker;
