@@ -5,8 +5,9 @@
 //! decide who calls and whether they may, [`admit`] checks there is room, [`buffer`] reads the
 //! body within its limits, [`routing`] picks backends,
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
-//! [`audit`] records the outcome and [`usage_log`] writes its usage to the [`store`]. [`gateway`] composes them; [`config`], [`admin`],
-//! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`shown`] and
+//! [`audit`] records the outcome and [`usage_log`] writes its usage to the [`store`].
+//! [`gateway`] composes them; [`config`], [`admin`], [`metrics`], [`sim`], [`demo`],
+//! [`worker`] and [`app`] surround the path; [`report`] is `portcullis usage`; [`shown`] and
 //! [`digest`] are leaf helpers several stages use.
 
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod identify;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod report;
 pub mod route;
 pub mod routing;
 pub mod shown;

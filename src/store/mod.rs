@@ -195,5 +195,15 @@ pub async fn open_store(url: &str, base_dir: &Path) -> Result<Arc<dyn Store>, St
     }
 }
 
+/// The database file `url` names (resolved like [`open_store`] does), or `None` when it is
+/// not an SQLite file (PostgreSQL, `sqlite::memory:`).
+pub fn sqlite_file(url: &str, base_dir: &Path) -> Result<Option<std::path::PathBuf>, StoreError> {
+    if url.starts_with("sqlite:") {
+        sqlite::file(url, base_dir)
+    } else {
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -59,6 +59,14 @@ fn target(url: &str, base_dir: &Path) -> Result<Target, StoreError> {
     }))
 }
 
+/// The file an `sqlite:` URL names, `None` for an in-memory database.
+pub(super) fn file(url: &str, base_dir: &Path) -> Result<Option<PathBuf>, StoreError> {
+    Ok(match target(url, base_dir)? {
+        Target::Memory => None,
+        Target::File(path) => Some(path),
+    })
+}
+
 pub(super) async fn open(url: &str, base_dir: &Path) -> Result<SqliteStore, StoreError> {
     let shown = url.to_owned();
     let open_err = |e: sqlx::Error| StoreError::Open {
