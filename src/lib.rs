@@ -5,10 +5,11 @@
 //! decide who calls and whether they may, [`admit`] checks there is room, [`buffer`] reads the
 //! body within its limits, [`routing`] picks backends,
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
-//! [`account`] reads what the answer cost, [`audit`] records the outcome. [`gateway`]
-//! composes them; [`config`], [`admin`], [`metrics`], [`sim`], [`demo`], [`worker`] and
-//! [`app`] surround the path; [`shown`], [`digest`], [`pricing`] and [`tokens`] (token
-//! counts and estimates) are leaf helpers several stages use.
+//! [`account`] reads what the answer cost and [`usage_log`] writes it to the [`store`];
+//! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
+//! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`report`] is
+//! `portcullis usage`; [`shown`], [`digest`], [`pricing`] and [`tokens`] (token counts and
+//! estimates) are leaf helpers several stages use.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -31,6 +32,7 @@ pub mod identify;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod report;
 pub mod route;
 pub mod routing;
 pub mod shown;
@@ -38,4 +40,5 @@ pub mod sim;
 pub mod store;
 pub mod tokens;
 pub mod upstream_auth;
+pub mod usage_log;
 pub mod worker;

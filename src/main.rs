@@ -1,4 +1,5 @@
-//! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `demo`, `keys`).
+//! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `demo`, `keys`,
+//! `usage`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use portcullis::identify::api_key::{self, KeyAdmin};
 use portcullis::store::{self, KeyRecord};
-use portcullis::{app, config, demo, listener};
+use portcullis::{app, config, demo, listener, report};
 
 /// mimalloc: measurably cheaper than glibc malloc for the many small, short-lived
 /// allocations of request handling (see bench/RESULTS.md). Built with `no_thp`: otherwise
@@ -56,6 +57,8 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Report usage (requests, tokens, cost) recorded in the store named by [store] url.
+    Usage(report::UsageArgs),
 }
 
 #[derive(Subcommand)]
@@ -164,12 +167,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    // `keys` prints for people and scripts: only warnings and errors go to the log.
-    init_logs(if matches!(cli.command, Command::Keys { .. }) {
-        "warn"
-    } else {
-        "info"
-    });
+    // `keys` and `usage` print for people and scripts: only warnings and errors go to the log.
+    init_logs(
+        if matches!(cli.command, Command::Keys { .. } | Command::Usage(_)) {
+            "warn"
+        } else {
+            "info"
+        },
+    );
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -191,6 +196,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {
                     eprint!("{message}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Usage(args) => match report::run(&args, report::now_ms()).await {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             },

@@ -76,6 +76,14 @@ pub struct CredentialOutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `portcullis_usage_records_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageDropLabels {
+    /// `queue_full` (the writer fell behind, or had stopped) or `store_error` (the store
+    /// refused the batch after retries).
+    pub reason: &'static str,
+}
+
 /// A callback run before each rendering (for values computed at scrape time).
 type RenderHook = Box<dyn Fn() + Send + Sync>;
 
@@ -98,6 +106,10 @@ pub struct Metrics {
     /// Request-body bytes held now (set from the budget when metrics are rendered).
     pub buffered_body_bytes: Gauge,
     pub audit_dropped: Counter,
+    /// Usage records committed to the store.
+    pub usage_written: Counter,
+    /// Usage records lost, by reason ([`UsageDropLabels`]).
+    pub usage_dropped: Family<UsageDropLabels, Counter>,
     pub auth: Family<AuthLabels, Counter>,
     jwks_keys: Family<IssuerLabels, Gauge>,
     jwks_refreshes: Family<JwksRefreshLabels, Counter>,
@@ -160,6 +172,18 @@ impl Metrics {
             "Audit records dropped because the writer fell behind",
             audit_dropped.clone(),
         );
+        let usage_written = Counter::default();
+        registry.register(
+            "usage_records_written",
+            "Usage records committed to the store",
+            usage_written.clone(),
+        );
+        let usage_dropped = Family::<UsageDropLabels, Counter>::default();
+        registry.register(
+            "usage_records_dropped",
+            "Usage records lost, by reason (queue_full: the writer fell behind; store_error: the store refused the batch after retries)",
+            usage_dropped.clone(),
+        );
         let auth = Family::<AuthLabels, Counter>::default();
         registry.register(
             "auth",
@@ -205,6 +229,8 @@ impl Metrics {
             streams_in_flight,
             buffered_body_bytes,
             audit_dropped,
+            usage_written,
+            usage_dropped,
         }
     }
 

@@ -1,4 +1,5 @@
-//! The store: where gateway-issued API keys live, behind one object-safe trait.
+//! The store: where gateway-issued API keys and usage records live, behind two object-safe
+//! traits ([`KeyStore`], [`UsageStore`]) that every backend implements (together: [`Store`]).
 //!
 //! [`open`] picks the backend from `store.url`: an SQLite file (created on first start), an
 //! in-memory SQLite database (`sqlite::memory:`), or PostgreSQL. Both backends run the same
@@ -10,6 +11,9 @@
 //! `last_used` times are written in batches by [`KeyStore::record_last_used`], which does not
 //! bump the revision (a running gateway has no use for them).
 //!
+//! Usage records ([`usage`]) are written in batches by [`crate::usage_log::UsageWriter`]
+//! and read back summed by `portcullis usage`.
+//!
 //! [`StoreError`] never carries a secret: URLs are shown with their password replaced by
 //! `***`, and messages from the database driver are scrubbed of it.
 
@@ -17,6 +21,7 @@ pub mod error;
 mod postgres;
 mod sql;
 mod sqlite;
+pub mod usage;
 
 use std::fmt;
 use std::future::Future;
@@ -25,6 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use error::StoreError;
+pub use usage::{GroupBy, UsageQuery, UsageRecord, UsageRow, UsageStore};
 
 /// The future every [`KeyStore`] method returns (boxed, so the trait is object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -156,6 +162,17 @@ pub trait KeyStore: Send + Sync {
     fn close(&self) -> BoxFuture<'_, ()>;
 }
 
+/// Both sides of a store: API keys and usage records. An `Arc<dyn Store>` converts to
+/// `Arc<dyn KeyStore>` and `Arc<dyn UsageStore>` (trait upcasting), sharing one pool.
+pub trait Store: KeyStore + UsageStore {}
+
+impl<T: KeyStore + UsageStore + ?Sized> Store for T {}
+
+/// [`open_store`], for API keys only.
+pub async fn open(url: &str, base_dir: &Path) -> Result<Arc<dyn KeyStore>, StoreError> {
+    Ok(open_store(url, base_dir).await?)
+}
+
 /// Open the store named by `store.url` and apply its migrations.
 ///
 /// - `sqlite://file.db` or `sqlite:file.db`: relative paths are resolved against `base_dir`
@@ -165,7 +182,7 @@ pub trait KeyStore: Send + Sync {
 ///   user of the returned store sees the same data; gone when the store is dropped. Each
 ///   call opens a different database.
 /// - `postgres://...` or `postgresql://...`: any libpq-style URL; TLS through rustls.
-pub async fn open(url: &str, base_dir: &Path) -> Result<Arc<dyn KeyStore>, StoreError> {
+pub async fn open_store(url: &str, base_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::open(url, base_dir).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -175,6 +192,16 @@ pub async fn open(url: &str, base_dir: &Path) -> Result<Arc<dyn KeyStore>, Store
             url: error::redact_url(url),
             reason: "expected sqlite://FILE, sqlite::memory: or postgres://...".into(),
         })
+    }
+}
+
+/// The database file `url` names (resolved like [`open_store`] does), or `None` when it is
+/// not an SQLite file (PostgreSQL, `sqlite::memory:`).
+pub fn sqlite_file(url: &str, base_dir: &Path) -> Result<Option<std::path::PathBuf>, StoreError> {
+    if url.starts_with("sqlite:") {
+        sqlite::file(url, base_dir)
+    } else {
+        Ok(None)
     }
 }
 

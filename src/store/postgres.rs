@@ -13,6 +13,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 
 use super::error::{redact_url, Scrubber};
 use super::sql::impl_key_store;
+use super::usage::impl_usage_store;
 use super::StoreError;
 
 /// How long opening (and later, taking a connection from the pool) may take.
@@ -20,12 +21,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 static MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 
-/// A PostgreSQL-backed [`KeyStore`](super::KeyStore).
+/// A PostgreSQL-backed [`KeyStore`](super::KeyStore) and [`UsageStore`](super::UsageStore).
 pub(super) struct PostgresStore {
     pool: PgPool,
     scrub: Scrubber,
 }
 
+impl_usage_store!(PostgresStore, super::usage::POSTGRES_ROWS_PER_STATEMENT);
 impl_key_store!(PostgresStore, sqlx::Postgres, "postgres");
 
 pub(super) async fn open(url: &str) -> Result<PostgresStore, StoreError> {

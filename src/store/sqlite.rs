@@ -12,16 +12,18 @@ use sqlx::SqlitePool;
 
 use super::error::Scrubber;
 use super::sql::impl_key_store;
+use super::usage::impl_usage_store;
 use super::StoreError;
 
 static MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 
-/// An SQLite-backed [`KeyStore`](super::KeyStore).
+/// An SQLite-backed [`KeyStore`](super::KeyStore) and [`UsageStore`](super::UsageStore).
 pub(super) struct SqliteStore {
     pool: SqlitePool,
     scrub: Scrubber,
 }
 
+impl_usage_store!(SqliteStore, super::usage::SQLITE_ROWS_PER_STATEMENT);
 impl_key_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 
 /// Where an `sqlite:` URL points.
@@ -55,6 +57,14 @@ fn target(url: &str, base_dir: &Path) -> Result<Target, StoreError> {
     } else {
         base_dir.join(path)
     }))
+}
+
+/// The file an `sqlite:` URL names, `None` for an in-memory database.
+pub(super) fn file(url: &str, base_dir: &Path) -> Result<Option<PathBuf>, StoreError> {
+    Ok(match target(url, base_dir)? {
+        Target::Memory => None,
+        Target::File(path) => Some(path),
+    })
 }
 
 pub(super) async fn open(url: &str, base_dir: &Path) -> Result<SqliteStore, StoreError> {
