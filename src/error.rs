@@ -74,6 +74,56 @@ pub enum GatewayError {
     /// The client has `max_concurrent_requests` requests (or open streams) already.
     #[error("client '{client}' already has {limit} requests in flight, its limit of concurrent requests")]
     TooManyConcurrentRequests { client: String, limit: u32 },
+    /// A `requests_per_minute` limit is reached (429).
+    #[error("rate limit reached for {scope}: {limit} requests per minute; retry after {}s", retry_secs(*.retry_after))]
+    RateLimitExceeded {
+        scope: String,
+        limit: u64,
+        retry_after: Duration,
+    },
+    /// A `tokens_per_minute` limit is reached (429).
+    #[error("token rate limit reached for {scope}: {limit} tokens per minute, this request needs {requested}; retry after {}s", retry_secs(*.retry_after))]
+    TokenLimitExceeded {
+        scope: String,
+        limit: u64,
+        requested: u64,
+        retry_after: Duration,
+    },
+    /// A `token_quota` is used up until its period ends (403: retrying cannot help).
+    #[error("token quota of {} used up: {} tokens per {}, this request needs {}; the quota resets at {}", .0.scope, .0.limit, .0.period, .0.requested, .0.reset)]
+    QuotaExceeded(Box<PeriodRefusal>),
+    /// A `budget` is spent until its period ends (403). Amounts in micro-USD.
+    #[error("budget of {} spent: {:.2} USD per {}; the budget resets at {}", .0.scope, .0.limit as f64 / 1e6, .0.period, .0.reset)]
+    BudgetExceeded(Box<PeriodRefusal>),
+    /// The request alone needs more than a limit allows: it can never fit (400).
+    #[error("this request needs {} {unit}, more than the {} {unit} {} of {} allows; lower max_tokens (or max_completion_tokens) or shorten the prompt", .0.requested, .0.limit, .0.what, .0.scope, unit = .0.unit)]
+    RequestTooLargeForLimit(Box<TooLarge>),
+    /// The shared limit counters (Redis) cannot be reached and `on_redis_error` is
+    /// `fail_closed` (503).
+    #[error("limits cannot be checked right now; retry after 1s")]
+    LimitsUnavailable,
+}
+
+/// A quota or budget refusal: whose, how much, and when its period ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeriodRefusal {
+    pub scope: String,
+    pub limit: u64,
+    pub requested: u64,
+    pub period: &'static str,
+    /// RFC 3339 time the period ends.
+    pub reset: String,
+    pub retry_after: Duration,
+}
+
+/// A request larger than a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooLarge {
+    pub scope: String,
+    pub what: &'static str,
+    pub unit: &'static str,
+    pub requested: u64,
+    pub limit: u64,
 }
 
 /// Whole seconds for `retry-after`, never 0 (a client would retry at once).
@@ -94,7 +144,12 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::TooManyConcurrentRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyConcurrentRequests { .. }
+            | Self::RateLimitExceeded { .. }
+            | Self::TokenLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::QuotaExceeded(_) | Self::BudgetExceeded(_) => StatusCode::FORBIDDEN,
+            Self::RequestTooLargeForLimit(_) => StatusCode::BAD_REQUEST,
+            Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
@@ -117,6 +172,12 @@ impl GatewayError {
             Self::BackendInvalidResponse(_) => "backend_invalid_response",
             Self::Overloaded { .. } => "overloaded",
             Self::TooManyConcurrentRequests { .. } => "too_many_concurrent_requests",
+            Self::RateLimitExceeded { .. } => "rate_limit_exceeded",
+            Self::TokenLimitExceeded { .. } => "token_limit_exceeded",
+            Self::QuotaExceeded(_) => "quota_exceeded",
+            Self::BudgetExceeded(_) => "budget_exceeded",
+            Self::RequestTooLargeForLimit(_) => "request_too_large_for_limit",
+            Self::LimitsUnavailable => "limits_unavailable",
             Self::Unauthenticated { code, .. } => code,
             Self::ClientNotAllowed(_) => "client_not_allowed",
             Self::InsufficientScope { .. } => "insufficient_scope",
@@ -131,14 +192,18 @@ impl GatewayError {
             | Self::InvalidRequest(_)
             | Self::MethodNotAllowed { .. }
             | Self::RequestTimeout(_)
-            | Self::PayloadTooLarge { .. } => "invalid_request_error",
+            | Self::PayloadTooLarge { .. }
+            | Self::RequestTooLargeForLimit(_) => "invalid_request_error",
             Self::BackendUnavailable(_)
             | Self::BackendTimeout(_)
             | Self::BackendAuthUnavailable(_)
             | Self::BackendInvalidResponse(_)
-            | Self::Overloaded { .. } => "api_error",
-            // OpenAI's `type` for request-count limits.
-            Self::TooManyConcurrentRequests { .. } => "requests",
+            | Self::Overloaded { .. }
+            | Self::LimitsUnavailable => "api_error",
+            // OpenAI's `type` for request-count and token-count limits.
+            Self::TooManyConcurrentRequests { .. } | Self::RateLimitExceeded { .. } => "requests",
+            Self::TokenLimitExceeded { .. } => "tokens",
+            Self::QuotaExceeded(_) | Self::BudgetExceeded(_) => "insufficient_quota",
             Self::Unauthenticated { .. } => "authentication_error",
             Self::ClientNotAllowed(_) | Self::InsufficientScope { .. } => "permission_error",
         }
@@ -193,8 +258,13 @@ impl GatewayError {
                 }
             }
             Self::Overloaded { retry_after } => retry_after_headers(h, *retry_after),
-            Self::TooManyConcurrentRequests { .. } => {
+            Self::TooManyConcurrentRequests { .. } | Self::LimitsUnavailable => {
                 retry_after_headers(h, Duration::from_secs(1));
+            }
+            Self::RateLimitExceeded { retry_after, .. }
+            | Self::TokenLimitExceeded { retry_after, .. } => retry_after_headers(h, *retry_after),
+            Self::QuotaExceeded(r) | Self::BudgetExceeded(r) => {
+                retry_after_headers(h, r.retry_after);
             }
             _ => {}
         }

@@ -31,6 +31,7 @@ pub mod gateway;
 pub mod identify;
 pub mod listener;
 pub mod metrics;
+pub mod pricing;
 pub mod proxy;
 pub mod report;
 pub mod route;

@@ -116,6 +116,8 @@ pub struct Metrics {
     backend_tokens: Family<CredentialOutcomeLabels, Counter>,
     token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     before_render: Mutex<Vec<RenderHook>>,
+    /// Admission limits and token accounting.
+    pub accounting: AccountingMetrics,
 }
 
 impl Default for Metrics {
@@ -214,7 +216,9 @@ impl Metrics {
             "Seconds until the current backend token expires (0: none held), by credential",
             token_expiry.clone(),
         );
+        let accounting = AccountingMetrics::register(&mut registry);
         Self {
+            accounting,
             backend_tokens,
             token_expiry,
             before_render: Mutex::new(Vec::new()),
@@ -433,5 +437,92 @@ mod tests {
             !text.contains(r#"operation="embeddings""#),
             "no series before first use"
         );
+    }
+}
+
+/// Labels of `portcullis_limit_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// A configured client id.
+    pub client: Arc<str>,
+    /// `requests`, `tokens`, `quota`, `budget`, `too_large` or `unavailable`.
+    pub limit: &'static str,
+}
+
+/// Labels of `portcullis_tokens_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub client: Arc<str>,
+    /// A deployment a backend serves (only those reach accounting).
+    pub deployment: String,
+    /// `prompt`, `cached`, `completion` or `reasoning`.
+    pub kind: &'static str,
+}
+
+/// Labels of `portcullis_cost_usd_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    pub client: Arc<str>,
+    pub deployment: String,
+}
+
+/// Metrics of the admit and account stages.
+#[derive(Clone)]
+pub struct AccountingMetrics {
+    pub refusals: Family<RefusalLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cost: Family<CostLabels, Counter<f64, AtomicU64>>,
+    /// Estimated minus reported tokens, per request with reported usage.
+    pub estimate_error: Histogram,
+    /// Calls to the shared limit store (Redis) that failed.
+    pub backend_errors: Counter,
+    /// 1 while limits are counted locally because Redis is unreachable (`fail_open`).
+    pub fail_open: Gauge,
+}
+
+impl AccountingMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            refusals: Family::default(),
+            tokens: Family::default(),
+            cost: Family::default(),
+            estimate_error: Histogram::new([
+                -10000.0, -1000.0, -100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0,
+                100000.0,
+            ]),
+            backend_errors: Counter::default(),
+            fail_open: Gauge::default(),
+        };
+        registry.register(
+            "limit_refusals",
+            "Requests refused by an admission limit, by client and limit kind",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens used, by client, deployment and kind (prompt includes cached, completion includes reasoning)",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "cost_usd",
+            "Cost of the tokens used, in USD, by client and deployment (from [prices])",
+            m.cost.clone(),
+        );
+        registry.register(
+            "token_estimate_error",
+            "Tokens reserved before forwarding minus tokens the backend reported, per request",
+            m.estimate_error.clone(),
+        );
+        registry.register(
+            "limits_backend_errors",
+            "Calls to the shared limit counters (Redis) that failed",
+            m.backend_errors.clone(),
+        );
+        registry.register(
+            "limits_fail_open",
+            "1 while limits are counted in this replica only because Redis is unreachable",
+            m.fail_open.clone(),
+        );
+        m
     }
 }

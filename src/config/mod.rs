@@ -6,6 +6,7 @@
 
 pub mod backend_auth;
 pub mod identity;
+pub mod limits;
 mod model;
 mod values;
 
@@ -494,6 +495,7 @@ fn validate(
             );
         }
     }
+    limits::validate(&config, problems);
     let ids = identity::validate(&config, base_dir, problems);
     Some(Validated {
         trusted_proxies,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::{DeploymentLimits, LimitSet, LimitsConfig, Prices};
 use super::values::{Dur, Secret, Text};
 
 /// The whole configuration file.
@@ -30,6 +31,11 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Deployment glob → price per 1M tokens, for budgets and usage costs.
+    #[serde(default)]
+    pub prices: Prices,
 }
 
 /// `[server]`: the client-facing listener.
@@ -330,7 +336,7 @@ pub enum BackendAuthConfig {
     None,
 }
 
-/// `[store]`: where gateway-issued API keys (and later usage records) live.
+/// `[store]`: where gateway-issued API keys and usage records live.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
@@ -349,6 +355,15 @@ pub struct StoreConfig {
     /// How often `last_used` times are written back (batched, off the request path).
     #[serde(default = "default_last_used_flush")]
     pub last_used_flush: Dur,
+    /// Write one usage record per request (tokens, cost, client, subject, deployment).
+    #[serde(default = "default_true")]
+    pub record_usage: bool,
+    /// How often queued usage records are written (batched, off the request path).
+    #[serde(default = "default_usage_flush")]
+    pub usage_flush: Dur,
+    /// Usage records queued at most; past it they are dropped and counted.
+    #[serde(default = "default_usage_queue")]
+    pub usage_queue: usize,
 }
 
 impl Default for StoreConfig {
@@ -359,6 +374,9 @@ impl Default for StoreConfig {
             key_hmac_secret_file: None,
             refresh_interval: default_store_refresh(),
             last_used_flush: default_last_used_flush(),
+            record_usage: true,
+            usage_flush: default_usage_flush(),
+            usage_queue: default_usage_queue(),
         }
     }
 }
@@ -368,6 +386,15 @@ fn default_store_url() -> Text {
 }
 fn default_store_refresh() -> Dur {
     Dur(Duration::from_secs(1))
+}
+fn default_true() -> bool {
+    true
+}
+fn default_usage_flush() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_usage_queue() -> usize {
+    10_000
 }
 fn default_last_used_flush() -> Dur {
     Dur(Duration::from_secs(30))
@@ -506,4 +533,32 @@ pub struct ClientConfig {
     /// `too_many_concurrent_requests`. Unlimited when absent.
     #[serde(default)]
     pub max_concurrent_requests: Option<u32>,
+    /// Requests admitted in any 60-second interval.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens (prompt + answer, reserved before forwarding) in any 60-second interval.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub token_quota: Option<super::limits::TokenQuota>,
+    #[serde(default)]
+    pub budget: Option<super::limits::Budget>,
+    /// Limits for the deployments each entry's globs match (all matching entries apply).
+    #[serde(default)]
+    pub limits: Vec<DeploymentLimits>,
+    /// Limits for each user inside this client (JWT `oid`/`sub`, or the API key id).
+    #[serde(default)]
+    pub per_subject: Option<LimitSet>,
+}
+
+impl ClientConfig {
+    /// The limits written on the client itself.
+    pub fn limit_set(&self) -> LimitSet {
+        LimitSet {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            token_quota: self.token_quota,
+            budget: self.budget,
+        }
+    }
 }

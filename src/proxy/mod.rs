@@ -278,7 +278,10 @@ fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
 /// One pass over the fields finds the few to remove (typically `Host` and `Content-Length`
 /// on requests, `Connection: keep-alive` on responses); only they are looked up again. This
 /// runs twice per request: cheaper than rebuilding the map.
-fn remove_where(headers: &mut HeaderMap, mut also: impl FnMut(&HeaderName, &HeaderValue) -> bool) {
+pub(crate) fn remove_where(
+    headers: &mut HeaderMap,
+    mut also: impl FnMut(&HeaderName, &HeaderValue) -> bool,
+) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     let mut has_connection = false;
     for (name, value) in headers.iter() {
