@@ -23,6 +23,7 @@ use crate::identify::Identifier;
 use crate::listener::{self, ServeOptions};
 use crate::metrics::Metrics;
 use crate::upstream_auth::BackendCredentials;
+use crate::usage_log::{UsageCounters, UsageWriter, UsageWriterOptions};
 use crate::worker;
 
 /// Why the gateway could not start.
@@ -44,6 +45,33 @@ pub enum StartError {
     Credentials(#[from] crate::upstream_auth::SetupError),
     #[error("cannot open the key store (store.url): {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("limits.redis_url: {0}")]
+    Redis(#[from] crate::admit::redis::RedisLimitError),
+}
+
+/// The limit counters `[limits]` asks for.
+async fn limiter(v: &Validated, metrics: &Metrics) -> Result<crate::admit::Limiter, StartError> {
+    use crate::config::limits::LimitsBackend;
+    let l = &v.config.limits;
+    let m = metrics.accounting.clone();
+    let url = match (l.backend, &l.redis_url) {
+        (LimitsBackend::Redis, Some(url)) => url,
+        _ => return Ok(crate::admit::Limiter::memory(m)),
+    };
+    let mut rc = crate::admit::redis::RedisLimiterConfig::new(url.expose());
+    rc.namespace = l.redis_prefix.as_str().to_owned();
+    rc.response_timeout = l.redis_timeout.0;
+    rc.connect_timeout = l.redis_timeout.0;
+    let redis = crate::admit::redis::RedisLimiter::new(&rc)?;
+    // Connect now, on this long-lived runtime; a gateway still starts while Redis is down
+    // (`on_redis_error` then applies until it answers).
+    match redis.ping().await {
+        Ok(()) => tracing::info!("limit counters in Redis, shared by every replica"),
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis does not answer yet; on_redis_error applies until it does")
+        }
+    }
+    Ok(crate::admit::Limiter::shared(redis, l.on_redis_error, m))
 }
 
 /// A running gateway.
@@ -65,6 +93,8 @@ pub struct Running {
     audit_writer: AuditWriter,
     /// The API-key table and its store, when `store.key_hmac_secret` is set.
     keys: Option<Keys>,
+    /// Writes usage records to the store (`store.record_usage`).
+    usage: Option<Arc<UsageWriter>>,
     /// Backend credentials; their token refreshers stop when this is dropped.
     credentials: BackendCredentials,
 }
@@ -93,14 +123,20 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
             path: audit_path.clone(),
             source,
         })?;
-    let keys = match &v.key_hmac_secret {
-        Some(secret) => {
-            let store = crate::store::open(v.config.store.url.as_str(), &v.base_dir).await?;
+    let st = &v.config.store;
+    let store = if v.key_hmac_secret.is_some() || st.record_usage {
+        Some(crate::store::open_store(st.url.as_str(), &v.base_dir).await?)
+    } else {
+        None
+    };
+    let keys = match (&v.key_hmac_secret, &store) {
+        (Some(secret), Some(store)) => {
+            let store: Arc<dyn crate::store::KeyStore> = store.clone();
             let api_keys = ApiKeys::start(
                 store.clone(),
                 secret,
-                v.config.store.refresh_interval.0,
-                v.config.store.last_used_flush.0,
+                st.refresh_interval.0,
+                st.last_used_flush.0,
             )
             .await?;
             Some(Keys {
@@ -108,7 +144,20 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
                 api_keys,
             })
         }
-        None => None,
+        _ => None,
+    };
+    let usage = match &store {
+        Some(store) if st.record_usage => Some(Arc::new(UsageWriter::start(
+            store.clone(),
+            UsageWriterOptions {
+                capacity: st.usage_queue,
+                flush_interval: st.usage_flush.0,
+                ..UsageWriterOptions::default()
+            },
+            Some(UsageCounters::from_metrics(&metrics)),
+            &tokio::runtime::Handle::current(),
+        ))),
+        _ => None,
     };
     if !v.config.issuers.is_empty() && v.config.auth.resource.is_none() {
         tracing::warn!(
@@ -126,7 +175,17 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
     let snapshot = Snapshot::build(v, identity, &credentials.credentials, &metrics)?;
     let budget =
         crate::buffer::BodyBudget::new(v.max_buffered_body_bytes, v.config.server.buffer_wait.0);
-    let gateway = Arc::new(Gateway::new(snapshot, metrics, audit, budget));
+    // The tokenizer tables (admission estimates, cut streams), loaded before the first
+    // request rather than by it.
+    let _ = tokio::task::spawn_blocking(crate::tokens::warm_up).await;
+    let limiter = Arc::new(limiter(v, &metrics).await?);
+    let accounting = crate::account::Accounting {
+        writer: usage.clone(),
+        metrics: metrics.accounting.clone(),
+    };
+    let gateway = Arc::new(Gateway::new(
+        snapshot, metrics, audit, budget, limiter, accounting,
+    ));
 
     let bind_err = |source| StartError::Bind {
         addr: v.listen,
@@ -191,6 +250,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         tasks,
         audit_writer,
         keys,
+        usage,
         credentials,
     })
 }
@@ -241,6 +301,9 @@ impl Running {
             if let Err(e) = k.api_keys.flush().await {
                 tracing::warn!(error = %e, "could not record the API keys' last use at shutdown");
             }
+        }
+        if let Some(u) = &self.usage {
+            u.flush_and_stop().await;
         }
         self.credentials.stop();
         drop(self.gateway);

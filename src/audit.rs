@@ -83,6 +83,24 @@ pub struct AuditRecord {
     /// The gateway's error code when the gateway answered with an error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_code: Option<&'static str>,
+    /// Tokens and cost, once the account stage has settled the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<AuditUsage>,
+}
+
+/// The usage fields of an audit line.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AuditUsage {
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// Tokens reserved at admission (prompt estimate + output reservation).
+    pub estimated_tokens: u64,
+    /// `reported` (the backend's `usage`), `counted` (the streamed text, counted by the
+    /// gateway: the backend cut the stream) or `none`.
+    pub source: &'static str,
+    pub cost_usd: f64,
 }
 
 /// Handle used by request tasks to emit records. Cheap to clone.
@@ -197,6 +215,7 @@ impl AuditRecord {
             stream: false,
             outcome: "complete",
             error_code: None,
+            usage: None,
         }
     }
 }
@@ -282,6 +301,7 @@ impl LineWriter {
             stream,
             outcome,
             error_code,
+            usage,
         } = rec;
         out.extend_from_slice(b"{\"time\":");
         self.time(*time, out);
@@ -330,6 +350,32 @@ impl LineWriter {
         out.extend_from_slice(b",\"outcome\":");
         string(out, outcome)?;
         opt_string(out, b",\"error_code\":", *error_code)?;
+        if let Some(u) = usage {
+            let AuditUsage {
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+                reasoning_tokens,
+                estimated_tokens,
+                source,
+                cost_usd,
+            } = u;
+            for (key, n) in [
+                (&b",\"usage\":{\"prompt_tokens\":"[..], prompt_tokens),
+                (b",\"cached_tokens\":", cached_tokens),
+                (b",\"completion_tokens\":", completion_tokens),
+                (b",\"reasoning_tokens\":", reasoning_tokens),
+                (b",\"estimated_tokens\":", estimated_tokens),
+            ] {
+                out.extend_from_slice(key);
+                out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes());
+            }
+            out.extend_from_slice(b",\"source\":");
+            string(out, source)?;
+            out.extend_from_slice(b",\"cost_usd\":");
+            float(out, *cost_usd);
+            out.push(b'}');
+        }
         out.push(b'}');
         Ok(())
     }
@@ -740,6 +786,15 @@ mod tests {
             stream: rng.bool(),
             outcome: s(rng),
             error_code: maybe(rng, s),
+            usage: rng.bool().then(|| AuditUsage {
+                prompt_tokens: pick(rng, &[0, 17, u64::MAX]),
+                cached_tokens: pick(rng, &[0, 5]),
+                completion_tokens: pick(rng, &[0, 1, 4096]),
+                reasoning_tokens: pick(rng, &[0, 64]),
+                estimated_tokens: pick(rng, &[0, 123_456]),
+                source: s(rng),
+                cost_usd: pick(rng, FLOATS),
+            }),
         }
     }
 
@@ -783,6 +838,15 @@ mod tests {
         full.error_code = Some("upstream_error");
         full.latency_ms = 12.345;
         full.duration_ms = 1234.5;
+        full.usage = Some(AuditUsage {
+            prompt_tokens: 12,
+            cached_tokens: 3,
+            completion_tokens: 40,
+            reasoning_tokens: 16,
+            estimated_tokens: 4108,
+            source: "reported",
+            cost_usd: 0.000_43,
+        });
         assert_same(&mut writer, &full);
 
         // Every sample time, in order (runs of one second hit the cache) and at random.

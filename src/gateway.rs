@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! parse route → identify → authorize (operation; deployment when the path names it)
-//!   → admit → read body (bounded) → authorize (deployment named by the body) → route
-//!   → forward (upstream auth applied per backend) → relay response → audit
+//!   → admit (concurrency) → read body (bounded) → authorize (deployment named by the body)
+//!   → admit (estimate; reserve every limit) → route → forward (upstream auth applied per
+//!   backend) → relay response → account (usage, reconcile, record) → audit
 //! ```
 //! Each step is one call into the module named after it. The state
 //! a request uses is one immutable [`Snapshot`], loaded once per request from an
@@ -20,7 +21,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 
-use crate::admit;
+use crate::account::{self, Accounting, Meter};
+use crate::admit::{self, Demand, Limiter};
 use crate::audit::{AuditRecord, AuditSink};
 use crate::authorize;
 use crate::buffer::{self, BodyBudget, BodyLimits};
@@ -38,6 +40,10 @@ pub struct Snapshot {
     pub backends: BackendTable,
     pub identity: Identifier,
     pub body_limits: BodyLimits,
+    /// `[limits]`: how requests are estimated before they are admitted.
+    estimate: crate::tokens::EstimateOptions,
+    /// `[prices]`.
+    prices: crate::pricing::PriceTable,
     /// `server.trusted_proxies`: peers whose forwarding headers are kept and extended.
     trusted_proxies: Vec<ipnet::IpNet>,
     /// `auth.resource`: this gateway's URL as clients know it (RFC 9728).
@@ -62,6 +68,19 @@ impl Snapshot {
                 max_bytes: v.config.server.max_body_bytes,
                 timeout: v.config.server.body_timeout.0,
             },
+            estimate: crate::tokens::EstimateOptions {
+                default_max_tokens: v.config.limits.default_max_tokens,
+                reserve_output: match v.config.limits.reserve_output {
+                    crate::config::limits::ReserveOutput::MaxTokens => {
+                        crate::tokens::ReserveOutput::MaxTokens
+                    }
+                    crate::config::limits::ReserveOutput::None => {
+                        crate::tokens::ReserveOutput::None
+                    }
+                },
+                default_image_tokens: v.config.limits.default_image_tokens,
+            },
+            prices: crate::pricing::PriceTable::new(&v.config.prices),
             trusted_proxies: v.trusted_proxies.clone(),
             resource: v
                 .config
@@ -135,6 +154,9 @@ pub struct Gateway {
     draining: AtomicBool,
     /// Request-body bytes all requests may hold at once (`server.max_buffered_body_bytes`).
     pub budget: BodyBudget,
+    /// Limit counters (kept across configuration swaps).
+    limiter: Arc<Limiter>,
+    accounting: Accounting,
 }
 
 impl Gateway {
@@ -143,6 +165,8 @@ impl Gateway {
         metrics: Arc<Metrics>,
         audit: AuditSink,
         budget: BodyBudget,
+        limiter: Arc<Limiter>,
+        accounting: Accounting,
     ) -> Self {
         let gauge = metrics.buffered_body_bytes.clone();
         let seen = budget.clone();
@@ -155,6 +179,8 @@ impl Gateway {
             audit,
             draining: AtomicBool::new(false),
             budget,
+            limiter,
+            accounting,
         }
     }
 
@@ -371,6 +397,49 @@ impl Gateway {
                 GatewayError::UnknownDeployment(deployment.clone().unwrap_or_default())
             })?;
 
+        // Admit: what will this cost, and does it fit every limit?
+        let model = deployment.as_deref().unwrap_or_default();
+        // Only a POST creates work the backend bills (GET /responses/{id} reads a result).
+        let estimate = if parts.method == http::Method::POST {
+            crate::tokens::estimate(
+                route.operation,
+                model,
+                &body.bytes,
+                content_type,
+                &snap.estimate,
+            )
+        } else {
+            crate::tokens::Estimate::default()
+        };
+        let price = deployment.as_deref().and_then(|d| snap.prices.price(d));
+        let micro_usd = match price {
+            Some(p) if caller.client.limits.has_budget() => {
+                crate::pricing::micro_usd(p.usd(crate::pricing::Tokens {
+                    prompt: estimate.prompt,
+                    cached: 0,
+                    completion: estimate.output,
+                }))
+            }
+            _ => 0,
+        };
+        let demand = Demand {
+            tokens: estimate.total(),
+            micro_usd,
+        };
+        let reservation = self
+            .limiter
+            .reserve(&caller, deployment.as_deref(), demand)
+            .await?;
+        // Exact streamed usage: ask the backend for it when the client did not (the meter
+        // removes it again from what the client receives).
+        let injected = match route.operation {
+            route::Operation::Chat | route::Operation::Completions => {
+                account::tap::inject_include_usage(&body.bytes)
+            }
+            _ => None,
+        };
+        let injected_usage = injected.is_some();
+
         let origin = proxy::Origin {
             peer: peer.ip(),
             trusted: snap
@@ -383,7 +452,7 @@ impl Gateway {
             deployment: deployment.as_deref(),
             method: &parts.method,
             headers: proxy::upstream_headers(parts.headers, request_id, origin),
-            body: body.bytes.clone(),
+            body: injected.unwrap_or_else(|| body.bytes.clone()),
             content_type,
         };
         let forwarded = proxy::forward(out, candidates).await;
@@ -393,11 +462,15 @@ impl Gateway {
             Ok(a) => a,
             Err(failed) => {
                 rec.note_backend(failed.backend.as_deref(), failed.attempts);
+                // No backend ran it: nothing is owed.
+                if let Some(r) = reservation {
+                    r.settle(Demand::default());
+                }
                 return Err(failed.error);
             }
         };
         rec.note_backend(Some(&answer.backend), answer.attempts);
-        let (head, mut upstream_body) = answer.response.into_parts();
+        let (mut head, mut upstream_body) = answer.response.into_parts();
         // A body the bytes read with the head already show to be broken (a chunk size that
         // is not hex, say) is refused now, while the client can still get a clean 502.
         let first = match upstream_body.take_buffered() {
@@ -405,6 +478,9 @@ impl Gateway {
             Some(Err(e)) => {
                 answer.backend.series.attempt("invalid_response");
                 tracing::warn!(backend = %answer.backend.name, error = %proxy::error_chain(e.as_ref()), "backend answered with a malformed body");
+                if let Some(r) = reservation {
+                    r.settle(Demand::default());
+                }
                 return Err(GatewayError::BackendInvalidResponse(format!(
                     "backend '{}' sent a malformed response body",
                     answer.backend.name
@@ -413,11 +489,36 @@ impl Gateway {
             None => None,
         };
         rec.status = head.status.as_u16();
-        rec.stream = head
+        if let Some(r) = &reservation {
+            r.headers(&mut head.headers);
+        }
+        let response_type = head
             .headers
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+            .and_then(|v| v.to_str().ok());
+        rec.stream = response_type.is_some_and(|ct| ct.starts_with("text/event-stream"));
+        let p = &caller.principal;
+        let meter = Meter::new(
+            account::Plan {
+                accounting: self.accounting.clone(),
+                operation: route.operation,
+                encoding: crate::tokens::encoding_for(model),
+                deployment,
+                estimate,
+                reservation,
+                price,
+                injected_usage,
+                client: caller.client.id.clone(),
+                subject: p.subject.clone(),
+                key_id: p.key_id.clone(),
+            },
+            rec.status,
+            response_type,
+        );
+        if meter.rewrites() {
+            // Removing the usage chunk changes the length.
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
         rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         self.count(rec, Some(&answer.backend));
         let finish = Finish {
@@ -426,6 +527,7 @@ impl Gateway {
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
             admission,
+            meter: Some(meter),
         };
         let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish, first);
         Ok(Response::from_parts(head, relay.boxed_unsync()))

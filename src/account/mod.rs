@@ -1,10 +1,283 @@
-//! Accounting (issue #14): what a request really cost, read from the backend's answer.
+//! Account: what did the request really cost?
 //!
-//! [`usage`] reads the `usage` object backends report (and finds it in a non-streamed JSON
-//! answer as its frames pass); [`tap`] watches a relayed Server-Sent Events stream for its
-//! usage, its end and the text streamed so far, and can remove the usage chunks the gateway
-//! asked for on the client's behalf. The account stage that reconciles reservations with
-//! these figures will grow here.
+//! The stage after the answer. A [`Meter`] rides along with the relayed response body
+//! ([`crate::proxy::body::Relay`]): it reads each frame for the backend's `usage` without
+//! holding the stream back ([`usage::JsonUsage`] for JSON answers, [`tap::SseTap`] for
+//! event streams), and, when the gateway asked the backend for a usage chunk the client did
+//! not ask for (`stream_options.include_usage`), removes it so the client sees the stream
+//! it would have seen. When the body ends, [`Meter::settle`]:
+//! - takes the usage the backend reported, or — for a stream the backend cut — the prompt
+//!   estimate plus the streamed text counted with the tokenizer (`counted`), or for an
+//!   error answer nothing (backends do not bill refusals);
+//! - reconciles the admission [`Reservation`] (refunds or charges the difference);
+//! - prices the tokens (`[prices]`), counts them in the metrics, adds them to the audit
+//!   line, and queues a usage record for the store (batched, off the request path).
+//!
+//! When the client goes away before the end, the relay keeps reading the backend, bounded
+//! in time and bytes ([`DRAIN_BYTES`], [`DRAIN_TIME`]), until the usage arrives, so the
+//! charge stays exact.
 
 pub mod tap;
 pub mod usage;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use crate::admit::{Demand, Reservation};
+use crate::audit::{AuditRecord, AuditUsage};
+use crate::metrics::{AccountingMetrics, CostLabels, TokenLabels};
+use crate::pricing::{self, Price};
+use crate::route::Operation;
+use crate::store::UsageRecord;
+use crate::tokens::{self, Encoding, Estimate};
+use crate::usage_log::UsageWriter;
+use tap::{Mode, SseTap};
+use usage::{JsonUsage, Usage};
+
+/// After a client disconnect, read at most this much more of the backend's answer for
+/// its usage.
+pub const DRAIN_BYTES: u64 = 8 * 1024 * 1024;
+/// ... and for at most this long.
+pub const DRAIN_TIME: Duration = Duration::from_secs(120);
+
+/// What every request's accounting shares: where records go, the metrics.
+#[derive(Clone)]
+pub struct Accounting {
+    pub writer: Option<Arc<UsageWriter>>,
+    pub metrics: AccountingMetrics,
+}
+
+/// What the pipeline knows before forwarding, for the meter.
+pub struct Plan {
+    pub accounting: Accounting,
+    pub operation: Operation,
+    pub deployment: Option<String>,
+    pub encoding: Encoding,
+    pub estimate: Estimate,
+    pub reservation: Option<Reservation>,
+    pub price: Option<Price>,
+    /// The gateway added `stream_options.include_usage` to the request.
+    pub injected_usage: bool,
+    pub client: Arc<str>,
+    pub subject: Option<String>,
+    pub key_id: Option<Arc<str>>,
+}
+
+impl Plan {
+    /// Whether this operation's answers report token usage.
+    fn reports_usage(&self) -> bool {
+        matches!(
+            self.operation,
+            Operation::Chat | Operation::Completions | Operation::Embeddings | Operation::Responses
+        )
+    }
+}
+
+enum Tap {
+    Json(JsonUsage),
+    Sse(Box<SseTap>),
+    /// Nothing to read (an error answer, an operation without usage).
+    None,
+}
+
+/// A request's accounting, carried by its relayed body; see the module docs.
+pub struct Meter {
+    plan: Plan,
+    tap: Tap,
+    status: u16,
+}
+
+impl Meter {
+    /// The meter for an answer with `status` and `content_type`.
+    pub fn new(plan: Plan, status: u16, content_type: Option<&str>) -> Self {
+        let ct = content_type.unwrap_or("");
+        let ok = (200..300).contains(&status);
+        let tap = if !ok || !plan.reports_usage() {
+            Tap::None
+        } else if ct.starts_with("text/event-stream") {
+            Tap::Sse(Box::new(SseTap::new(if plan.injected_usage {
+                Mode::Strip
+            } else {
+                Mode::Observe
+            })))
+        } else if ct.starts_with("application/json") {
+            Tap::Json(JsonUsage::new())
+        } else {
+            Tap::None
+        };
+        Self { plan, tap, status }
+    }
+
+    /// Read one frame of the answer; returns the bytes to forward (the frame itself unless
+    /// a usage chunk the client did not ask for is removed). May be empty.
+    pub fn feed(&mut self, frame: Bytes) -> Bytes {
+        match &mut self.tap {
+            Tap::Json(j) => {
+                j.feed(&frame);
+                frame
+            }
+            Tap::Sse(s) => s.feed(frame),
+            Tap::None => frame,
+        }
+    }
+
+    /// At the end of the body: bytes still held (an event the stream stopped inside).
+    pub fn flush(&mut self) -> Bytes {
+        match &mut self.tap {
+            Tap::Sse(s) => s.flush(),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// Whether the bytes forwarded may differ from the backend's (a usage chunk removed):
+    /// the answer's length is then unknown in advance.
+    pub fn rewrites(&self) -> bool {
+        matches!(&self.tap, Tap::Sse(s) if s.mode() == Mode::Strip)
+    }
+
+    /// Whether the answer's usage is still to come (worth reading on after a disconnect).
+    pub fn awaits_usage(&self) -> bool {
+        match &self.tap {
+            Tap::Json(j) => j.finish().is_none(),
+            Tap::Sse(s) => s.finish().usage.is_none(),
+            Tap::None => false,
+        }
+    }
+
+    /// The usage the request is charged, and where it came from.
+    fn usage(&self, outcome: &str) -> (Usage, &'static str) {
+        let reported = match &self.tap {
+            Tap::Json(j) => j.finish(),
+            Tap::Sse(s) => s.finish().usage,
+            Tap::None => None,
+        };
+        if let Some(u) = reported {
+            return (u, "reported");
+        }
+        if !(200..300).contains(&self.status) {
+            // Refused or failed: backends do not bill it.
+            return (Usage::default(), "none");
+        }
+        if let Tap::Sse(s) = &self.tap {
+            if outcome != "complete" || !s.finish().done {
+                // Cut (or abandoned and never finished): the prompt and what was streamed.
+                let sum = s.finish();
+                let text = tokens::count(self.plan.encoding, sum.delta_text);
+                // Text past the tap's limit: a generous 1 token per 2 bytes.
+                let completion = text + sum.dropped.div_ceil(2);
+                let u = Usage {
+                    prompt: self.plan.estimate.prompt,
+                    completion,
+                    ..Usage::default()
+                };
+                return (u, "counted");
+            }
+        }
+        if self.plan.reports_usage() {
+            // A success that reported nothing: it stays charged as estimated.
+            let u = Usage {
+                prompt: self.plan.estimate.prompt,
+                completion: self.plan.estimate.output,
+                ..Usage::default()
+            };
+            return (u, "none");
+        }
+        (Usage::default(), "none")
+    }
+
+    /// Reconcile, price, count and record the request (see the module docs).
+    pub fn settle(self, rec: &mut AuditRecord, outcome: &str) {
+        let (u, source) = self.usage(outcome);
+        let plan = self.plan;
+        let tokens = Demand {
+            tokens: u.prompt + u.completion,
+            micro_usd: 0,
+        };
+        let usd = plan.price.map_or(0.0, |p| {
+            p.usd(pricing::Tokens {
+                prompt: u.prompt,
+                cached: u.cached,
+                completion: u.completion,
+            })
+        });
+        let estimated = plan.estimate.total();
+        let reports_usage = plan.reports_usage();
+        if let Some(r) = plan.reservation {
+            r.settle(Demand {
+                micro_usd: pricing::micro_usd(usd),
+                ..tokens
+            });
+        }
+        let m = &plan.accounting.metrics;
+        if let Some(d) = &plan.deployment {
+            if tokens.tokens > 0 {
+                for (kind, n) in [
+                    ("prompt", u.prompt),
+                    ("cached", u.cached),
+                    ("completion", u.completion),
+                    ("reasoning", u.reasoning),
+                ] {
+                    m.tokens
+                        .get_or_create(&TokenLabels {
+                            client: plan.client.clone(),
+                            deployment: d.clone(),
+                            kind,
+                        })
+                        .inc_by(n);
+                }
+            }
+            if usd > 0.0 {
+                m.cost
+                    .get_or_create(&CostLabels {
+                        client: plan.client.clone(),
+                        deployment: d.clone(),
+                    })
+                    .inc_by(usd);
+            }
+        }
+        if source == "reported" && reports_usage {
+            m.estimate_error
+                .observe(estimated as f64 - (u.prompt + u.completion) as f64);
+        }
+        if !reports_usage && source == "none" {
+            return;
+        }
+        rec.usage = Some(AuditUsage {
+            prompt_tokens: u.prompt,
+            cached_tokens: u.cached,
+            completion_tokens: u.completion,
+            reasoning_tokens: u.reasoning,
+            estimated_tokens: estimated,
+            source,
+            cost_usd: usd,
+        });
+        if let Some(w) = &plan.accounting.writer {
+            let time_ms = rec
+                .time
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            w.record(UsageRecord {
+                time_ms,
+                request_id: rec.request_id.to_str().unwrap_or_default().to_owned(),
+                client: plan.client.to_string(),
+                subject: plan.subject,
+                key_id: plan.key_id.map(|k| k.to_string()),
+                operation: plan.operation.as_str().to_owned(),
+                deployment: plan.deployment,
+                backend: rec.backend.as_deref().cloned(),
+                prompt_tokens: n(u.prompt),
+                cached_tokens: n(u.cached),
+                completion_tokens: n(u.completion),
+                reasoning_tokens: n(u.reasoning),
+                estimated_tokens: n(estimated),
+                usage_source: source.to_owned(),
+                cost_usd: usd,
+                status: i32::from(rec.status),
+                stream: rec.stream,
+            });
+        }
+    }
+}

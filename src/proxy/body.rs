@@ -17,6 +17,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use crate::account::Meter;
 use crate::audit::{AuditRecord, AuditSink};
 use crate::error::BoxError;
 use crate::metrics::Metrics;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 #[error("backend sent nothing for {0:?}")]
 pub struct IdleTimeout(pub Duration);
 
-/// Completes a request's audit record when its body ends.
+/// Completes a request's audit record (and its accounting) when its body ends.
 pub struct Finish {
     pub record: AuditRecord,
     pub started: Instant,
@@ -36,6 +37,8 @@ pub struct Finish {
     pub metrics: Arc<Metrics>,
     /// The request's hold on its client's limits, released when the body ends.
     pub admission: crate::admit::Admission,
+    /// Reads the answer's usage and settles the request (see [`crate::account`]).
+    pub meter: Option<Meter>,
 }
 
 impl Finish {
@@ -55,6 +58,9 @@ impl Finish {
         self.record.bytes_out = bytes_out;
         self.record.outcome = outcome;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(m) = self.meter.take() {
+            m.settle(&mut self.record, outcome);
+        }
         self.audit.emit(self.record);
     }
 }
@@ -62,8 +68,8 @@ impl Finish {
 pin_project! {
     /// A response body relayed from upstream; see the module docs.
     pub struct Relay {
-        #[pin]
-        inner: ResponseBody,
+        // `None` only once a drop has handed it to the drain task.
+        inner: Option<ResponseBody>,
         // Armed only when upstream first makes the client wait: most small bodies never do.
         idle: Option<Pin<Box<Sleep>>>,
         idle_timeout: Duration,
@@ -81,13 +87,65 @@ pin_project! {
             let this = this.project();
             // A body of known length may be dropped right after its last byte (or never
             // polled at all when it is empty): that is still a clean end.
-            let ended = this.first.is_none() && this.inner.is_end_stream();
-            if let Some(f) = this.finish.take() {
-                let outcome = if ended { "complete" } else { "client_disconnected" };
-                f.done(*this.bytes, outcome);
+            let ended = this.first.is_none() && this.inner.as_ref().is_none_or(|b| b.is_end_stream());
+            let Some(mut f) = this.finish.take() else {
+                return;
+            };
+            if ended {
+                f.done(*this.bytes, "complete");
+                return;
+            }
+            let awaits = f.meter.as_ref().is_some_and(Meter::awaits_usage);
+            let runtime = tokio::runtime::Handle::try_current();
+            match (awaits, this.inner.take(), runtime) {
+                (true, Some(body), Ok(rt)) => {
+                    // The client went away: read on for the usage, so the charge is exact.
+                    f.admission = Default::default();
+                    let (bytes, idle) = (*this.bytes, *this.idle_timeout);
+                    let first = this.first.take();
+                    rt.spawn(drain(body, first, f, bytes, idle));
+                }
+                _ => f.done(*this.bytes, "client_disconnected"),
             }
         }
     }
+}
+
+/// After a client disconnect: read the rest of the answer (bounded by
+/// [`crate::account::DRAIN_BYTES`], [`crate::account::DRAIN_TIME`] and the idle timeout)
+/// until its usage is seen, then finish the request.
+async fn drain(
+    mut body: ResponseBody,
+    first: Option<Frame<Bytes>>,
+    mut finish: Finish,
+    bytes_out: u64,
+    idle: Duration,
+) {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + crate::account::DRAIN_TIME;
+    let mut read = 0u64;
+    let mut next = first;
+    while let Some(meter) = finish.meter.as_mut() {
+        if !meter.awaits_usage() || read > crate::account::DRAIN_BYTES {
+            break;
+        }
+        let frame = match next.take() {
+            Some(f) => f,
+            None => {
+                let wait =
+                    idle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                match tokio::time::timeout(wait, body.frame()).await {
+                    Ok(Some(Ok(f))) => f,
+                    _ => break,
+                }
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            read += data.len() as u64;
+            meter.feed(data);
+        }
+    }
+    finish.done(bytes_out, "client_disconnected");
 }
 
 impl Relay {
@@ -102,7 +160,7 @@ impl Relay {
         finish.metrics.streams_in_flight.inc();
         let now = Instant::now();
         Self {
-            inner,
+            inner: Some(inner),
             idle: None,
             idle_timeout,
             last_frame: now,
@@ -114,6 +172,20 @@ impl Relay {
     }
 }
 
+/// `a` then `b`, copying only when both have bytes.
+fn join(a: Bytes, b: Bytes) -> Bytes {
+    if a.is_empty() {
+        return b;
+    }
+    if b.is_empty() {
+        return a;
+    }
+    let mut v = Vec::with_capacity(a.len() + b.len());
+    v.extend_from_slice(&a);
+    v.extend_from_slice(&b);
+    Bytes::from(v)
+}
+
 impl HttpBody for Relay {
     type Data = Bytes;
     type Error = BoxError;
@@ -122,53 +194,78 @@ impl HttpBody for Relay {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         if let Some(e) = this.failed.take() {
             return Poll::Ready(Some(Err(e)));
         }
-        let polled = match this.first.take() {
-            Some(frame) => Poll::Ready(Some(Ok(frame))),
-            None => this.inner.as_mut().poll_frame(cx),
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
         };
-        match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.bytes += data.len() as u64;
-                }
-                // Cheap per-frame bookkeeping; the timer is only re-armed when it fires.
-                *this.last_frame = Instant::now();
-                if this.inner.is_end_stream() {
-                    if let Some(f) = this.finish.take() {
-                        f.done(*this.bytes, "complete");
+        loop {
+            let polled = match this.first.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => Pin::new(&mut *inner).poll_frame(cx),
+            };
+            match polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let end = inner.is_end_stream();
+                    let frame = match frame.into_data() {
+                        Ok(mut data) => {
+                            if let Some(m) = this.finish.as_mut().and_then(|f| f.meter.as_mut()) {
+                                data = m.feed(data);
+                                if end {
+                                    data = join(data, m.flush());
+                                }
+                            }
+                            if data.is_empty() && !end {
+                                // All of it was a usage chunk the client did not ask for.
+                                continue;
+                            }
+                            *this.bytes += data.len() as u64;
+                            Frame::data(data)
+                        }
+                        Err(frame) => frame,
+                    };
+                    // Cheap per-frame bookkeeping; the timer is only re-armed when it fires.
+                    *this.last_frame = Instant::now();
+                    if end {
+                        if let Some(f) = this.finish.take() {
+                            f.done(*this.bytes, "complete");
+                        }
                     }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                return Poll::Ready(Some(Ok(frame)));
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(f) = this.finish.take() {
+                        f.done(*this.bytes, "upstream_error");
+                    }
+                    if *this.bytes > 0 {
+                        // The server aborts the response on an error, dropping whatever it has
+                        // not written yet: when the upstream fails right after some frames, the
+                        // client would lose those (and even the head). One `Pending` first gives
+                        // the server a flush (HTTP/1.1: the dispatcher flushes between polls);
+                        // the error follows on the next poll. Best effort: what does not fit in
+                        // the socket's buffer by then is still lost, and an HTTP/2 stream's reset
+                        // may overtake DATA frames still queued.
+                        *this.failed = Some(e);
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    if let Some(mut f) = this.finish.take() {
+                        let rest = f.meter.as_mut().map(Meter::flush).unwrap_or_default();
+                        *this.bytes += rest.len() as u64;
+                        f.done(*this.bytes, "complete");
+                        if !rest.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(rest))));
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => break,
             }
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(f) = this.finish.take() {
-                    f.done(*this.bytes, "upstream_error");
-                }
-                if *this.bytes > 0 {
-                    // The server aborts the response on an error, dropping whatever it has
-                    // not written yet: when the upstream fails right after some frames, the
-                    // client would lose those (and even the head). One `Pending` first gives
-                    // the server a flush (HTTP/1.1: the dispatcher flushes between polls);
-                    // the error follows on the next poll. Best effort: what does not fit in
-                    // the socket's buffer by then is still lost, and an HTTP/2 stream's reset
-                    // may overtake DATA frames still queued.
-                    *this.failed = Some(e);
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                return Poll::Ready(Some(Err(e)));
-            }
-            Poll::Ready(None) => {
-                if let Some(f) = this.finish.take() {
-                    f.done(*this.bytes, "complete");
-                }
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {}
         }
         let deadline = *this.last_frame + *this.idle_timeout;
         let idle = this
@@ -191,11 +288,23 @@ impl HttpBody for Relay {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.first.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
+        if self
+            .finish
+            .as_ref()
+            .and_then(|f| f.meter.as_ref())
+            .is_some_and(Meter::rewrites)
+        {
+            return SizeHint::default();
+        }
+        let inner = self
+            .inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_default();
         let Some(held) = self.first.as_ref().and_then(Frame::data_ref) else {
             return inner;
         };
@@ -227,6 +336,7 @@ mod tests {
         let (audit, _writer) = AuditSink::start(&path.to_string_lossy(), metrics.clone()).unwrap();
         Finish {
             admission: Default::default(),
+            meter: None,
             record: AuditRecord::new(HeaderValue::from_static("t"), Method::POST, "/".into()),
             started: Instant::now(),
             audit,

@@ -277,8 +277,14 @@ fn answer_words(ctx: &Ctx<'_>, req: &Value) -> Vec<&'static str> {
         .or_else(|| req.get("max_completion_tokens"))
         .and_then(Value::as_u64)
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let n = ctx.state.opts.answer_words.min(cap).max(1);
-    (0..n).map(|i| WORDS[i % WORDS.len()]).collect()
+    let mut n = ctx.state.opts.answer_words.min(cap).max(1);
+    let words =
+        |n: usize| -> Vec<&'static str> { (0..n).map(|i| WORDS[i % WORDS.len()]).collect() };
+    // Like a real model, the answer stops at max_tokens tokens (not words).
+    while n > 1 && tokens(&words(n).join(" ")) > cap as u64 {
+        n -= 1;
+    }
+    words(n)
 }
 
 /// Prompt tokens as OpenAI documents them for chat: 3 per message, the tokens of each of
