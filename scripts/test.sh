@@ -3,6 +3,9 @@
 #   - a Python venv (.venv) with the official `openai` SDK, for tests/sdk.rs
 #   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
 #     lock file), for the tests that use tests/common/idp.rs
+#   - redis-server (Debian package), which tests/limits.rs starts on ports of its own to
+#     stop it mid-test (the shared Redis at PORTCULLIS_TEST_REDIS_URL, default
+#     127.0.0.1:6379, and PostgreSQL at PORTCULLIS_TEST_POSTGRES_URL are expected to run)
 #   - cargo test (unit, end-to-end, binary-level and SDK tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,11 @@ if ! cmp -s tests/idp/package-lock.json tests/idp/node_modules/.installed-lock.j
   echo "==> npm ci (tests/idp)"
   npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
   cp tests/idp/package-lock.json tests/idp/node_modules/.installed-lock.json
+fi
+
+if ! command -v redis-server >/dev/null; then
+  echo "==> installing redis-server (Debian package)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 
 echo "==> cargo test"

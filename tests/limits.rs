@@ -707,3 +707,76 @@ async fn the_openai_sdk_sees_a_rate_limit_error_and_succeeds_after_retry_after()
     );
     assert!(stdout.contains("limits-sdk: all checks passed"), "{stdout}");
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_stream_is_still_charged_the_reported_usage() {
+    let sim = sim_with(Duration::from_millis(60)).await;
+    let gw = Gateway::start_with(
+        "",
+        &client("tokens_per_minute = 100000"),
+        &azure_backend(&sim),
+    )
+    .await;
+    let mut r = http()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    // The first event, then the client goes away.
+    r.chunk().await.unwrap().unwrap();
+    drop(r);
+    // The gateway read on to the backend's usage chunk (which the client never asked for).
+    let line = gw.audit_for(&id).await;
+    assert_eq!(line["outcome"], "client_disconnected", "{line}");
+    let u = &line["usage"];
+    assert_eq!(u["source"], "reported", "{line}");
+    let direct = sim.captured();
+    assert_eq!(direct.len(), 1);
+    assert!(u["completion_tokens"].as_u64().unwrap() > 0, "{line}");
+}
+
+#[tokio::test]
+async fn responses_api_usage_is_read_from_its_answer_and_its_event_stream() {
+    let sim = sim().await;
+    let b = backend(
+        "sim",
+        &sim.url(),
+        "openai",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }",
+    );
+    let gw = Gateway::start_with("", &client("tokens_per_minute = 100000"), &b).await;
+    for stream in [false, true] {
+        let r = http()
+            .post(format!("{}/v1/responses", gw.url))
+            .json(&json!({ "model": "gpt-4o", "input": "Hello there", "max_output_tokens": 50, "stream": stream }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let text = r.text().await.unwrap();
+        let reported = if stream {
+            assert!(!text.contains("[DONE]"));
+            let done = text
+                .split("\n\n")
+                .find(|e| e.starts_with("event: response.completed"))
+                .expect("a response.completed event");
+            let data: Value = serde_json::from_str(done.split("data: ").nth(1).unwrap()).unwrap();
+            data["response"]["usage"].clone()
+        } else {
+            serde_json::from_str::<Value>(&text).unwrap()["usage"].clone()
+        };
+        let line = gw.audit_for(&id).await;
+        let u = &line["usage"];
+        assert_eq!(u["source"], "reported", "{line}");
+        assert_eq!(u["prompt_tokens"], reported["input_tokens"], "{line}");
+        assert_eq!(u["completion_tokens"], reported["output_tokens"], "{line}");
+        // Reserved: the prompt estimate (the Responses API wraps input in a message whose
+        // overhead is not documented exactly) plus max_output_tokens.
+        let est = u["estimated_tokens"].as_i64().unwrap();
+        let input = reported["input_tokens"].as_i64().unwrap();
+        assert!((est - (input + 50)).abs() <= 4, "{line}");
+    }
+}
