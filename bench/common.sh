@@ -100,14 +100,16 @@ JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"
 
 # The gateway as the bench runs it: anonymous callers allowed, an API-key store, an HS256
 # issuer and a client for JWT callers, one backend. FILE, listen port, upstream port, a prefix
-# for its audit and key files, and extra `[server]` lines.
+# for its audit and key files, extra `[server]` lines; optionally extra lines for the JWT
+# client "bench" (limits), extra top-level tables (`[limits]`, `[prices]`) and the admin
+# listener's address (default "": off).
 gateway_conf() {
   cat > "$1" <<TOML
 [server]
 listen = "127.0.0.1:$2"
 $5
 [admin]
-listen = ""
+listen = "${8:-}"
 [audit]
 path = "$OUT/$4audit.log"
 [store]
@@ -129,9 +131,11 @@ id = "bench"
 jwt = [{ issuer = "bench", claims = { azp = "bench-app" } }]
 deployments = ["gpt-4o"]
 operations = ["chat"]
+${6:-}
 [[backends]]
 name = "upstream"
 url = "http://127.0.0.1:$3"
 deployments = { "gpt-4o" = "gpt-4o" }
+${7:-}
 TOML
 }
