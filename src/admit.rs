@@ -34,6 +34,8 @@ use crate::config::ClientConfig;
 use crate::error::{GatewayError, PeriodRefusal, TooLarge};
 use crate::identify::Caller;
 use crate::metrics::{AccountingMetrics, RefusalLabels};
+use crate::pricing::{self, Price, PriceTable, Tokens};
+use crate::tokens::{Estimate, EstimateOptions};
 use counters::{Adjust, Admitted, Item, MemoryCounters, Outcome, Window};
 
 /// One client's admission limits and the state they count, shared by all its requests.
@@ -274,6 +276,23 @@ pub fn admit(caller: &Caller) -> Result<Admission, GatewayError> {
     }
 }
 
+/// The request admission looks at.
+pub struct Ask<'a> {
+    pub method: &'a http::Method,
+    pub operation: crate::route::Operation,
+    pub deployment: Option<&'a str>,
+    pub body: &'a [u8],
+    pub content_type: Option<&'a str>,
+}
+
+/// What admission decided for an admitted request: its estimate, its price, and the
+/// reservation (none when the client has no limit) the account stage settles.
+pub struct Ticket {
+    pub estimate: Estimate,
+    pub price: Option<Price>,
+    pub reservation: Option<Reservation>,
+}
+
 /// Where a reservation was counted (and so where it is reconciled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Store {
@@ -321,6 +340,43 @@ impl Limiter {
             redis_retry_at: AtomicI64::new(0),
             metrics,
         }
+    }
+
+    /// Estimate `ask` (a POST's prompt and answer; nothing for other methods: a GET of a
+    /// stored response creates no billed work), price it when a budget applies, and
+    /// reserve it against every limit of `caller`.
+    pub async fn admit(
+        self: &Arc<Self>,
+        caller: &Caller,
+        ask: Ask<'_>,
+        opts: &EstimateOptions,
+        prices: &PriceTable,
+    ) -> Result<Ticket, GatewayError> {
+        let model = ask.deployment.unwrap_or_default();
+        let estimate = if *ask.method == http::Method::POST {
+            crate::tokens::estimate(ask.operation, model, ask.body, ask.content_type, opts)
+        } else {
+            Estimate::default()
+        };
+        let price = ask.deployment.and_then(|d| prices.price(d));
+        let micro_usd = match price {
+            Some(p) if caller.client.limits.has_budget() => pricing::micro_usd(p.usd(Tokens {
+                prompt: estimate.prompt,
+                cached: 0,
+                completion: estimate.output,
+            })),
+            _ => 0,
+        };
+        let demand = Demand {
+            tokens: estimate.total(),
+            micro_usd,
+        };
+        let reservation = self.reserve(caller, ask.deployment, demand).await?;
+        Ok(Ticket {
+            estimate,
+            price,
+            reservation,
+        })
     }
 
     /// Reserve `demand` against every limit that applies to `caller`'s request to

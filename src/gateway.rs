@@ -398,38 +398,27 @@ impl Gateway {
             })?;
 
         // Admit: what will this cost, and does it fit every limit?
-        let model = deployment.as_deref().unwrap_or_default();
-        // Only a POST creates work the backend bills (GET /responses/{id} reads a result).
-        let estimate = if parts.method == http::Method::POST {
-            crate::tokens::estimate(
-                route.operation,
-                model,
-                &body.bytes,
-                content_type,
-                &snap.estimate,
-            )
-        } else {
-            crate::tokens::Estimate::default()
-        };
-        let price = deployment.as_deref().and_then(|d| snap.prices.price(d));
-        let micro_usd = match price {
-            Some(p) if caller.client.limits.has_budget() => {
-                crate::pricing::micro_usd(p.usd(crate::pricing::Tokens {
-                    prompt: estimate.prompt,
-                    cached: 0,
-                    completion: estimate.output,
-                }))
-            }
-            _ => 0,
-        };
-        let demand = Demand {
-            tokens: estimate.total(),
-            micro_usd,
-        };
-        let reservation = self
+        let ticket = self
             .limiter
-            .reserve(&caller, deployment.as_deref(), demand)
+            .admit(
+                &caller,
+                admit::Ask {
+                    method: &parts.method,
+                    operation: route.operation,
+                    deployment: deployment.as_deref(),
+                    body: &body.bytes,
+                    content_type,
+                },
+                &snap.estimate,
+                &snap.prices,
+            )
             .await?;
+        let admit::Ticket {
+            estimate,
+            price,
+            reservation,
+        } = ticket;
+        let model = deployment.as_deref().unwrap_or_default();
         // Exact streamed usage: ask the backend for it when the client did not (the meter
         // removes it again from what the client receives).
         let injected = match route.operation {

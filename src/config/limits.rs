@@ -213,6 +213,14 @@ pub(super) fn validate(config: &Config, problems: &mut Vec<Problem>) {
         }
     }
     super::check_duration(l.redis_timeout, "limits.redis_timeout", problems);
+    super::check_duration(config.store.usage_flush, "store.usage_flush", problems);
+    if config.store.usage_queue == 0 {
+        problem(
+            problems,
+            "store.usage_queue",
+            "must be at least 1 (set store.record_usage = false to record nothing)",
+        );
+    }
     let prefix = l.redis_prefix.as_str();
     if prefix.is_empty()
         || prefix
