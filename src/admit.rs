@@ -117,30 +117,37 @@ impl ClientLimits {
     ) -> (Vec<Item>, Vec<Meta>) {
         let mut items = Vec::new();
         let mut metas = Vec::new();
-        let client = &self.client;
-        let mut add = |prefix: String, scope: String, set: &LimitSet| {
-            push_set(&mut items, &mut metas, &prefix, &scope, set, demand, now_s);
+        let mut add = |prefix: String, scope: Scope, set: &LimitSet| {
+            push_set(&mut items, &mut metas, &prefix, scope, set, demand, now_s);
         };
-        add(String::new(), format!("client '{client}'"), &self.own);
+        add(String::new(), Scope::Client, &self.own);
         if let Some(d) = deployment {
-            for r in &self.deployments {
+            for (i, r) in self.deployments.iter().enumerate() {
                 if r.globs.iter().any(|g| g.matches(d)) {
-                    add(
-                        format!("d:{}:", r.label),
-                        format!("client '{client}' on deployments '{}'", r.label),
-                        &r.set,
-                    );
+                    add(format!("d:{}:", r.label), Scope::Deployments(i), &r.set);
                 }
             }
         }
         if let (Some(s), Some(set)) = (subject, &self.per_subject) {
-            add(
-                format!("s:{s}:"),
-                format!("subject '{}' of client '{client}'", crate::shown::shown(s)),
-                set,
-            );
+            add(format!("s:{s}:"), Scope::Subject, set);
         }
         (items, metas)
+    }
+
+    /// Whose limit `scope` is, for a refusal's message (built only when refusing).
+    fn scope_text(&self, scope: Scope, subject: Option<&str>) -> String {
+        let client = &self.client;
+        match scope {
+            Scope::Client => format!("client '{client}'"),
+            Scope::Deployments(i) => {
+                let label = self.deployments.get(i).map_or("", |r| r.label.as_str());
+                format!("client '{client}' on deployments '{label}'")
+            }
+            Scope::Subject => format!(
+                "subject '{}' of client '{client}'",
+                crate::shown::shown(subject.unwrap_or_default())
+            ),
+        }
     }
 }
 
@@ -148,7 +155,7 @@ fn push_set(
     items: &mut Vec<Item>,
     metas: &mut Vec<Meta>,
     prefix: &str,
-    scope: &str,
+    scope: Scope,
     set: &LimitSet,
     demand: Demand,
     now_s: i64,
@@ -161,10 +168,7 @@ fn push_set(
             limit,
             amount,
         });
-        metas.push(Meta {
-            kind,
-            scope: scope.to_owned(),
-        });
+        metas.push(Meta { kind, scope });
     };
     if let Some(l) = set.requests_per_minute {
         push(format!("{prefix}rpm"), MINUTE, l, 1, Kind::Requests);
@@ -224,11 +228,18 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Meta {
     kind: Kind,
-    /// Whose limit, for messages: `client 'a'`, `subject 'u' of client 'a'`, ...
-    scope: String,
+    scope: Scope,
+}
+
+/// Whose limit an item is: the client's own, a `limits` entry (by index), the subject's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Client,
+    Deployments(usize),
+    Subject,
 }
 
 /// What a request is expected to cost: prompt plus reserved output tokens, and their price.
@@ -406,7 +417,8 @@ impl Limiter {
             Err(e)
         };
         if let Some(i) = items.iter().position(|it| it.amount > it.limit) {
-            return refuse("too_large", too_large(&items[i], &metas[i]));
+            let scope = limits.scope_text(metas[i].scope, subject);
+            return refuse("too_large", too_large(&items[i], metas[i].kind, scope));
         }
         let (outcome, store) = match self.count(&limits.client, &items).await {
             Ok(o) => o,
@@ -427,7 +439,11 @@ impl Limiter {
                 retry_after_ms,
             } => {
                 let (it, m) = (&items[index], &metas[index]);
-                refuse(m.kind.label(), refusal(it, m, retry_after_ms, now))
+                let scope = limits.scope_text(m.scope, subject);
+                refuse(
+                    m.kind.label(),
+                    refusal(it, m.kind, scope, retry_after_ms, now),
+                )
             }
         }
     }
@@ -522,15 +538,15 @@ fn from_redis(r: redis::Reservation) -> Outcome {
     }
 }
 
-fn too_large(it: &Item, m: &Meta) -> GatewayError {
-    let (what, unit) = match m.kind {
+fn too_large(it: &Item, kind: Kind, scope: String) -> GatewayError {
+    let (what, unit) = match kind {
         Kind::Requests => ("per-minute limit", "requests"),
         Kind::Tokens => ("per-minute limit", "tokens"),
         Kind::Quota(_) => ("quota", "tokens"),
         Kind::Budget(_) => ("budget", "micro-USD"),
     };
     GatewayError::RequestTooLargeForLimit(Box::new(TooLarge {
-        scope: m.scope.clone(),
+        scope,
         what,
         unit,
         requested: it.amount,
@@ -538,23 +554,23 @@ fn too_large(it: &Item, m: &Meta) -> GatewayError {
     }))
 }
 
-fn refusal(it: &Item, m: &Meta, retry_after_ms: u64, now_ms: i64) -> GatewayError {
+fn refusal(it: &Item, kind: Kind, scope: String, retry_after_ms: u64, now_ms: i64) -> GatewayError {
     let retry_after = Duration::from_millis(retry_after_ms);
     let reset = || period::rfc3339((now_ms + retry_after_ms as i64).div_euclid(1000));
-    match m.kind {
+    match kind {
         Kind::Requests => GatewayError::RateLimitExceeded {
-            scope: m.scope.clone(),
+            scope,
             limit: it.limit,
             retry_after,
         },
         Kind::Tokens => GatewayError::TokenLimitExceeded {
-            scope: m.scope.clone(),
+            scope,
             limit: it.limit,
             requested: it.amount,
             retry_after,
         },
         Kind::Quota(p) => GatewayError::QuotaExceeded(Box::new(PeriodRefusal {
-            scope: m.scope.clone(),
+            scope,
             limit: it.limit,
             requested: it.amount,
             period: period::name(p),
@@ -562,7 +578,7 @@ fn refusal(it: &Item, m: &Meta, retry_after_ms: u64, now_ms: i64) -> GatewayErro
             retry_after,
         })),
         Kind::Budget(p) => GatewayError::BudgetExceeded(Box::new(PeriodRefusal {
-            scope: m.scope.clone(),
+            scope,
             limit: it.limit,
             requested: it.amount,
             period: period::name(p),

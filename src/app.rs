@@ -179,10 +179,10 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
     // request rather than by it.
     let _ = tokio::task::spawn_blocking(crate::tokens::warm_up).await;
     let limiter = Arc::new(limiter(v, &metrics).await?);
-    let accounting = crate::account::Accounting {
+    let accounting = Arc::new(crate::account::Accounting {
         writer: usage.clone(),
         metrics: metrics.accounting.clone(),
-    };
+    });
     let gateway = Arc::new(Gateway::new(
         snapshot, metrics, audit, budget, limiter, accounting,
     ));

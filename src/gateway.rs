@@ -156,7 +156,7 @@ pub struct Gateway {
     pub budget: BodyBudget,
     /// Limit counters (kept across configuration swaps).
     limiter: Arc<Limiter>,
-    accounting: Accounting,
+    accounting: Arc<Accounting>,
 }
 
 impl Gateway {
@@ -166,7 +166,7 @@ impl Gateway {
         audit: AuditSink,
         budget: BodyBudget,
         limiter: Arc<Limiter>,
-        accounting: Accounting,
+        accounting: Arc<Accounting>,
     ) -> Self {
         let gauge = metrics.buffered_body_bytes.clone();
         let seen = budget.clone();

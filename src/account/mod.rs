@@ -51,7 +51,8 @@ pub struct Accounting {
 
 /// What the pipeline knows before forwarding, for the meter.
 pub struct Plan {
-    pub accounting: Accounting,
+    /// Shared by every request (one reference count per request, not a copy).
+    pub accounting: Arc<Accounting>,
     pub operation: Operation,
     pub deployment: Option<String>,
     pub encoding: Encoding,
