@@ -1,8 +1,11 @@
-//! The admin listener: `/metrics` (Prometheus text), `/health` and `/ready`.
+//! The admin listener: `/metrics` (Prometheus text), `/health`, `/ready` (with every
+//! reason in full) and `GET /admin/backends` (each backend's pool position, credential,
+//! circuit, probe, in-flight requests, last error, and per deployment its cool-down and
+//! last reported rate-limit room).
 //!
 //! It only reads gateway state and never sits on the request path. When `admin.token` is
-//! set, `/metrics` requires `Authorization: Bearer <token>` (compared in constant time);
-//! health and readiness stay open for probes.
+//! set, `/metrics` and `/admin/*` require `Authorization: Bearer <token>` (compared in
+//! constant time); health and readiness stay open for probes.
 
 use std::sync::Arc;
 
@@ -34,18 +37,18 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/health") => gateway::health(),
             (&Method::GET, "/ready") => gateway::ready(self.gateway.readiness()),
+            (&Method::GET, "/admin/backends") => {
+                if !self.authorized(req.headers()) {
+                    return unauthorized();
+                }
+                json_response(
+                    StatusCode::OK,
+                    Bytes::from(self.gateway.backends_view().to_string()),
+                )
+            }
             (&Method::GET, "/metrics") => {
                 if !self.authorized(req.headers()) {
-                    let mut r = admin_error(
-                        StatusCode::UNAUTHORIZED,
-                        "missing_credentials",
-                        "admin token required",
-                    );
-                    r.headers_mut().insert(
-                        header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
-                    );
-                    return r;
+                    return unauthorized();
                 }
                 let mut r = Response::new(full(self.gateway.metrics.render()));
                 r.headers_mut().insert(
@@ -71,6 +74,20 @@ impl Admin {
             .unwrap_or("");
         bool::from(given.as_bytes().ct_eq(token.expose().as_bytes()))
     }
+}
+
+/// 401 for a missing or wrong admin token, with its challenge.
+fn unauthorized() -> Response<Body> {
+    let mut r = admin_error(
+        StatusCode::UNAUTHORIZED,
+        "missing_credentials",
+        "admin token required",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
+    );
+    r
 }
 
 fn admin_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {

@@ -172,7 +172,8 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         metrics.clone(),
     );
     let credentials = BackendCredentials::start(v, &metrics)?;
-    let snapshot = Snapshot::build(v, identity, &credentials.credentials, &metrics)?;
+    let health = crate::routing::health::HealthRegistry::new(&metrics);
+    let snapshot = Snapshot::build(v, identity, &credentials.credentials, &metrics, &health)?;
     let budget =
         crate::buffer::BodyBudget::new(v.max_buffered_body_bytes, v.config.server.buffer_wait.0);
     // The tokenizer tables (admission estimates, cut streams), loaded before the first
@@ -184,7 +185,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         metrics: metrics.accounting.clone(),
     });
     let gateway = Arc::new(Gateway::new(
-        snapshot, metrics, audit, budget, limiter, accounting,
+        snapshot, metrics, audit, budget, limiter, accounting, health,
     ));
 
     let bind_err = |source| StartError::Bind {

@@ -71,6 +71,10 @@ pub struct AuditRecord {
     pub status: u16,
     /// Backends tried (more than one after a failover).
     pub attempts: u32,
+    /// Every attempt, in order, when there was more than one (one attempt is `backend`
+    /// and `latency_ms`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tried: Vec<Tried>,
     /// Milliseconds until the response head was ready.
     pub latency_ms: f64,
     /// Milliseconds until the response body ended (or was abandoned).
@@ -86,6 +90,22 @@ pub struct AuditRecord {
     /// Tokens and cost, once the account stage has settled the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<AuditUsage>,
+}
+
+/// One attempt of a request at a backend.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tried {
+    #[serde(serialize_with = "arc_str")]
+    pub backend: Arc<String>,
+    /// `response` (relayed), `rate_limited`, `connect_error`, `status_5xx`, `timeout`,
+    /// `unauthorized`, `error`.
+    pub outcome: &'static str,
+    /// Milliseconds from sending to the outcome.
+    pub ms: f64,
+}
+
+fn arc_str<S: serde::Serializer>(v: &Arc<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
 }
 
 /// The usage fields of an audit line.
@@ -208,6 +228,7 @@ impl AuditRecord {
             backend_identity: None,
             status: 0,
             attempts: 0,
+            tried: Vec::new(),
             latency_ms: 0.0,
             duration_ms: 0.0,
             bytes_in: 0,
@@ -294,6 +315,7 @@ impl LineWriter {
             backend_identity,
             status,
             attempts,
+            tried,
             latency_ms,
             duration_ms,
             bytes_in,
@@ -334,6 +356,22 @@ impl LineWriter {
         out.extend_from_slice(itoa::Buffer::new().format(*status).as_bytes());
         out.extend_from_slice(b",\"attempts\":");
         out.extend_from_slice(itoa::Buffer::new().format(*attempts).as_bytes());
+        if !tried.is_empty() {
+            out.extend_from_slice(b",\"tried\":[");
+            for (i, t) in tried.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"backend\":");
+                string(out, &t.backend)?;
+                out.extend_from_slice(b",\"outcome\":");
+                string(out, t.outcome)?;
+                out.extend_from_slice(b",\"ms\":");
+                float(out, t.ms);
+                out.push(b'}');
+            }
+            out.push(b']');
+        }
         out.extend_from_slice(b",\"latency_ms\":");
         float(out, *latency_ms);
         out.extend_from_slice(b",\"duration_ms\":");
@@ -779,6 +817,13 @@ mod tests {
             backend_identity: maybe(rng, |rng| s(rng).into()),
             status: pick(rng, &[0, 200, 429, u16::MAX]),
             attempts: pick(rng, &[0, 1, 3, u32::MAX]),
+            tried: (0..rng.usize(0..3))
+                .map(|_| Tried {
+                    backend: Arc::new(s(rng).to_owned()),
+                    outcome: s(rng),
+                    ms: pick(rng, FLOATS),
+                })
+                .collect(),
             latency_ms: pick(rng, FLOATS),
             duration_ms: pick(rng, FLOATS),
             bytes_in: pick(rng, &[0, 1, 12_345, u64::MAX]),

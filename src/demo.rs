@@ -129,9 +129,17 @@ pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error
         .await;
     // The backend token is acquired in the background; the first request should find it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while let Err(why) = gateway.gateway.readiness() {
+    loop {
+        let state = gateway.gateway.readiness();
+        if state.is_ready() {
+            break;
+        }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("the demo gateway is not ready: {}", why.join("; ")).into());
+            return Err(format!(
+                "the demo gateway is not ready: {}",
+                state.reasons().join("; ")
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -98,6 +98,20 @@ pub enum GatewayError {
     /// The request alone needs more than a limit allows: it can never fit (400).
     #[error("this request needs {} {unit}, more than the {} {unit} {} of {} allows; lower max_tokens (or max_completion_tokens) or shorten the prompt", .0.requested, .0.limit, .0.what, .0.scope, unit = .0.unit)]
     RequestTooLargeForLimit(Box<TooLarge>),
+    /// Every backend that serves the deployment is cooling down after a 429: nothing was
+    /// sent upstream (429, `retry-after` = the shortest remaining wait).
+    #[error("every backend serving '{deployment}' is at capacity; retry after {}s", retry_secs(*.retry_after))]
+    BackendsBusy {
+        deployment: String,
+        retry_after: Duration,
+    },
+    /// No backend that serves the deployment is usable now: circuits open, probes failing,
+    /// or all at their `max_concurrent` (503).
+    #[error("no backend can take the request now: {reason}; retry after {}s", retry_secs(*.retry_after))]
+    NoUsableBackend {
+        reason: String,
+        retry_after: Duration,
+    },
     /// The shared limit counters (Redis) cannot be reached and `on_redis_error` is
     /// `fail_closed` (503).
     #[error("limits cannot be checked right now; retry after 1s")]
@@ -149,7 +163,10 @@ impl GatewayError {
             | Self::TokenLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::QuotaExceeded(_) | Self::BudgetExceeded(_) => StatusCode::FORBIDDEN,
             Self::RequestTooLargeForLimit(_) => StatusCode::BAD_REQUEST,
-            Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LimitsUnavailable | Self::NoUsableBackend { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::BackendsBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
@@ -178,6 +195,8 @@ impl GatewayError {
             Self::BudgetExceeded(_) => "budget_exceeded",
             Self::RequestTooLargeForLimit(_) => "request_too_large_for_limit",
             Self::LimitsUnavailable => "limits_unavailable",
+            Self::BackendsBusy { .. } => "backends_busy",
+            Self::NoUsableBackend { .. } => "no_usable_backend",
             Self::Unauthenticated { code, .. } => code,
             Self::ClientNotAllowed(_) => "client_not_allowed",
             Self::InsufficientScope { .. } => "insufficient_scope",
@@ -199,7 +218,9 @@ impl GatewayError {
             | Self::BackendAuthUnavailable(_)
             | Self::BackendInvalidResponse(_)
             | Self::Overloaded { .. }
+            | Self::NoUsableBackend { .. }
             | Self::LimitsUnavailable => "api_error",
+            Self::BackendsBusy { .. } => "requests",
             // OpenAI's `type` for request-count and token-count limits.
             Self::TooManyConcurrentRequests { .. } | Self::RateLimitExceeded { .. } => "requests",
             Self::TokenLimitExceeded { .. } => "tokens",
@@ -262,7 +283,9 @@ impl GatewayError {
                 retry_after_headers(h, Duration::from_secs(1));
             }
             Self::RateLimitExceeded { retry_after, .. }
-            | Self::TokenLimitExceeded { retry_after, .. } => retry_after_headers(h, *retry_after),
+            | Self::TokenLimitExceeded { retry_after, .. }
+            | Self::BackendsBusy { retry_after, .. }
+            | Self::NoUsableBackend { retry_after, .. } => retry_after_headers(h, *retry_after),
             Self::QuotaExceeded(r) | Self::BudgetExceeded(r) => {
                 retry_after_headers(h, r.retry_after);
             }

@@ -32,6 +32,7 @@ use crate::identify::{Caller, Identifier};
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
 use crate::route::{self, Route};
+use crate::routing::health::HealthRegistry;
 use crate::routing::{Backend, BackendTable, BuildError};
 use crate::upstream_auth::Credential;
 
@@ -55,14 +56,19 @@ impl Snapshot {
     /// Build from a validated configuration and its identifier.
     /// `credentials` is index-aligned with `config.backends`; `metrics` must be the registry
     /// of the [`Gateway`] that will serve this snapshot (backends count into it directly).
+    /// `health` is the gateway's [`HealthRegistry`]: backends kept from an earlier snapshot
+    /// keep their cool-downs, circuits and counts.
     pub fn build(
         v: &Validated,
         identity: Identifier,
         credentials: &[Credential],
         metrics: &Metrics,
+        health: &HealthRegistry,
     ) -> Result<Self, BuildError> {
+        let backends = BackendTable::build(v, credentials, metrics, health)?;
+        crate::routing::probe::spawn_all(&backends);
         Ok(Self {
-            backends: BackendTable::build(v, credentials, metrics)?,
+            backends,
             identity,
             body_limits: BodyLimits {
                 max_bytes: v.config.server.max_body_bytes,
@@ -157,6 +163,8 @@ pub struct Gateway {
     /// Limit counters (kept across configuration swaps).
     limiter: Arc<Limiter>,
     accounting: Arc<Accounting>,
+    /// Backend health (cool-downs, circuits, in-flight counts), kept across swaps.
+    health: Arc<HealthRegistry>,
 }
 
 impl Gateway {
@@ -167,6 +175,7 @@ impl Gateway {
         budget: BodyBudget,
         limiter: Arc<Limiter>,
         accounting: Arc<Accounting>,
+        health: Arc<HealthRegistry>,
     ) -> Self {
         let gauge = metrics.buffered_body_bytes.clone();
         let seen = budget.clone();
@@ -181,7 +190,18 @@ impl Gateway {
             budget,
             limiter,
             accounting,
+            health,
         }
+    }
+
+    /// The backend health registry a new snapshot must be built with.
+    pub fn health(&self) -> &Arc<HealthRegistry> {
+        &self.health
+    }
+
+    /// The configuration snapshot requests use now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// Replace the configuration; requests already running keep the old one.
@@ -200,32 +220,104 @@ impl Gateway {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Readiness: `Ok` when every backend credential is ready and not draining; otherwise
-    /// the reasons.
-    pub fn readiness(&self) -> Result<(), Vec<String>> {
-        let mut reasons = Vec::new();
+    /// Readiness: ready when every backend is usable; degraded (still serving) when some
+    /// backend is not but every deployment keeps one that is; not ready when draining or
+    /// some deployment has no usable backend. With the reasons, in full (the admin
+    /// listener's view; the client listener shows [`Readiness::public`]).
+    pub fn readiness(&self) -> Readiness {
+        let mut down = Vec::new();
         if self.draining.load(Ordering::SeqCst) {
-            reasons.push(SHUTTING_DOWN.to_owned());
+            down.push(SHUTTING_DOWN.to_owned());
         }
         let snap = self.snapshot.load();
+        let now = crate::routing::health::now_ms();
+        let mut degraded = Vec::new();
+        let mut usable = Vec::with_capacity(snap.backends.backends().len());
         for b in snap.backends.backends() {
-            if let Err(why) = b.credential.readiness() {
-                let who = b
-                    .credential
-                    .identity()
-                    .map_or(String::new(), |i| format!(" as {i}"));
-                reasons.push(format!(
-                    "backend '{}': {} credential{who} not ready: {why}",
-                    b.name,
-                    b.credential.describe()
-                ));
+            let ok = match b.usable(now) {
+                Ok(()) => true,
+                Err(why) if b.credential.readiness().is_err() => {
+                    let who = b
+                        .credential
+                        .identity()
+                        .map_or(String::new(), |i| format!(" as {i}"));
+                    let cred = b.credential.readiness().err().unwrap_or(why);
+                    degraded.push(format!(
+                        "backend '{}': {} credential{who} not ready: {cred}",
+                        b.name,
+                        b.credential.describe()
+                    ));
+                    false
+                }
+                Err(why) => {
+                    degraded.push(format!("backend '{}': {why}", b.name));
+                    false
+                }
+            };
+            usable.push((Arc::as_ptr(b), ok));
+        }
+        for (deployment, members) in snap.backends.pools() {
+            let any = members.iter().any(|m| {
+                usable
+                    .iter()
+                    .any(|(p, ok)| *ok && std::ptr::eq(*p, Arc::as_ptr(m)))
+            });
+            if !any {
+                down.push(format!("deployment '{deployment}' has no usable backend"));
             }
         }
-        if reasons.is_empty() {
-            Ok(())
+        if !down.is_empty() {
+            down.extend(degraded);
+            Readiness::NotReady(down)
+        } else if !degraded.is_empty() {
+            Readiness::Degraded(degraded)
         } else {
-            Err(reasons)
+            Readiness::Ready
         }
+    }
+
+    /// Every backend's state for the admin API: pool position, credential, circuit,
+    /// probe, in-flight requests, last error, and per deployment its cool-down and the
+    /// rate-limit room it last reported.
+    pub fn backends_view(&self) -> serde_json::Value {
+        let snap = self.snapshot.load();
+        let now = crate::routing::health::now_ms();
+        let list: Vec<serde_json::Value> = snap
+            .backends
+            .backends()
+            .iter()
+            .map(|b| {
+                let deployments: serde_json::Map<String, serde_json::Value> = b
+                    .deployment_health
+                    .iter()
+                    .map(|(public, d)| {
+                        (
+                            public.clone(),
+                            serde_json::to_value(d.view(now)).unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                let cred = b.credential.readiness();
+                serde_json::json!({
+                    "name": b.name,
+                    "url": format!("{}://{}{}", b.scheme, b.authority, b.base_path),
+                    "priority": b.priority,
+                    "weight": b.weight,
+                    "max_concurrent": b.max_concurrent,
+                    "usable": b.usable(now).is_ok(),
+                    "unusable_because": b.usable(now).err(),
+                    "credential": {
+                        "kind": b.credential.describe(),
+                        "identity": b.credential.identity().map(|i| i.to_string()),
+                        "ready": cred.is_ok(),
+                        "problem": cred.err(),
+                    },
+                    "health": b.health.view(now, b.probe.is_some()),
+                    "deployments": deployments,
+                })
+            })
+            .collect();
+        serde_json::json!({ "object": "list", "data": list })
     }
 
     /// Handle one client request from `peer`.
@@ -240,7 +332,7 @@ impl Gateway {
     {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/health") => return health(),
-            (&Method::GET, "/ready") => return ready(self.readiness().map_err(public_reasons)),
+            (&Method::GET, "/ready") => return ready(self.readiness().public()),
             (&Method::GET, RESOURCE_METADATA_PATH) => {
                 let body = self.snapshot.load().resource_metadata(host(&req));
                 let mut resp = json_response(StatusCode::OK, body);
@@ -390,12 +482,11 @@ impl Gateway {
         }
         rec.decision = Some("allow");
         rec.deployment = deployment.clone();
-        let candidates = snap
-            .backends
-            .candidates(deployment.as_deref())
-            .ok_or_else(|| {
-                GatewayError::UnknownDeployment(deployment.clone().unwrap_or_default())
-            })?;
+        if let Some(d) = &deployment {
+            if !snap.backends.serves(d) {
+                return Err(GatewayError::UnknownDeployment(d.clone()));
+            }
+        }
 
         // Admit: what will this cost, and does it fit every limit?
         let ticket = self
@@ -436,6 +527,12 @@ impl Gateway {
                 .iter()
                 .any(|n| n.contains(&peer.ip().to_canonical())),
         };
+        let tokens = estimate.total();
+        // Route: the pool's order for this request (priority, weights, reported headroom).
+        let candidates = snap
+            .backends
+            .candidates(deployment.as_deref(), tokens)
+            .unwrap_or_default();
         let out = Outgoing {
             route: &route,
             deployment: deployment.as_deref(),
@@ -443,14 +540,16 @@ impl Gateway {
             headers: proxy::upstream_headers(parts.headers, request_id, origin),
             body: injected.unwrap_or_else(|| body.bytes.clone()),
             content_type,
+            tokens,
         };
-        let forwarded = proxy::forward(out, candidates).await;
+        let forwarded = proxy::forward(out, candidates, &snap.backends.policy).await;
         // The body (and its room in the budget) is needed until a backend has answered.
         drop(body);
         let answer = match forwarded {
             Ok(a) => a,
             Err(failed) => {
                 rec.note_backend(failed.backend.as_deref(), failed.attempts);
+                rec.tried = failed.tried;
                 // No backend ran it: nothing is owed.
                 if let Some(r) = reservation {
                     r.settle(Demand::default());
@@ -459,6 +558,7 @@ impl Gateway {
             }
         };
         rec.note_backend(Some(&answer.backend), answer.attempts);
+        rec.tried = answer.tried;
         let (mut head, mut upstream_body) = answer.response.into_parts();
         // A body the bytes read with the head already show to be broken (a chunk size that
         // is not hex, say) is refused now, while the client can still get a clean 502.
@@ -517,8 +617,11 @@ impl Gateway {
             metrics: self.metrics.clone(),
             admission,
             meter: Some(meter),
+            lease: Some(answer.lease),
         };
-        let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish, first);
+        let total = answer.backend.total_timeout.map(|t| started + t);
+        let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish, first)
+            .with_deadline(total);
         Ok(Response::from_parts(head, relay.boxed_unsync()))
     }
 
@@ -624,38 +727,76 @@ pub fn health() -> Response<Body> {
     json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
 }
 
-/// What `/ready` on the client listener may say: that the gateway is shutting down, or that
-/// some backend credential is not ready — not which, as whom, or the IdP's answer (backend
-/// names, client ids, tenants). The admin listener's `/ready` has the details.
-fn public_reasons(reasons: Vec<String>) -> Vec<String> {
-    const CREDENTIALS: &str =
-        "a backend credential is not ready (details on the admin listener's /ready)";
-    let mut out: Vec<String> = Vec::new();
-    for r in reasons {
-        let r = if r == SHUTTING_DOWN {
-            r
-        } else {
-            CREDENTIALS.to_owned()
-        };
-        if !out.contains(&r) {
-            out.push(r);
-        }
-    }
-    out
-}
-
 /// The readiness reason while draining.
 const SHUTTING_DOWN: &str = "shutting down";
 
-/// `GET /ready`: 200 when ready, 503 with the reasons otherwise.
-pub fn ready(state: Result<(), Vec<String>>) -> Response<Body> {
-    match state {
-        Ok(()) => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#)),
-        Err(reasons) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Bytes::from(
-                serde_json::json!({ "status": "not_ready", "reasons": reasons }).to_string(),
-            ),
-        ),
+/// What `/ready` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Serving, with some backend unusable (named in the reasons).
+    Degraded(Vec<String>),
+    /// Draining, or some deployment has no usable backend.
+    NotReady(Vec<String>),
+}
+
+impl Readiness {
+    /// The same verdict with reasons that name no backend, credential, client id, tenant
+    /// or IdP answer (the client listener's `/ready`; the details are on the admin
+    /// listener's): that the gateway is shutting down, that some deployment has no usable
+    /// backend, that some credential is not ready or some backend is not usable.
+    pub fn public(self) -> Self {
+        let hide = |reasons: Vec<String>| {
+            let mut out: Vec<String> = Vec::new();
+            for r in reasons {
+                let r = if r == SHUTTING_DOWN {
+                    r
+                } else if r.starts_with("deployment '") {
+                    "a deployment has no usable backend (details on the admin listener's /ready)"
+                        .to_owned()
+                } else if r.contains(" credential") && r.contains("not ready") {
+                    "a backend credential is not ready (details on the admin listener's /ready)"
+                        .to_owned()
+                } else {
+                    "a backend is not usable (details on the admin listener's /ready)".to_owned()
+                };
+                if !out.contains(&r) {
+                    out.push(r);
+                }
+            }
+            out
+        };
+        match self {
+            Self::Ready => Self::Ready,
+            Self::Degraded(r) => Self::Degraded(hide(r)),
+            Self::NotReady(r) => Self::NotReady(hide(r)),
+        }
     }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Self::Ready)
+    }
+
+    /// The reasons (empty when ready).
+    pub fn reasons(&self) -> &[String] {
+        match self {
+            Self::Ready => &[],
+            Self::Degraded(r) | Self::NotReady(r) => r,
+        }
+    }
+}
+
+/// `/ready`: 200 `ready` or `degraded` (with reasons), 503 `not_ready`.
+pub fn ready(state: Readiness) -> Response<Body> {
+    let (status, name, reasons) = match state {
+        Readiness::Ready => {
+            return json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))
+        }
+        Readiness::Degraded(r) => (StatusCode::OK, "degraded", r),
+        Readiness::NotReady(r) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready", r),
+    };
+    json_response(
+        status,
+        Bytes::from(serde_json::json!({ "status": name, "reasons": reasons }).to_string()),
+    )
 }

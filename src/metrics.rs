@@ -118,6 +118,8 @@ pub struct Metrics {
     before_render: Mutex<Vec<RenderHook>>,
     /// Admission limits and token accounting.
     pub accounting: AccountingMetrics,
+    /// Retries, spill-overs, cool-downs, circuits and probes.
+    pub routing: RoutingMetrics,
 }
 
 impl Default for Metrics {
@@ -217,8 +219,10 @@ impl Metrics {
             token_expiry.clone(),
         );
         let accounting = AccountingMetrics::register(&mut registry);
+        let routing = RoutingMetrics::register(&mut registry);
         Self {
             accounting,
+            routing,
             backend_tokens,
             token_expiry,
             before_render: Mutex::new(Vec::new()),
@@ -245,6 +249,7 @@ impl Metrics {
             requests: self.requests.clone(),
             latency: self.latency.clone(),
             attempts: self.upstream_attempts.clone(),
+            routing: self.routing.clone(),
             ok: Default::default(),
             latency_by_op: Default::default(),
             answered: OnceLock::new(),
@@ -340,6 +345,7 @@ pub struct BackendSeries {
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     attempts: Family<AttemptLabels, Counter>,
+    routing: RoutingMetrics,
     /// `requests{operation, status="200", backend}` per operation.
     ok: [OnceLock<Counter>; OPERATIONS.len()],
     latency_by_op: [OnceLock<Histogram>; OPERATIONS.len()],
@@ -381,6 +387,61 @@ impl BackendSeries {
     }
 
     /// Count an attempt on this backend that ended with `outcome`.
+    /// A request sent elsewhere after this backend's failed attempt.
+    pub fn retried(&self, reason: &'static str) {
+        self.routing
+            .retries
+            .get_or_create(&BackendReasonLabels {
+                backend: self.backend.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// This backend was passed over without an attempt.
+    pub fn skipped(&self, reason: &'static str) {
+        self.routing
+            .skipped
+            .get_or_create(&BackendReasonLabels {
+                backend: self.backend.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    fn one(&self, f: &Family<BackendLabels, Counter>) {
+        f.get_or_create(&BackendLabels {
+            backend: self.backend.clone(),
+        })
+        .inc();
+    }
+
+    /// This backend answered although a backend of an earlier priority serves the pool.
+    pub fn spilled_over(&self) {
+        self.one(&self.routing.spillovers);
+    }
+
+    /// A 429 from this backend started a cool-down.
+    pub fn cooled(&self) {
+        self.one(&self.routing.cooldowns);
+    }
+
+    /// This backend's circuit opened.
+    pub fn tripped(&self) {
+        self.one(&self.routing.circuit_trips);
+    }
+
+    /// An active probe of this backend ended with `outcome` (`pass`, `fail`).
+    pub fn probe(&self, outcome: &'static str) {
+        self.routing
+            .probes
+            .get_or_create(&AttemptLabels {
+                backend: self.backend.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
     pub fn attempt(&self, outcome: &'static str) {
         let labels = || AttemptLabels {
             backend: self.backend.clone(),
@@ -522,6 +583,108 @@ impl AccountingMetrics {
             "limits_fail_open",
             "1 while limits are counted in this replica only because Redis is unreachable",
             m.fail_open.clone(),
+        );
+        m
+    }
+}
+
+/// Labels of the per-backend routing metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: Arc<String>,
+}
+
+/// Labels of routing counters with a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendReasonLabels {
+    pub backend: Arc<String>,
+    /// Retries: the failed attempt's outcome (`rate_limited`, `connect_error`, `status_5xx`,
+    /// `timeout`, `unauthorized`). Skips: `cooling`, `circuit_open`, `unhealthy`, `full`,
+    /// `credential_unavailable`.
+    pub reason: &'static str,
+}
+
+/// Labels of `portcullis_backend_cooling_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendDeploymentLabels {
+    pub backend: String,
+    /// The backend's own deployment name (configured, so bounded).
+    pub deployment: String,
+}
+
+/// Metrics of the route stage: retries, spill-overs, cool-downs, circuits, probes.
+#[derive(Clone)]
+pub struct RoutingMetrics {
+    pub retries: Family<BackendReasonLabels, Counter>,
+    pub skipped: Family<BackendReasonLabels, Counter>,
+    /// Answers from a backend of a later priority than the pool's first.
+    pub spillovers: Family<BackendLabels, Counter>,
+    pub cooldowns: Family<BackendLabels, Counter>,
+    pub circuit_trips: Family<BackendLabels, Counter>,
+    pub probes: Family<AttemptLabels, Counter>,
+    /// Set when metrics are rendered.
+    pub circuit_state: Family<BackendLabels, Gauge>,
+    pub in_flight: Family<BackendLabels, Gauge>,
+    pub cooling: Family<BackendDeploymentLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl RoutingMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            retries: Family::default(),
+            skipped: Family::default(),
+            spillovers: Family::default(),
+            cooldowns: Family::default(),
+            circuit_trips: Family::default(),
+            probes: Family::default(),
+            circuit_state: Family::default(),
+            in_flight: Family::default(),
+            cooling: Family::default(),
+        };
+        registry.register(
+            "upstream_retries",
+            "Requests sent to another backend after a failed attempt, by the failed backend and why",
+            m.retries.clone(),
+        );
+        registry.register(
+            "upstream_skipped",
+            "Candidate backends passed over without an attempt, by backend and why",
+            m.skipped.clone(),
+        );
+        registry.register(
+            "upstream_spillovers",
+            "Answers from a backend of a later priority than its pool's first (PTU to pay-as-you-go), by answering backend",
+            m.spillovers.clone(),
+        );
+        registry.register(
+            "backend_cooldowns",
+            "Cool-downs started by a backend's 429, by backend",
+            m.cooldowns.clone(),
+        );
+        registry.register(
+            "backend_circuit_trips",
+            "Times a backend's circuit opened, by backend",
+            m.circuit_trips.clone(),
+        );
+        registry.register(
+            "backend_probes",
+            "Active health probes, by backend and outcome (pass, fail)",
+            m.probes.clone(),
+        );
+        registry.register(
+            "backend_circuit_state",
+            "Circuit state per backend: 0 closed, 1 open, 2 half-open",
+            m.circuit_state.clone(),
+        );
+        registry.register(
+            "backend_in_flight",
+            "Requests in flight per backend (until their answer is relayed)",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "backend_cooling_seconds",
+            "Seconds left of a backend deployment's 429 cool-down (0: not cooling)",
+            m.cooling.clone(),
         );
         m
     }

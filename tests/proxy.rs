@@ -319,6 +319,7 @@ async fn failover_on_connect_error_and_spill_over_on_429() {
     let ptu = common::sim().await;
     ptu.set_behavior(Behavior::RateLimited {
         retry_after_ms: 1000,
+        form: portcullis::sim::RetryForm::Azure,
     });
     let backends = ptu_then_paygo("ptu", &ptu.url(), &sim.url());
     let gw = Gateway::start("", &backends).await;

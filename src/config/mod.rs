@@ -8,6 +8,7 @@ pub mod backend_auth;
 pub mod identity;
 pub mod limits;
 mod model;
+pub mod routing;
 mod values;
 
 use std::fmt;
@@ -496,6 +497,7 @@ fn validate(
         }
     }
     limits::validate(&config, problems);
+    routing::validate(&config, problems);
     let ids = identity::validate(&config, base_dir, problems);
     Some(Validated {
         trusted_proxies,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::limits::{DeploymentLimits, LimitSet, LimitsConfig, Prices};
+use super::routing::{HealthProbe, RetryOn, RoutingConfig};
 use super::values::{Dur, Secret, Text};
 
 /// The whole configuration file.
@@ -36,6 +37,9 @@ pub struct Config {
     /// Deployment glob → price per 1M tokens, for budgets and usage costs.
     #[serde(default)]
     pub prices: Prices,
+    /// Retries, cool-downs, the circuit breaker and headroom-aware ordering.
+    #[serde(default)]
+    pub routing: RoutingConfig,
 }
 
 /// `[server]`: the client-facing listener.
@@ -207,6 +211,15 @@ pub struct BackendConfig {
     /// the README) but that this backend's answers may pass to clients.
     #[serde(default)]
     pub pass_response_headers: Vec<Text>,
+    /// Failures retried on the next backend besides 429 and connect errors.
+    #[serde(default = "super::routing::default_retry_on")]
+    pub retry_on: Vec<RetryOn>,
+    /// Requests this backend may have in flight at once (from this replica).
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// An active health probe.
+    #[serde(default)]
+    pub health: Option<HealthProbe>,
 }
 
 fn default_weight() -> u32 {
@@ -223,6 +236,10 @@ pub struct Timeouts {
     pub first_byte: Dur,
     #[serde(default = "default_idle")]
     pub idle: Dur,
+    /// From the request's arrival to the answer's last byte (none: a stream may last as
+    /// long as it keeps flowing).
+    #[serde(default)]
+    pub total: Option<Dur>,
 }
 
 impl Default for Timeouts {
@@ -231,6 +248,7 @@ impl Default for Timeouts {
             connect: default_connect(),
             first_byte: default_first_byte(),
             idle: default_idle(),
+            total: None,
         }
     }
 }

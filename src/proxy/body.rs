@@ -29,6 +29,11 @@ use std::sync::Arc;
 #[error("backend sent nothing for {0:?}")]
 pub struct IdleTimeout(pub Duration);
 
+/// The answer did not end within the backend's `timeouts.total`.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend's answer did not end within its total timeout")]
+pub struct TotalTimeout;
+
 /// Completes a request's audit record (and its accounting) when its body ends.
 pub struct Finish {
     pub record: AuditRecord,
@@ -39,12 +44,15 @@ pub struct Finish {
     pub admission: crate::admit::Admission,
     /// Reads the answer's usage and settles the request (see [`crate::account`]).
     pub meter: Option<Meter>,
+    /// The request's slot on its backend (`max_concurrent`, in-flight count), released
+    /// when the body ends.
+    pub lease: Option<crate::routing::health::Lease>,
 }
 
 impl Finish {
     fn done(mut self, bytes_out: u64, outcome: &'static str) {
         self.metrics.streams_in_flight.dec();
-        if matches!(outcome, "upstream_error" | "idle_timeout") {
+        if matches!(outcome, "upstream_error" | "idle_timeout" | "total_timeout") {
             if let Some(backend) = &self.record.backend {
                 self.metrics
                     .relay_errors
@@ -80,6 +88,8 @@ pin_project! {
         failed: Option<BoxError>,
         // The first frame, when the pipeline found it already read with the head.
         first: Option<Frame<Bytes>>,
+        // `timeouts.total`: the answer must have ended by then.
+        total: Option<Instant>,
     }
 
     impl PinnedDrop for Relay {
@@ -168,7 +178,15 @@ impl Relay {
             finish: Some(finish),
             failed: None,
             first,
+            total: None,
         }
+    }
+
+    /// End the relay with an error if the answer has not ended by `deadline`
+    /// (`timeouts.total`).
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.total = deadline;
+        self
     }
 }
 
@@ -267,7 +285,12 @@ impl HttpBody for Relay {
                 Poll::Pending => break,
             }
         }
-        let deadline = *this.last_frame + *this.idle_timeout;
+        let total = *this.total;
+        let due = |last: Instant| {
+            let idle = last + *this.idle_timeout;
+            total.map_or(idle, |t| t.min(idle))
+        };
+        let deadline = due(*this.last_frame);
         let idle = this
             .idle
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
@@ -275,8 +298,15 @@ impl HttpBody for Relay {
             if idle.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let deadline = *this.last_frame + *this.idle_timeout;
-            if Instant::now() < deadline {
+            let now = Instant::now();
+            if total.is_some_and(|t| now >= t) {
+                if let Some(f) = this.finish.take() {
+                    f.done(*this.bytes, "total_timeout");
+                }
+                return Poll::Ready(Some(Err(Box::new(TotalTimeout))));
+            }
+            let deadline = due(*this.last_frame);
+            if now < deadline {
                 idle.as_mut().reset(deadline.into());
                 continue;
             }
@@ -337,6 +367,7 @@ mod tests {
         Finish {
             admission: Default::default(),
             meter: None,
+            lease: None,
             record: AuditRecord::new(HeaderValue::from_static("t"), Method::POST, "/".into()),
             started: Instant::now(),
             audit,

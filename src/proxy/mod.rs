@@ -1,10 +1,12 @@
 //! Forward: send the request to a backend and hand back its response head.
 //!
 //! Client headers are cleaned (hop-by-hop headers and every client credential removed),
-//! the backend's credential is added, and candidates are tried in routing order. A
-//! request moves to the next candidate only when the backend cannot have processed it
-//! (connection failure) or refused it for capacity (429); anything else is the answer.
-//! The response body is relayed by [`body::Relay`] without buffering.
+//! the backend's credential is added, and candidates are tried in routing order, each
+//! checked against its health just before the attempt (see [`forward`]). A request moves
+//! to the next candidate only before any byte of an answer reached the client: after a
+//! connection failure, a 429, a rejected credential, or a 5xx / first-byte timeout the
+//! backend's `retry_on` names. The response body is relayed by [`body::Relay`] without
+//! buffering.
 
 pub mod body;
 pub mod h1;
@@ -16,11 +18,19 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode};
+use http::{Method, Response};
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::audit::Tried;
+use crate::config::routing::RetryOn;
 use crate::error::GatewayError;
 use crate::route::Route;
-use crate::routing::Backend;
+use crate::routing::health::{self, CoolSource, Gate, Lease};
+use crate::routing::{signals, Backend, Policy};
+use crate::upstream_auth::Credential;
 
 /// Whether a header describes the connection rather than the message (RFC 9110 §7.6.1).
 /// Matched on the (lower-case) name: comparing strings costs less than building and
@@ -310,6 +320,8 @@ pub struct Outgoing<'a> {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub content_type: Option<&'a str>,
+    /// Admission's token estimate, for headroom-aware routing.
+    pub tokens: u64,
 }
 
 /// A backend's answer and who gave it.
@@ -318,6 +330,10 @@ pub struct Answer {
     pub response: Response<pool::ResponseBody>,
     pub backend: Arc<Backend>,
     pub attempts: u32,
+    /// Every attempt, when there was more than one.
+    pub tried: Vec<Tried>,
+    /// The request's slot on the backend: held until the answer has been relayed.
+    pub lease: Lease,
 }
 
 /// A failed forward, with the last backend tried (for audit and metrics).
@@ -325,152 +341,435 @@ pub struct Failed {
     pub error: GatewayError,
     pub backend: Option<Arc<Backend>>,
     pub attempts: u32,
+    pub tried: Vec<Tried>,
 }
 
-/// Try `candidates` in order until one answers.
+/// Why candidates were passed over without an attempt, for the refusal when none was tried.
+#[derive(Default)]
+struct Skips {
+    /// Shortest cool-down left (ms).
+    cooling: Option<u64>,
+    /// Shortest open-circuit time left (ms; 0 while a half-open probe is out).
+    open: Option<u64>,
+    unhealthy: bool,
+    full: Vec<Arc<Backend>>,
+}
+
+fn shortest(slot: &mut Option<u64>, ms: u64) {
+    *slot = Some(slot.map_or(ms, |m| m.min(ms)));
+}
+
+/// The attempts made so far: how many, and their log once there is more than one.
+struct Log {
+    attempts: u32,
+    first: Option<Tried>,
+    tried: Vec<Tried>,
+}
+
+impl Log {
+    fn push(&mut self, backend: &Backend, outcome: &'static str, since: Instant) {
+        let t = Tried {
+            backend: backend.label.clone(),
+            outcome,
+            ms: since.elapsed().as_secs_f64() * 1000.0,
+        };
+        match self.first.take() {
+            None if self.tried.is_empty() => self.first = Some(t),
+            Some(first) => {
+                self.tried.push(first);
+                self.tried.push(t);
+            }
+            None => self.tried.push(t),
+        }
+    }
+
+    fn take(&mut self) -> Vec<Tried> {
+        std::mem::take(&mut self.tried)
+    }
+}
+
+/// Try `candidates` in order until one answers, within `policy`'s attempts and budget.
+///
+/// Before each attempt the candidate's health is read: a deployment cooling after a 429,
+/// an open circuit, a failing probe or a backend at `max_concurrent` is passed over. A 429
+/// starts the backend's cool-down for exactly the time it asks; a 401 renews the gateway's
+/// token once and retries the same backend; connect errors, and the statuses and first-byte
+/// timeouts of the backend's `retry_on`, go on to the next candidate. Nothing is retried
+/// once a response may have been processed in ways the client could see (any other error
+/// after the request was sent), and never after the answer starts to reach the client.
+/// When no candidate could be tried at all, the client is told why at once (429
+/// `backends_busy` when they are cooling, with the shortest wait), without an upstream
+/// request.
 pub async fn forward(
     mut out: Outgoing<'_>,
     candidates: Vec<Arc<Backend>>,
+    policy: &Policy,
 ) -> Result<Answer, Failed> {
+    let started = Instant::now();
+    let lead_priority = candidates.first().map(|b| b.priority);
     let total = candidates.len();
-    let mut last_error = GatewayError::BackendUnavailable("no backend available".into());
-    let mut last_backend = None;
-    let mut attempts = 0u32;
-    // A 429 kept in case no later candidate answers at all.
-    let mut rate_limited: Option<Answer> = None;
-    for (i, backend) in candidates.into_iter().enumerate() {
-        let is_last = i + 1 == total;
-        // Read once: the token applied is the one checked (it may expire meanwhile).
-        let Ok(credential) = backend.credential.header() else {
-            record(&backend, "credential_unavailable");
-            last_error = GatewayError::BackendAuthUnavailable(format!(
-                "the gateway holds no valid credential for backend '{}'",
-                backend.name
-            ));
-            last_backend = Some(backend);
-            continue;
-        };
-        let up = match rewrite::rewrite(
-            out.route,
-            out.deployment,
-            &backend,
-            &out.body,
-            out.content_type,
-        ) {
-            Ok(u) => u,
-            Err(error) => {
-                return Err(Failed {
-                    error,
-                    backend: Some(backend),
-                    attempts,
-                })
+    let mut log = Log {
+        attempts: 0,
+        first: None,
+        tried: Vec::new(),
+    };
+    let mut last_error: Option<GatewayError> = None;
+    let mut last_backend: Option<Arc<Backend>> = None;
+    // The last retriable answer (429, a 5xx of `retry_on`), relayed if nothing better comes.
+    let mut fallback: Option<Answer> = None;
+    // The failed attempt a next one retries (for the retry metric).
+    let mut retrying: Option<(Arc<Backend>, &'static str)> = None;
+    let mut skips = Skips::default();
+    let queue_until = started + policy.queue_wait;
+    'rounds: loop {
+        for (i, backend) in candidates.iter().enumerate() {
+            if log.attempts >= policy.max_attempts
+                || (log.attempts > 0 && started.elapsed() >= policy.retry_budget)
+            {
+                break 'rounds;
             }
-        };
-        // Only a failover needs the headers again: the last candidate takes them.
-        let mut headers = if is_last {
-            std::mem::take(&mut out.headers)
-        } else {
-            out.headers.clone()
-        };
-        if !up.body.is_empty() || out.method == Method::POST || out.method == Method::PUT {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));
-        }
-        // Kept (a reference count) to find it reflected in the answer's headers.
-        let sent_credential = credential.as_ref().map(|(_, v)| v.clone());
-        if let Some((name, value)) = credential {
-            headers.insert(name, value);
-        }
-        let req = pool::Outbound {
-            method: out.method.clone(),
-            target: up.target,
-            headers,
-            body: up.body,
-        };
-        attempts += 1;
-        let sent = tokio::time::timeout(backend.first_byte_timeout, backend.pool.send(req)).await;
-        let outcome = match sent {
-            Ok(Ok(mut resp)) => {
-                if resp.status().as_u16() > 599 {
-                    record(&backend, "invalid_response");
-                    tracing::warn!(backend = %backend.name, status = resp.status().as_u16(), "backend answered with a status outside 100-599");
-                    return Err(Failed {
-                        error: GatewayError::BackendInvalidResponse(format!(
-                            "backend '{}' answered with status {}, outside 100-599",
-                            backend.name,
-                            resp.status().as_u16()
-                        )),
-                        backend: Some(backend),
-                        attempts,
-                    });
-                }
-                let leaks = clean_response_headers(
-                    resp.headers_mut(),
-                    &backend.pass_response_headers,
-                    sent_credential.as_ref().map(secret_of),
-                );
-                if leaks > 0 {
-                    tracing::warn!(backend = %backend.name, headers = leaks, "backend answer reflected the gateway's credential; those headers were dropped");
-                }
-                if resp.status() == StatusCode::TOO_MANY_REQUESTS && !is_last {
-                    record(&backend, "rate_limited");
-                    tracing::info!(backend = %backend.name, "backend answered 429; trying the next one");
-                    rate_limited = Some(Answer {
-                        response: resp,
-                        backend,
-                        attempts,
-                    });
-                    continue;
-                }
-                record(&backend, "response");
-                return Ok(Answer {
-                    response: resp,
-                    backend,
-                    attempts,
-                });
+            let dep = backend.deployment(out.deployment);
+            let now = health::now_ms();
+            let cooling = dep.cooling(now);
+            if cooling > 0 {
+                shortest(&mut skips.cooling, cooling);
+                backend.series.skipped("cooling");
+                continue;
             }
-            Ok(Err(e)) if e.is_connect() => {
-                record(&backend, "connect_error");
-                tracing::warn!(backend = %backend.name, error = %error_chain(&e), "cannot connect to backend");
-                GatewayError::BackendUnavailable(format!(
-                    "cannot connect to backend '{}'",
-                    backend.name
-                ))
+            if backend.probe.is_some() && !backend.health.probe_healthy() {
+                skips.unhealthy = true;
+                backend.series.skipped("unhealthy");
+                continue;
             }
-            Ok(Err(e)) => {
-                record(&backend, "error");
-                tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend request failed");
-                // The backend may have processed it: never resend.
-                return Err(Failed {
-                    error: GatewayError::BackendUnavailable(format!(
-                        "backend '{}' closed the connection before answering",
+            let gate = backend.health.gate(now);
+            if let Gate::Blocked(left) = gate {
+                shortest(&mut skips.open, left);
+                backend.series.skipped("circuit_open");
+                continue;
+            }
+            let Some(lease) = backend.health.try_enter(backend.max_concurrent) else {
+                backend.health.neutral(gate);
+                backend.series.skipped("full");
+                skips.full.push(backend.clone());
+                continue;
+            };
+            let is_last = i + 1 == total;
+            // A token credential may need the headers again for its one retry after a 401.
+            let keep_headers = !is_last || matches!(backend.credential, Credential::Token { .. });
+            let mut renewed = false;
+            loop {
+                // Read once: the token applied is the one checked (it may expire meanwhile).
+                let Ok(credential) = backend.credential.header() else {
+                    backend.health.neutral(gate);
+                    record(backend, "credential_unavailable");
+                    backend.series.skipped("credential_unavailable");
+                    last_error = Some(GatewayError::BackendAuthUnavailable(format!(
+                        "the gateway holds no valid credential for backend '{}'",
                         backend.name
-                    )),
-                    backend: Some(backend),
-                    attempts,
-                });
+                    )));
+                    last_backend = Some(backend.clone());
+                    break;
+                };
+                let up = match rewrite::rewrite(
+                    out.route,
+                    out.deployment,
+                    backend,
+                    &out.body,
+                    out.content_type,
+                ) {
+                    Ok(u) => u,
+                    Err(error) => {
+                        backend.health.neutral(gate);
+                        return Err(Failed {
+                            error,
+                            backend: Some(backend.clone()),
+                            attempts: log.attempts,
+                            tried: log.take(),
+                        });
+                    }
+                };
+                let mut headers = if keep_headers {
+                    out.headers.clone()
+                } else {
+                    std::mem::take(&mut out.headers)
+                };
+                if !up.body.is_empty() || out.method == Method::POST || out.method == Method::PUT {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(up.body.len()));
+                }
+                // Kept (a reference count) to find it reflected in the answer's headers.
+                let sent_credential = credential.as_ref().map(|(_, v)| v.clone());
+                if let Some((name, value)) = credential {
+                    headers.insert(name, value);
+                }
+                let req = pool::Outbound {
+                    method: out.method.clone(),
+                    target: up.target,
+                    headers,
+                    body: up.body,
+                };
+                if let Some((from, why)) = retrying.take() {
+                    from.series.retried(why);
+                }
+                log.attempts += 1;
+                if policy.headroom {
+                    dep.spend(out.tokens);
+                }
+                let sent_at = Instant::now();
+                let sent =
+                    tokio::time::timeout(backend.first_byte_timeout, backend.pool.send(req)).await;
+                let now = health::now_ms();
+                let cfg = &policy.breaker;
+                let trip = |opened: bool| {
+                    if opened {
+                        backend.series.tripped();
+                    }
+                };
+                match sent {
+                    Ok(Ok(mut resp)) => {
+                        let status = resp.status().as_u16();
+                        if status > 599 {
+                            record(backend, "invalid_response");
+                            trip(
+                                backend
+                                    .health
+                                    .failed(now, gate, cfg, "status outside 100-599"),
+                            );
+                            log.push(backend, "invalid_response", sent_at);
+                            tracing::warn!(backend = %backend.name, status, "backend answered with a status outside 100-599");
+                            return Err(Failed {
+                                error: GatewayError::BackendInvalidResponse(format!(
+                                    "backend '{}' answered with status {status}, outside 100-599",
+                                    backend.name
+                                )),
+                                backend: Some(backend.clone()),
+                                attempts: log.attempts,
+                                tried: log.take(),
+                            });
+                        }
+                        let leaks = clean_response_headers(
+                            resp.headers_mut(),
+                            &backend.pass_response_headers,
+                            sent_credential.as_ref().map(secret_of),
+                        );
+                        if leaks > 0 {
+                            tracing::warn!(backend = %backend.name, headers = leaks, "backend answer reflected the gateway's credential; those headers were dropped");
+                        }
+                        let room = signals::room(resp.headers());
+                        let believed = room.reset.unwrap_or(policy.headroom_ttl);
+                        dep.report(now, room.tokens, room.requests, now + millis(believed));
+                        if status == 429 {
+                            let (wait, source) =
+                                signals::retry_after(resp.headers(), std::time::SystemTime::now())
+                                    .unwrap_or((policy.default_cooldown, CoolSource::Default));
+                            let wait = wait.min(policy.max_cooldown);
+                            dep.cool(now, wait, source);
+                            backend.series.cooled();
+                            backend.health.neutral(gate);
+                            record(backend, "rate_limited");
+                            log.push(backend, "rate_limited", sent_at);
+                            tracing::info!(backend = %backend.name, deployment = out.deployment.unwrap_or_default(), cooldown_ms = millis(wait), from = source.as_str(), "backend answered 429; cooling it down");
+                            retrying = Some((backend.clone(), "rate_limited"));
+                            fallback = Some(Answer {
+                                response: resp,
+                                backend: backend.clone(),
+                                attempts: log.attempts,
+                                tried: Vec::new(),
+                                lease,
+                            });
+                            break;
+                        }
+                        if status == 401 {
+                            record(backend, "unauthorized");
+                            log.push(backend, "unauthorized", sent_at);
+                            if let (false, Some(sent)) = (renewed, &sent_credential) {
+                                let wait = policy
+                                    .retry_budget
+                                    .saturating_sub(started.elapsed())
+                                    .min(RENEWAL_WAIT);
+                                if backend.credential.renew_rejected(sent, wait).await {
+                                    renewed = true;
+                                    tracing::warn!(backend = %backend.name, "backend rejected the gateway's token; retrying once with a new one");
+                                    continue;
+                                }
+                            }
+                            trip(backend.health.unauthorized(now, gate, cfg));
+                            tracing::warn!(backend = %backend.name, credential = backend.credential.describe(), "backend rejected the gateway's credential (401)");
+                            last_error = Some(GatewayError::BackendAuthUnavailable(format!(
+                                "backend '{}' rejected the gateway's credential",
+                                backend.name
+                            )));
+                            last_backend = Some(backend.clone());
+                            retrying = Some((backend.clone(), "unauthorized"));
+                            break;
+                        }
+                        if status >= 500 {
+                            trip(backend.health.failed(
+                                now,
+                                gate,
+                                cfg,
+                                &format!("answered {status}"),
+                            ));
+                            if RetryOn::status(&backend.retry_on, status) {
+                                record(backend, "status_5xx");
+                                log.push(backend, "status_5xx", sent_at);
+                                tracing::warn!(backend = %backend.name, status, "backend answered with a server error; trying the next one");
+                                retrying = Some((backend.clone(), "status_5xx"));
+                                fallback = Some(Answer {
+                                    response: resp,
+                                    backend: backend.clone(),
+                                    attempts: log.attempts,
+                                    tried: Vec::new(),
+                                    lease,
+                                });
+                                break;
+                            }
+                        } else {
+                            backend.health.succeeded(now, gate, cfg);
+                        }
+                        record(backend, "response");
+                        log.push(backend, "response", sent_at);
+                        if lead_priority.is_some_and(|p| backend.priority > p) {
+                            backend.series.spilled_over();
+                        }
+                        return Ok(Answer {
+                            response: resp,
+                            backend: backend.clone(),
+                            attempts: log.attempts,
+                            tried: log.take(),
+                            lease,
+                        });
+                    }
+                    Ok(Err(e)) if e.is_connect() => {
+                        record(backend, "connect_error");
+                        log.push(backend, "connect_error", sent_at);
+                        trip(backend.health.failed(now, gate, cfg, "cannot connect"));
+                        tracing::warn!(backend = %backend.name, error = %error_chain(&e), "cannot connect to backend");
+                        last_error = Some(GatewayError::BackendUnavailable(format!(
+                            "cannot connect to backend '{}'",
+                            backend.name
+                        )));
+                        last_backend = Some(backend.clone());
+                        retrying = Some((backend.clone(), "connect_error"));
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        record(backend, "error");
+                        log.push(backend, "error", sent_at);
+                        trip(backend.health.failed(
+                            now,
+                            gate,
+                            cfg,
+                            "closed the connection before answering",
+                        ));
+                        tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend request failed");
+                        // The backend may have processed it: never resend.
+                        return Err(Failed {
+                            error: GatewayError::BackendUnavailable(format!(
+                                "backend '{}' closed the connection before answering",
+                                backend.name
+                            )),
+                            backend: Some(backend.clone()),
+                            attempts: log.attempts,
+                            tried: log.take(),
+                        });
+                    }
+                    Err(_) => {
+                        record(backend, "timeout");
+                        log.push(backend, "timeout", sent_at);
+                        trip(backend.health.failed(
+                            now,
+                            gate,
+                            cfg,
+                            "no answer within timeouts.first_byte",
+                        ));
+                        let error = GatewayError::BackendTimeout(
+                            humantime::format_duration(backend.first_byte_timeout).to_string(),
+                        );
+                        if !backend.retry_on.contains(&RetryOn::FirstByteTimeout) {
+                            return Err(Failed {
+                                error,
+                                backend: Some(backend.clone()),
+                                attempts: log.attempts,
+                                tried: log.take(),
+                            });
+                        }
+                        tracing::warn!(backend = %backend.name, "backend did not answer in time; trying the next one");
+                        last_error = Some(error);
+                        last_backend = Some(backend.clone());
+                        retrying = Some((backend.clone(), "timeout"));
+                        break;
+                    }
+                }
             }
-            Err(_) => {
-                record(&backend, "timeout");
-                return Err(Failed {
-                    error: GatewayError::BackendTimeout(
-                        humantime::format_duration(backend.first_byte_timeout).to_string(),
-                    ),
-                    backend: Some(backend),
-                    attempts,
-                });
-            }
-        };
-        last_error = outcome;
-        last_backend = Some(backend);
+        }
+        // Every candidate was tried or passed over. Only a request that made no attempt and
+        // found backends at their concurrency limit waits, a bounded time, for a slot.
+        if log.attempts == 0 && !skips.full.is_empty() && Instant::now() < queue_until {
+            let waits = skips
+                .full
+                .iter()
+                .map(|b| Box::pin(b.health.wait_release(queue_until)));
+            futures_util::future::select_all(waits).await;
+            skips = Skips::default();
+            continue;
+        }
+        break;
     }
-    if let Some(mut answer) = rate_limited {
-        answer.attempts = attempts;
+    if let Some(mut answer) = fallback {
+        answer.attempts = log.attempts;
+        answer.tried = log.take();
         return Ok(answer);
     }
+    // After attempts, what went wrong with them; with none, why every candidate was
+    // passed over (or that no credential was ready).
+    let error = if log.attempts > 0 {
+        last_error.or_else(|| skipped_error(&skips, out.deployment))
+    } else {
+        skipped_error(&skips, out.deployment).or(last_error)
+    }
+    .unwrap_or_else(|| GatewayError::BackendUnavailable("no backend available".into()));
     Err(Failed {
-        error: last_error,
+        error,
         backend: last_backend,
-        attempts,
+        attempts: log.attempts,
+        tried: log.take(),
+    })
+}
+
+/// How long a request waits for a renewed token after a backend's 401, at most.
+const RENEWAL_WAIT: Duration = Duration::from_secs(5);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The refusal when no candidate could be tried: busy (429) when any is only cooling,
+/// else unusable (503), with the shortest wait known.
+fn skipped_error(skips: &Skips, deployment: Option<&str>) -> Option<GatewayError> {
+    let soonest = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+    if let Some(cooling) = skips.cooling {
+        let wait = soonest(Some(cooling), skips.open.filter(|&o| o > 0)).unwrap_or(cooling);
+        return Some(GatewayError::BackendsBusy {
+            deployment: crate::shown::shown(deployment.unwrap_or("this request")),
+            retry_after: Duration::from_millis(wait),
+        });
+    }
+    let reason = if skips.open.is_some() {
+        "their circuits are open after repeated failures"
+    } else if skips.unhealthy {
+        "they fail their health probes"
+    } else if !skips.full.is_empty() {
+        "every one is at its max_concurrent"
+    } else {
+        return None;
+    };
+    let wait = skips.open.filter(|&o| o > 0).unwrap_or(1000);
+    Some(GatewayError::NoUsableBackend {
+        reason: reason.into(),
+        retry_after: Duration::from_millis(wait),
     })
 }
 

@@ -256,9 +256,14 @@ mod tests {
         let v = crate::config::load_str(&toml, "t", std::path::Path::new(".")).unwrap();
         let creds =
             crate::upstream_auth::BackendCredentials::start(&v, &Default::default()).unwrap();
-        crate::routing::BackendTable::build(&v, &creds.credentials, &Default::default())
-            .unwrap()
-            .backends()[0]
+        crate::routing::BackendTable::build(
+            &v,
+            &creds.credentials,
+            &Default::default(),
+            &Default::default(),
+        )
+        .unwrap()
+        .backends()[0]
             .clone()
     }
 

@@ -29,8 +29,13 @@
 //! `x-sim-seed: <n>` those derive from `n` too, so two requests with the same seed get
 //! byte-identical answers (streams included).
 //!
-//! Tests program it through [`SimHandle::set_behavior`], or per request with the
-//! `x-sim-behavior` header (`429`, `429:<ms>`, `500`, `503`, `hang`, `reset:<chunks>` (reset
+//! Tests program it through [`SimHandle::set_behavior`] (every request),
+//! [`SimHandle::set_deployment_behavior`] (one deployment or model),
+//! [`SimHandle::set_burst`] (the next N requests) and [`SimHandle::set_remaining`] (the
+//! `x-ratelimit-remaining-*` it reports), or per request with the
+//! `x-sim-behavior` header (`429`, `429:<ms>` and the other wait forms `429-ms:<ms>`,
+//! `429-xms:<ms>`, `429-seconds:<ms>`, `429-date:<ms>`, `429-none`, `429-nonsense` (see
+//! [`RetryForm`]), `500`, `503`, `hang`, `reset:<chunks>` (reset
 //! after that many frames of a stream), `cut-stream:<n>` (reset after the first `n` frames
 //! that carry generated text, so the client has real text from a stream that never ends),
 //! `latency:<ms>`, `echo`, `leaky-headers`, `reflect-headers`); every request it receives
@@ -65,8 +70,11 @@ pub enum Behavior {
     /// Answer normally.
     #[default]
     Normal,
-    /// Answer 429 with Azure's body and `retry-after`.
-    RateLimited { retry_after_ms: u64 },
+    /// Answer 429 with Azure's body, the wait written in the given form.
+    RateLimited {
+        retry_after_ms: u64,
+        form: RetryForm,
+    },
     /// Answer with this 5xx status.
     ServerError(u16),
     /// Start a stream, send this many chunks, then reset the connection.
@@ -84,6 +92,26 @@ pub enum Behavior {
     /// Answer normally, adding every request header back as `x-reflect-<name>` (a debug
     /// endpoint, a misconfigured proxy).
     ReflectHeaders,
+}
+
+/// How a 429 names its wait (each form seen from Azure OpenAI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryForm {
+    /// `retry-after` (seconds, rounded up) and `retry-after-ms`: most Azure 429s.
+    #[default]
+    Azure,
+    /// `retry-after-ms` only.
+    Ms,
+    /// `x-ms-retry-after-ms` only.
+    XMs,
+    /// `retry-after` in whole seconds only.
+    Seconds,
+    /// `retry-after` as an HTTP date.
+    Date,
+    /// No wait at all.
+    None,
+    /// The Responses API's: `-1`/`0` rate-limit headers and no `retry-after`.
+    Nonsense,
 }
 
 /// Simulator settings.
@@ -120,6 +148,10 @@ pub struct Captured {
     pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// The deployment (path) or model (body) it names, if any.
+    pub deployment: Option<String>,
 }
 
 /// Counters a test can wait on.
@@ -142,6 +174,12 @@ struct SimState {
     opts: SimOptions,
     bearer: Option<bearer::Verifier>,
     behavior: Mutex<Behavior>,
+    /// Per deployment (or model) name: overrides `behavior`.
+    per_deployment: Mutex<std::collections::HashMap<String, Behavior>>,
+    /// The next `n` requests get this behaviour, then `behavior` again.
+    burst: Mutex<Option<(u64, Behavior)>>,
+    /// Values of `x-ratelimit-remaining-tokens` / `-requests` on normal answers.
+    remaining: Mutex<(Option<i64>, Option<i64>)>,
     captured: Mutex<Vec<Captured>>,
     counters: SimCounters,
     seq: AtomicU64,
@@ -175,6 +213,9 @@ impl SimHandle {
             opts,
             bearer,
             behavior: Mutex::new(Behavior::Normal),
+            per_deployment: Mutex::new(std::collections::HashMap::new()),
+            burst: Mutex::new(None),
+            remaining: Mutex::new((None, None)),
             captured: Mutex::new(Vec::new()),
             counters: SimCounters::default(),
             seq: AtomicU64::new(1),
@@ -215,6 +256,40 @@ impl SimHandle {
     pub fn set_behavior(&self, b: Behavior) {
         if let Ok(mut g) = self.state.behavior.lock() {
             *g = b;
+        }
+    }
+
+    /// Answer requests for `deployment` (a path's deployment or a body's model) this way;
+    /// `Behavior::Normal` clears it.
+    pub fn set_deployment_behavior(&self, deployment: &str, b: Behavior) {
+        if let Ok(mut g) = self.state.per_deployment.lock() {
+            if b == Behavior::Normal {
+                g.remove(deployment);
+            } else {
+                g.insert(deployment.to_owned(), b);
+            }
+        }
+    }
+
+    /// Answer the next `n` requests this way (a burst of 5xx, say), then as before.
+    pub fn set_burst(&self, n: u64, b: Behavior) {
+        if let Ok(mut g) = self.state.burst.lock() {
+            *g = (n > 0).then_some((n, b));
+        }
+    }
+
+    /// Report these `x-ratelimit-remaining-tokens` / `-requests` on normal answers
+    /// (`None`: the defaults).
+    pub fn set_remaining(&self, tokens: Option<i64>, requests: Option<i64>) {
+        if let Ok(mut g) = self.state.remaining.lock() {
+            *g = (tokens, requests);
+        }
+    }
+
+    /// Forget the requests received so far.
+    pub fn clear_captured(&self) {
+        if let Ok(mut g) = self.state.captured.lock() {
+            g.clear();
         }
     }
 
@@ -283,6 +358,7 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
             return responses::azure_error(StatusCode::BAD_REQUEST, "400", "could not read body")
         }
     };
+    let deployment = named_deployment(parts.uri.path(), &body);
     if let Ok(mut g) = state.captured.lock() {
         g.push(Captured {
             method: parts.method.clone(),
@@ -290,6 +366,8 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
             query: parts.uri.query().map(str::to_owned),
             headers: parts.headers.clone(),
             body: body.clone(),
+            at: std::time::Instant::now(),
+            deployment: deployment.clone(),
         });
     }
     if let Some(verifier) = &state.bearer {
@@ -309,6 +387,24 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         );
     }
     let mut behavior = state.behavior.lock().map(|g| *g).unwrap_or_default();
+    if let Some(b) = deployment.as_ref().and_then(|d| {
+        state
+            .per_deployment
+            .lock()
+            .ok()
+            .and_then(|g| g.get(d).copied())
+    }) {
+        behavior = b;
+    }
+    if let Ok(mut g) = state.burst.lock() {
+        if let Some((n, b)) = g.as_mut() {
+            behavior = *b;
+            *n -= 1;
+            if *n == 0 {
+                *g = None;
+            }
+        }
+    }
     let mut latency = state.opts.token_latency;
     if let Some(h) = parts
         .headers
@@ -329,7 +425,10 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         | Behavior::CutStream { .. }
         | Behavior::LeakyHeaders
         | Behavior::ReflectHeaders => {}
-        Behavior::RateLimited { retry_after_ms } => return responses::rate_limited(retry_after_ms),
+        Behavior::RateLimited {
+            retry_after_ms,
+            form,
+        } => return responses::rate_limited(retry_after_ms, form),
         Behavior::ServerError(code) => return responses::server_error(code),
         Behavior::Hang => {
             std::future::pending::<()>().await;
@@ -383,6 +482,16 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         &body,
     );
     let h = resp.headers_mut();
+    if let Ok((tokens, requests)) = state.remaining.lock().map(|g| *g) {
+        for (name, v) in [
+            ("x-ratelimit-remaining-tokens", tokens),
+            ("x-ratelimit-remaining-requests", requests),
+        ] {
+            if let Some(v) = v {
+                h.insert(name, http::HeaderValue::from(v));
+            }
+        }
+    }
     match behavior {
         Behavior::LeakyHeaders => {
             for (k, v) in LEAKY_HEADERS {
@@ -437,9 +546,20 @@ fn parse_behavior(h: &str) -> Option<Override> {
     let num = || arg.parse::<u64>().ok();
     Some(match kind {
         "normal" => Override::Behavior(Behavior::Normal),
-        "429" => Override::Behavior(Behavior::RateLimited {
-            retry_after_ms: if arg.is_empty() { 6000 } else { num()? },
-        }),
+        "429" | "429-ms" | "429-xms" | "429-seconds" | "429-date" | "429-none" | "429-nonsense" => {
+            Override::Behavior(Behavior::RateLimited {
+                retry_after_ms: if arg.is_empty() { 6000 } else { num()? },
+                form: match kind {
+                    "429-ms" => RetryForm::Ms,
+                    "429-xms" => RetryForm::XMs,
+                    "429-seconds" => RetryForm::Seconds,
+                    "429-date" => RetryForm::Date,
+                    "429-none" => RetryForm::None,
+                    "429-nonsense" => RetryForm::Nonsense,
+                    _ => RetryForm::Azure,
+                },
+            })
+        }
         "500" | "502" | "503" | "504" => {
             Override::Behavior(Behavior::ServerError(kind.parse().ok()?))
         }
@@ -456,6 +576,19 @@ fn parse_behavior(h: &str) -> Option<Override> {
         "latency" => Override::Latency(Duration::from_millis(num()?)),
         _ => return None,
     })
+}
+
+/// The deployment a request names: `/openai/deployments/{name}/...`, else the body's
+/// `model`.
+fn named_deployment(path: &str, body: &[u8]) -> Option<String> {
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        return rest.split('/').next().map(str::to_owned);
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Model>(body).ok()?.model
 }
 
 fn authorized(opts: &SimOptions, headers: &HeaderMap) -> bool {

@@ -145,21 +145,43 @@ pub(super) fn bearer_unauthorized() -> Response<Body> {
 }
 
 /// Azure's 429: retry-after in seconds (rounded up) and in milliseconds.
-pub(super) fn rate_limited(retry_after_ms: u64) -> Response<Body> {
+pub(super) fn rate_limited(retry_after_ms: u64, form: super::RetryForm) -> Response<Body> {
+    use super::RetryForm;
     let secs = retry_after_ms.div_ceil(1000).max(1);
     let body = json!({ "error": { "code": "429", "message": format!(
         "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after {secs} seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
     ) } });
+    let mut headers = vec![("content-type", "application/json".to_owned())];
+    match form {
+        RetryForm::Azure => {
+            headers.push(("retry-after", secs.to_string()));
+            headers.push(("retry-after-ms", retry_after_ms.to_string()));
+        }
+        RetryForm::Ms => headers.push(("retry-after-ms", retry_after_ms.to_string())),
+        RetryForm::XMs => headers.push(("x-ms-retry-after-ms", retry_after_ms.to_string())),
+        RetryForm::Seconds => headers.push(("retry-after", secs.to_string())),
+        RetryForm::Date => headers.push((
+            "retry-after",
+            httpdate::fmt_http_date(
+                std::time::SystemTime::now() + std::time::Duration::from_millis(retry_after_ms),
+            ),
+        )),
+        RetryForm::None => {}
+        RetryForm::Nonsense => {
+            headers.push(("x-ratelimit-remaining-requests", "-1".into()));
+            headers.push(("x-ratelimit-remaining-tokens", "0".into()));
+            headers.push(("x-ratelimit-reset-requests", "-1".into()));
+            headers.push(("x-ratelimit-reset-tokens", "0".into()));
+        }
+    }
+    if form != RetryForm::Nonsense {
+        headers.push(("x-ratelimit-remaining-requests", "0".into()));
+        headers.push(("x-ratelimit-remaining-tokens", "0".into()));
+    }
+    headers.push(("apim-request-id", uuid::Uuid::new_v4().to_string()));
     respond(
         StatusCode::TOO_MANY_REQUESTS,
-        &[
-            ("content-type", "application/json".into()),
-            ("retry-after", secs.to_string()),
-            ("retry-after-ms", retry_after_ms.to_string()),
-            ("x-ratelimit-remaining-requests", "0".into()),
-            ("x-ratelimit-remaining-tokens", "0".into()),
-            ("apim-request-id", uuid::Uuid::new_v4().to_string()),
-        ],
+        &headers,
         crate::error::full(body.to_string()),
     )
 }

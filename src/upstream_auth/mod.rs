@@ -99,6 +99,16 @@ impl Credential {
         }
     }
 
+    /// A backend rejected the token this credential sent as `sent` (401): renew it now
+    /// and wait for the new one at most `wait`. Whether a different token is ready
+    /// (never, for a static key or no credential: there is nothing to renew).
+    pub async fn renew_rejected(&self, sent: &HeaderValue, wait: Duration) -> bool {
+        match self {
+            Self::Token { cache, .. } => cache.renew_rejected(sent, wait).await,
+            _ => false,
+        }
+    }
+
     /// The header to add to an upstream request (`None`: send no credential), or
     /// [`NotReady`] when there is no valid token.
     pub fn header(&self) -> Result<Option<(HeaderName, HeaderValue)>, NotReady> {

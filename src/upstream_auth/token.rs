@@ -11,7 +11,7 @@
 //! token, [`TokenCache::header`] returns `None`: the request fails fast and routing moves
 //! to a backend whose credential is ready.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -61,7 +61,17 @@ pub struct TokenCache {
     current: ArcSwapOption<Token>,
     status: Mutex<Status>,
     metrics: Arc<Metrics>,
+    /// Wakes the refresher before its schedule (a backend rejected the token).
+    wake: tokio::sync::Notify,
+    /// Bumped by every stored token, so a request can wait for the next one.
+    stored: tokio::sync::watch::Sender<u64>,
+    /// When a renewal was last forced (ms on the routing clock; 0: never).
+    forced_at: AtomicU64,
 }
+
+/// Forced renewals of one credential are at least this far apart, however many backends
+/// reject its token: a backend answering 401 to everything must not flood the IdP.
+const FORCED_RENEWAL_GAP: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,6 +89,9 @@ impl TokenCache {
             current: ArcSwapOption::empty(),
             status: Mutex::new(Status::default()),
             metrics,
+            wake: tokio::sync::Notify::new(),
+            stored: tokio::sync::watch::channel(0).0,
+            forced_at: AtomicU64::new(0),
         });
         let gauge: Gauge<f64, AtomicU64> = cache.metrics.token_expiry(&cache.name);
         let weak = Arc::downgrade(&cache);
@@ -105,6 +118,37 @@ impl TokenCache {
         let guard = self.current.load();
         let t = guard.as_ref()?;
         (Instant::now() < t.usable_until).then(|| t.header.clone())
+    }
+
+    /// A backend rejected `rejected` (401): get a new token now, unless one newer than it
+    /// is already held, and wait for it at most `wait`. Returns whether a token other than
+    /// `rejected` is held afterwards. Renewals forced this way are at least
+    /// [`FORCED_RENEWAL_GAP`] apart; within the gap this only waits for a renewal already
+    /// under way.
+    pub async fn renew_rejected(&self, rejected: &HeaderValue, wait: Duration) -> bool {
+        let fresh = |c: &Self| {
+            c.header()
+                .is_some_and(|h| h.as_bytes() != rejected.as_bytes())
+        };
+        if fresh(self) {
+            return true;
+        }
+        let mut stored = self.stored.subscribe();
+        stored.mark_unchanged();
+        let now = crate::routing::health::now_ms();
+        let gap = u64::try_from(FORCED_RENEWAL_GAP.as_millis()).unwrap_or(u64::MAX);
+        let last = self.forced_at.load(Ordering::Acquire);
+        if (last == 0 || now.saturating_sub(last) >= gap)
+            && self
+                .forced_at
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            tracing::info!(credential = %self.name, "a backend rejected the token; renewing it now");
+            self.wake.notify_one();
+        }
+        let _ = tokio::time::timeout(wait, stored.changed()).await;
+        fresh(self)
     }
 
     /// `Ok` while a valid token is held; otherwise why not.
@@ -142,6 +186,7 @@ impl TokenCache {
             usable_until: started + lifetime - safety_margin(lifetime),
             expires_at: SystemTime::now() + lifetime.saturating_sub(started.elapsed()),
         })));
+        self.stored.send_modify(|n| *n += 1);
         Ok(refresh_after(lifetime, f.refresh_in))
     }
 }
@@ -262,7 +307,11 @@ pub fn spawn_refresher(cache: Arc<TokenCache>, source: Source) -> tokio::task::J
                     wait
                 }
             };
-            tokio::time::sleep(wait).await;
+            // A forced renewal (a backend rejected the token) cuts the wait short.
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = cache.wake.notified() => {}
+            }
         }
     })
 }
