@@ -6,7 +6,8 @@
 //! the IdP, `jti` not replayable), certificate rotation on disk, managed identity (IMDS with
 //! a user-assigned identity, App Service), workload identity (token file re-read), refresh
 //! ahead of expiry under traffic with a slow IdP, an IdP outage through token expiry and
-//! back, and routing around a backend whose credential is not ready.
+//! back, routing around a backend whose credential is not ready, and a backend that
+//! rejects the gateway's token (one renewal and one retry, then its circuit opens).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -19,7 +20,7 @@ use base64::Engine as _;
 use common::idp::{decode_unverified, Idp};
 use common::msi::{Identity, Msi};
 use common::{bearer_sim, error_code, http, Gateway, ANYONE};
-use portcullis::sim::{get, SimHandle, SimOptions};
+use portcullis::sim::{get, Behavior, SimHandle, SimOptions};
 use serde_json::{json, Value};
 
 /// The audience of the default scope (`https://cognitiveservices.azure.com/.default`).
@@ -845,4 +846,79 @@ async fn routing_skips_a_backend_without_a_valid_token_and_says_why() {
         gw.audit_for("no-token").await["error_code"],
         "backend_auth_unavailable"
     );
+}
+
+#[tokio::test]
+async fn a_backend_rejecting_the_token_gets_one_renewed_token_and_one_retry() {
+    let idp = Idp::start().await;
+    add_secret_client(
+        &idp,
+        "gw-401",
+        "secret-401-0123456789",
+        "client_secret_post",
+        3600,
+    )
+    .await;
+    let sim = bearer_sim(&idp).await;
+    let gw = Gateway::start(
+        "[routing.breaker]\nunauthorized = 2\nopen_for = \"30s\"",
+        &backend(
+            "aoai",
+            &sim.url(),
+            "gpt-4o",
+            "",
+            &secret_auth(&idp, "gw-401", "secret-401-0123456789", ""),
+        ),
+    )
+    .await;
+    wait_ready(&gw).await;
+    assert_eq!(chat(&gw, "gpt-4o", "before").await.status(), 200);
+    let issued = requests_of(&idp, "gw-401").await.len();
+    assert_eq!(issued, 1);
+
+    // The backend rejects the token once (revoked, say): one renewal, one retry, and the
+    // client never knows.
+    sim.set_burst(1, Behavior::Unauthorized);
+    let resp = chat(&gw, "gpt-4o", "renewed").await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(
+        requests_of(&idp, "gw-401").await.len(),
+        issued + 1,
+        "one renewal"
+    );
+    let a = gw.audit_for("renewed").await;
+    assert_eq!(a["attempts"], 2);
+    assert_eq!(a["tried"][0]["outcome"], "unauthorized");
+    assert_eq!(a["tried"][1]["backend"], "aoai");
+    assert_eq!(a["tried"][1]["outcome"], "response");
+    let accepted = sim.bearer_tokens();
+    let n = accepted.len();
+    assert!(n >= 3);
+    assert_ne!(
+        accepted[n - 1].claims["jti"],
+        accepted[n - 2].claims["jti"],
+        "the retry carried the new token"
+    );
+
+    // A backend that rejects every token: each request is refused (503, the gateway's
+    // problem, not the client's), renewals stay bounded, and the circuit opens.
+    sim.set_behavior(Behavior::Unauthorized);
+    for i in 0..2 {
+        let resp = chat(&gw, "gpt-4o", &format!("rejected-{i}")).await;
+        assert_eq!(
+            error_code(resp).await,
+            (503, "backend_auth_unavailable".into())
+        );
+    }
+    assert!(
+        requests_of(&idp, "gw-401").await.len() <= issued + 2,
+        "a backend answering 401 to everything does not flood the IdP"
+    );
+    let before = sim.captured().len();
+    let resp = chat(&gw, "gpt-4o", "open").await;
+    assert_eq!(error_code(resp).await, (503, "no_usable_backend".into()));
+    assert_eq!(sim.captured().len(), before, "nothing sent while open");
+    let (status, body) = ready(&gw).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("backend 'aoai': circuit open"), "{body}");
 }

@@ -554,9 +554,13 @@ pub async fn forward(
                         if leaks > 0 {
                             tracing::warn!(backend = %backend.name, headers = leaks, "backend answer reflected the gateway's credential; those headers were dropped");
                         }
-                        let room = signals::room(resp.headers());
-                        let believed = room.reset.unwrap_or(policy.headroom_ttl);
-                        dep.report(now, room.tokens, room.requests, now + millis(believed));
+                        if status != 429 {
+                            // A 429's own counts (0 left) say what its cool-down says, and
+                            // must not keep the backend at the back once the cool-down ends.
+                            let room = signals::room(resp.headers());
+                            let believed = room.reset.unwrap_or(policy.headroom_ttl);
+                            dep.report(now, room.tokens, room.requests, now + millis(believed));
+                        }
                         if status == 429 {
                             let (wait, source) =
                                 signals::retry_after(resp.headers(), std::time::SystemTime::now())

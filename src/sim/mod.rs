@@ -35,7 +35,7 @@
 //! `x-ratelimit-remaining-*` it reports), or per request with the
 //! `x-sim-behavior` header (`429`, `429:<ms>` and the other wait forms `429-ms:<ms>`,
 //! `429-xms:<ms>`, `429-seconds:<ms>`, `429-date:<ms>`, `429-none`, `429-nonsense` (see
-//! [`RetryForm`]), `500`, `503`, `hang`, `reset:<chunks>` (reset
+//! [`RetryForm`]), `401`, `500`, `503`, `hang`, `reset:<chunks>` (reset
 //! after that many frames of a stream), `cut-stream:<n>` (reset after the first `n` frames
 //! that carry generated text, so the client has real text from a stream that never ends),
 //! `latency:<ms>`, `echo`, `leaky-headers`, `reflect-headers`); every request it receives
@@ -84,6 +84,8 @@ pub enum Behavior {
     CutStream { after_text_chunks: usize },
     /// Never answer.
     Hang,
+    /// Refuse the request's credential as Azure does (401), whatever it is.
+    Unauthorized,
     /// Answer 200 with the request body, byte for byte, and its content type.
     Echo,
     /// Answer normally, adding the headers a gateway must not relay: Azure's `ARRAffinity`
@@ -433,6 +435,17 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
         Behavior::Hang => {
             std::future::pending::<()>().await;
         }
+        Behavior::Unauthorized => {
+            return if state.bearer.is_some() {
+                responses::bearer_unauthorized()
+            } else {
+                responses::azure_error(
+                    StatusCode::UNAUTHORIZED,
+                    "401",
+                    "Access denied due to invalid subscription key or wrong API endpoint.",
+                )
+            };
+        }
         Behavior::Echo => {
             let ct = parts
                 .headers
@@ -564,6 +577,7 @@ fn parse_behavior(h: &str) -> Option<Override> {
             Override::Behavior(Behavior::ServerError(kind.parse().ok()?))
         }
         "hang" => Override::Behavior(Behavior::Hang),
+        "401" => Override::Behavior(Behavior::Unauthorized),
         "echo" => Override::Behavior(Behavior::Echo),
         "leaky-headers" => Override::Behavior(Behavior::LeakyHeaders),
         "reflect-headers" => Override::Behavior(Behavior::ReflectHeaders),

@@ -63,10 +63,13 @@ pub struct TokenCache {
     metrics: Arc<Metrics>,
     /// Wakes the refresher before its schedule (a backend rejected the token).
     wake: tokio::sync::Notify,
-    /// Bumped by every stored token, so a request can wait for the next one.
-    stored: tokio::sync::watch::Sender<u64>,
+    /// Bumped after every exchange (a token stored or a failure), so a request can wait
+    /// for the outcome of a forced renewal.
+    exchanged: tokio::sync::watch::Sender<u64>,
     /// When a renewal was last forced (ms on the routing clock; 0: never).
     forced_at: AtomicU64,
+    /// A forced renewal has not finished yet.
+    forced_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Forced renewals of one credential are at least this far apart, however many backends
@@ -90,8 +93,9 @@ impl TokenCache {
             status: Mutex::new(Status::default()),
             metrics,
             wake: tokio::sync::Notify::new(),
-            stored: tokio::sync::watch::channel(0).0,
+            exchanged: tokio::sync::watch::channel(0).0,
             forced_at: AtomicU64::new(0),
+            forced_pending: std::sync::atomic::AtomicBool::new(false),
         });
         let gauge: Gauge<f64, AtomicU64> = cache.metrics.token_expiry(&cache.name);
         let weak = Arc::downgrade(&cache);
@@ -123,8 +127,8 @@ impl TokenCache {
     /// A backend rejected `rejected` (401): get a new token now, unless one newer than it
     /// is already held, and wait for it at most `wait`. Returns whether a token other than
     /// `rejected` is held afterwards. Renewals forced this way are at least
-    /// [`FORCED_RENEWAL_GAP`] apart; within the gap this only waits for a renewal already
-    /// under way.
+    /// [`FORCED_RENEWAL_GAP`] apart; within the gap this waits only for a renewal still
+    /// under way, and otherwise returns at once.
     pub async fn renew_rejected(&self, rejected: &HeaderValue, wait: Duration) -> bool {
         let fresh = |c: &Self| {
             c.header()
@@ -133,8 +137,8 @@ impl TokenCache {
         if fresh(self) {
             return true;
         }
-        let mut stored = self.stored.subscribe();
-        stored.mark_unchanged();
+        let mut exchanged = self.exchanged.subscribe();
+        exchanged.mark_unchanged();
         let now = crate::routing::health::now_ms();
         let gap = u64::try_from(FORCED_RENEWAL_GAP.as_millis()).unwrap_or(u64::MAX);
         let last = self.forced_at.load(Ordering::Acquire);
@@ -145,9 +149,12 @@ impl TokenCache {
                 .is_ok()
         {
             tracing::info!(credential = %self.name, "a backend rejected the token; renewing it now");
+            self.forced_pending.store(true, Ordering::Release);
             self.wake.notify_one();
+        } else if !self.forced_pending.load(Ordering::Acquire) {
+            return false;
         }
-        let _ = tokio::time::timeout(wait, stored.changed()).await;
+        let _ = tokio::time::timeout(wait, exchanged.changed()).await;
         fresh(self)
     }
 
@@ -186,7 +193,7 @@ impl TokenCache {
             usable_until: started + lifetime - safety_margin(lifetime),
             expires_at: SystemTime::now() + lifetime.saturating_sub(started.elapsed()),
         })));
-        self.stored.send_modify(|n| *n += 1);
+
         Ok(refresh_after(lifetime, f.refresh_in))
     }
 }
@@ -307,6 +314,8 @@ pub fn spawn_refresher(cache: Arc<TokenCache>, source: Source) -> tokio::task::J
                     wait
                 }
             };
+            cache.forced_pending.store(false, Ordering::Release);
+            cache.exchanged.send_modify(|n| *n += 1);
             // A forced renewal (a backend rejected the token) cuts the wait short.
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
