@@ -618,3 +618,59 @@ pass_response_headers = ["set-cookie", "transfer-encoding", "bad header"]
     assert!(ok.max_buffered_body_bytes >= 64 * 1024 * 1024);
     assert!(ok.max_buffered_body_bytes <= 1024 * 1024 * 1024);
 }
+
+#[test]
+fn routing_keys_parse_with_defaults_and_bad_values_are_named_with_lines() {
+    let v = load(MINIMAL).unwrap();
+    let r = &v.config.routing;
+    assert_eq!(r.max_attempts, 3);
+    assert_eq!(r.retry_budget.0, std::time::Duration::from_secs(30));
+    assert!(r.headroom);
+    assert_eq!(r.breaker.consecutive_failures, 5);
+    let b = &v.config.backends[0];
+    assert_eq!(
+        b.retry_on,
+        crate::config::routing::default_retry_on(),
+        "502, 503, 504 and first-byte timeouts by default"
+    );
+    assert!(b.health.is_none() && b.max_concurrent.is_none() && b.timeouts.total.is_none());
+
+    let text = r#"
+[routing]
+max_attempts = 0
+default_cooldown = "10m"
+queue_wait = "2m"
+
+[routing.breaker]
+failure_rate = 1.5
+open_for = "10m"
+
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:9"
+deployments = { "gpt-4o" = "gpt-4o" }
+max_concurrent = 0
+timeouts = { first_byte = "10s", total = "5s" }
+health = { path = "models", interval = "1s", timeout = "2s" }
+"#;
+    let err = load(text).unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "routing.max_attempts",
+            "routing.default_cooldown",
+            "routing.queue_wait",
+            "routing.breaker.failure_rate",
+            "routing.breaker.open_for",
+            "backends[0].max_concurrent",
+            "backends[0].timeouts.total",
+            "backends[0].health.timeout",
+            "backends[0].health.path",
+        ],
+        "{err}"
+    );
+    assert!(err.problems.iter().all(|p| p.line.is_some()), "{err}");
+    let unknown = load(&format!("{MINIMAL}retry_on = [\"418\"]\n")).unwrap_err();
+    assert!(unknown.to_string().contains("retry_on"), "{unknown}");
+}
