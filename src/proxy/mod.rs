@@ -386,6 +386,32 @@ impl Log {
     fn take(&mut self) -> Vec<Tried> {
         std::mem::take(&mut self.tried)
     }
+
+    /// The forward ends with `error`, `backend` tried last.
+    fn failed(&mut self, error: GatewayError, backend: &Arc<Backend>) -> Failed {
+        Failed {
+            error,
+            backend: Some(backend.clone()),
+            attempts: self.attempts,
+            tried: self.take(),
+        }
+    }
+
+    /// `backend`'s answer (its log is filled in when the answer is the one relayed).
+    fn answer(
+        &self,
+        response: Response<pool::ResponseBody>,
+        backend: &Arc<Backend>,
+        lease: Lease,
+    ) -> Answer {
+        Answer {
+            response,
+            backend: backend.clone(),
+            attempts: self.attempts,
+            tried: Vec::new(),
+            lease,
+        }
+    }
 }
 
 /// Try `candidates` in order until one answers, within `policy`'s attempts and budget.
@@ -480,12 +506,7 @@ pub async fn forward(
                     Ok(u) => u,
                     Err(error) => {
                         backend.health.neutral(gate);
-                        return Err(Failed {
-                            error,
-                            backend: Some(backend.clone()),
-                            attempts: log.attempts,
-                            tried: log.take(),
-                        });
+                        return Err(log.failed(error, backend));
                     }
                 };
                 let mut headers = if keep_headers {
@@ -536,15 +557,11 @@ pub async fn forward(
                             );
                             log.push(backend, "invalid_response", sent_at);
                             tracing::warn!(backend = %backend.name, status, "backend answered with a status outside 100-599");
-                            return Err(Failed {
-                                error: GatewayError::BackendInvalidResponse(format!(
-                                    "backend '{}' answered with status {status}, outside 100-599",
-                                    backend.name
-                                )),
-                                backend: Some(backend.clone()),
-                                attempts: log.attempts,
-                                tried: log.take(),
-                            });
+                            let error = GatewayError::BackendInvalidResponse(format!(
+                                "backend '{}' answered with status {status}, outside 100-599",
+                                backend.name
+                            ));
+                            return Err(log.failed(error, backend));
                         }
                         let leaks = clean_response_headers(
                             resp.headers_mut(),
@@ -573,13 +590,7 @@ pub async fn forward(
                             log.push(backend, "rate_limited", sent_at);
                             tracing::info!(backend = %backend.name, deployment = out.deployment.unwrap_or_default(), cooldown_ms = millis(wait), from = source.as_str(), "backend answered 429; cooling it down");
                             retrying = Some((backend.clone(), "rate_limited"));
-                            fallback = Some(Answer {
-                                response: resp,
-                                backend: backend.clone(),
-                                attempts: log.attempts,
-                                tried: Vec::new(),
-                                lease,
-                            });
+                            fallback = Some(log.answer(resp, backend, lease));
                             break;
                         }
                         if status == 401 {
@@ -618,13 +629,7 @@ pub async fn forward(
                                 log.push(backend, "status_5xx", sent_at);
                                 tracing::warn!(backend = %backend.name, status, "backend answered with a server error; trying the next one");
                                 retrying = Some((backend.clone(), "status_5xx"));
-                                fallback = Some(Answer {
-                                    response: resp,
-                                    backend: backend.clone(),
-                                    attempts: log.attempts,
-                                    tried: Vec::new(),
-                                    lease,
-                                });
+                                fallback = Some(log.answer(resp, backend, lease));
                                 break;
                             }
                         } else {
@@ -635,13 +640,9 @@ pub async fn forward(
                         if lead_priority.is_some_and(|p| backend.priority > p) {
                             backend.series.spilled_over();
                         }
-                        return Ok(Answer {
-                            response: resp,
-                            backend: backend.clone(),
-                            attempts: log.attempts,
-                            tried: log.take(),
-                            lease,
-                        });
+                        let mut answer = log.answer(resp, backend, lease);
+                        answer.tried = log.take();
+                        return Ok(answer);
                     }
                     Ok(Err(e)) if e.is_connect() => {
                         record(backend, "connect_error");
@@ -667,15 +668,11 @@ pub async fn forward(
                         ));
                         tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend request failed");
                         // The backend may have processed it: never resend.
-                        return Err(Failed {
-                            error: GatewayError::BackendUnavailable(format!(
-                                "backend '{}' closed the connection before answering",
-                                backend.name
-                            )),
-                            backend: Some(backend.clone()),
-                            attempts: log.attempts,
-                            tried: log.take(),
-                        });
+                        let error = GatewayError::BackendUnavailable(format!(
+                            "backend '{}' closed the connection before answering",
+                            backend.name
+                        ));
+                        return Err(log.failed(error, backend));
                     }
                     Err(_) => {
                         record(backend, "timeout");
@@ -690,12 +687,7 @@ pub async fn forward(
                             humantime::format_duration(backend.first_byte_timeout).to_string(),
                         );
                         if !backend.retry_on.contains(&RetryOn::FirstByteTimeout) {
-                            return Err(Failed {
-                                error,
-                                backend: Some(backend.clone()),
-                                attempts: log.attempts,
-                                tried: log.take(),
-                            });
+                            return Err(log.failed(error, backend));
                         }
                         tracing::warn!(backend = %backend.name, "backend did not answer in time; trying the next one");
                         last_error = Some(error);
