@@ -473,6 +473,10 @@ pub async fn forward(
                 backend.series.skipped("circuit_open");
                 continue;
             }
+            let _claim = ProbeClaim {
+                health: &backend.health,
+                gate,
+            };
             let Some(lease) = backend.health.try_enter(backend.max_concurrent) else {
                 backend.health.neutral(gate);
                 backend.series.skipped("full");
@@ -730,6 +734,19 @@ pub async fn forward(
         attempts: log.attempts,
         tried: log.take(),
     })
+}
+
+/// Gives back a half-open probe when the attempt that claimed it is dropped before a
+/// verdict (the client hung up while the probe was in flight).
+struct ProbeClaim<'a> {
+    health: &'a health::BackendHealth,
+    gate: Gate,
+}
+
+impl Drop for ProbeClaim<'_> {
+    fn drop(&mut self) {
+        self.health.abandon(self.gate);
+    }
 }
 
 /// How long a request waits for a renewed token after a backend's 401, at most.

@@ -433,6 +433,15 @@ impl BackendHealth {
         }
     }
 
+    /// The attempt holding `gate` ended without reaching a verdict (its request was
+    /// cancelled mid-flight): a probe still out is handed to the next request, so a
+    /// client hanging up can never leave the circuit half-open forever.
+    pub fn abandon(&self, gate: Gate) {
+        if gate == Gate::Probe && self.state.load(Ordering::Acquire) == HALF_OPEN {
+            self.probe_out.store(false, Ordering::Release);
+        }
+    }
+
     fn trip(&self, now: u64, cfg: &BreakerConfig, why: &str) -> bool {
         let trips = self.trips.fetch_add(1, Ordering::AcqRel) + 1;
         let factor = 1u32 << (trips - 1).min(16);
@@ -694,6 +703,12 @@ mod tests {
         assert_eq!(h.gate(t), Gate::Probe);
         h.neutral(Gate::Probe);
         assert_eq!(h.gate(t), Gate::Probe);
+        // So does one abandoned mid-flight; after a verdict, abandoning changes nothing.
+        h.abandon(Gate::Probe);
+        assert_eq!(h.gate(t), Gate::Probe);
+        h.succeeded(t, Gate::Probe, &c);
+        h.abandon(Gate::Probe);
+        assert_eq!(h.gate(t), Gate::Pass);
     }
 
     #[test]
