@@ -55,14 +55,22 @@ impl Snapshot {
     /// Build from a validated configuration and its identifier.
     /// `credentials` is index-aligned with `config.backends`; `metrics` must be the registry
     /// of the [`Gateway`] that will serve this snapshot (backends count into it directly).
+    /// On a reload, `previous` is the snapshot being replaced: backends with unchanged
+    /// connection settings keep its upstream connection pools.
     pub fn build(
         v: &Validated,
         identity: Identifier,
         credentials: &[Credential],
         metrics: &Metrics,
+        previous: Option<&Snapshot>,
     ) -> Result<Self, BuildError> {
         Ok(Self {
-            backends: BackendTable::build(v, credentials, metrics)?,
+            backends: BackendTable::build_from(
+                v,
+                credentials,
+                metrics,
+                previous.map(|p| &p.backends),
+            )?,
             identity,
             body_limits: BodyLimits {
                 max_bytes: v.config.server.max_body_bytes,
@@ -187,6 +195,11 @@ impl Gateway {
     /// Replace the configuration; requests already running keep the old one.
     pub fn swap(&self, snapshot: Snapshot) {
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// The configuration new requests get now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// Wait (bounded) until every issuer's first key fetch was attempted.
