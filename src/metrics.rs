@@ -109,6 +109,10 @@ impl ReloadMetrics {
             "Configuration reloads, by outcome (applied, or rejected: the running configuration was kept)",
             reloads.clone(),
         );
+        // Both series exist from the start (0), so a rate or an alert has a baseline.
+        for outcome in ["applied", "rejected"] {
+            let _ = reloads.get_or_create(&ReloadLabels { outcome });
+        }
         let restart_required = Gauge::default();
         registry.register(
             "config_restart_required",

@@ -247,10 +247,8 @@ impl Reloader {
                     tracing::error!(
                         origin = %errors.origin,
                         key = %p.path,
-                        line = ?p.line,
                         trigger = trigger.as_str(),
-                        "configuration reload rejected, the running configuration is kept: {}",
-                        p.message
+                        "configuration reload rejected, the running configuration is kept: {p}"
                     );
                 }
                 self.gateway.metrics.reloads.count("rejected");
