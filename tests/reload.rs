@@ -423,6 +423,124 @@ async fn ten_reloads_under_load_fail_nothing_cut_no_stream_and_ask_the_idp_for_n
     assert_eq!(f.reloads("rejected").await, 0);
 }
 
+/// The audit lines written so far in the fixture's directory.
+fn audit(f: &Fixture) -> Vec<Value> {
+    std::fs::read_to_string(f.path.parent().unwrap().join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+async fn audit_for(f: &Fixture, rid: &str) -> Value {
+    let mut found = None;
+    wait_for("the audit line", Duration::from_secs(5), async || {
+        found = audit(f).into_iter().find(|v| v["request_id"] == rid);
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+#[tokio::test]
+async fn unchanged_issuers_and_backends_keep_their_keys_verified_tokens_and_connections() {
+    let idp = Idp::start().await;
+    let secret = "client-secret-0123456789abcdef";
+    idp.add_client(json!({
+        "client_id": "app-a", "client_secret": secret, "access_token_alg": "RS256",
+    }))
+    .await;
+    let s = sim().await;
+    let s2 = sim().await;
+    let text = |audience: &str, client: &str, b_url: &str| {
+        format!(
+            "{}[[issuers]]\nname = \"idp\"\nissuer = \"{}\"\naudiences = [\"{audience}\"]\nalgorithms = [\"RS256\"]\n{client}{}{}",
+            head("", ""),
+            idp.issuer(),
+            backend("b", b_url, "m", ""),
+            backend("b2", &s2.url(), "n", "priority = 1"),
+        )
+    };
+    let team = |id: &str, deployments: &str| {
+        format!(
+            "[[clients]]\nid = \"{id}\"\njwt = [{{ issuer = \"idp\", claims = {{ client_id = \"app-a\" }} }}]\ndeployments = [{deployments}]\noperations = [\"chat\"]\n"
+        )
+    };
+    let f = Fixture::start(
+        &text("api://portcullis", &team("team-a", "\"m\""), &s.url()),
+        false,
+    )
+    .await;
+    let token = idp.token("app-a", secret, "api://portcullis", None).await;
+    // One client connection, so one gateway worker (each has its own upstream pools).
+    let client = http();
+    let send = async |deployment: &str, rid: &str| {
+        chat(
+            &client,
+            &f.url,
+            &token,
+            deployment,
+            false,
+            &[("x-request-id", rid)],
+        )
+        .await
+    };
+    assert_eq!(send("m", "r1").await.status(), 200);
+    assert_eq!(code(send("n", "r2").await).await.0, 403);
+    let stats = idp.stats().await;
+    assert_eq!(s.counters().connections.load(Ordering::SeqCst), 1);
+
+    // The client is renamed and may call `n` too; the backends' weights change.
+    f.apply(&text(
+        "api://portcullis",
+        &team("team-z", "\"m\", \"n\""),
+        &s.url(),
+    ))
+    .await;
+    assert_eq!(send("m", "r3").await.status(), 200);
+    assert_eq!(
+        send("n", "r4").await.status(),
+        200,
+        "the new policy at once"
+    );
+    assert_eq!(audit_for(&f, "r3").await["client"], "team-z");
+    assert_eq!(
+        idp.stats().await,
+        stats,
+        "no key fetch for the unchanged issuer"
+    );
+    assert_eq!(
+        s.counters().connections.load(Ordering::SeqCst),
+        1,
+        "the unchanged backend's connection was reused"
+    );
+
+    // The issuer's audience changes: the cached verification of the token does not carry
+    // over (the keys still do).
+    f.apply(&text(
+        "api://another",
+        &team("team-z", "\"m\", \"n\""),
+        &s.url(),
+    ))
+    .await;
+    assert_eq!(
+        code(send("m", "r5").await).await,
+        (401, "invalid_token".into())
+    );
+    assert_eq!(idp.stats().await["jwks"], stats["jwks"]);
+
+    // The backend moves (same server, another authority): a new pool.
+    f.apply(&text(
+        "api://portcullis",
+        &team("team-z", "\"m\""),
+        &s.url().replace("127.0.0.1", "localhost"),
+    ))
+    .await;
+    assert_eq!(send("m", "r6").await.status(), 200);
+    assert_eq!(code(send("n", "r7").await).await.0, 403);
+    assert_eq!(s.counters().connections.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn an_invalid_configuration_is_refused_named_and_counted_and_the_old_one_serves() {
     let s = sim().await;
