@@ -275,6 +275,18 @@ impl Reloader {
             return self.reject(trigger, origin, "the gateway is shutting down".into());
         }
         let restart_required = start_only_changes(&state.started, &v);
+        // The body budget is not rebuilt: a body larger than it could never be read.
+        let budget = state.started.max_buffered_body_bytes;
+        if v.config.server.max_body_bytes > budget {
+            return self.reject_at(
+                trigger,
+                origin,
+                "server.max_body_bytes",
+                format!(
+                    "must be at most the running server.max_buffered_body_bytes ({budget}), which changes only with a restart"
+                ),
+            );
+        }
         // Worker threads are not restarted: per-worker connection slots follow the running
         // count.
         v.config.server.workers = state.started.config.server.workers;
@@ -343,21 +355,23 @@ impl Reloader {
     }
 
     fn reject(&self, trigger: Trigger, origin: String, message: String) -> Outcome {
+        self.reject_at(trigger, origin, "", message)
+    }
+
+    fn reject_at(&self, trigger: Trigger, origin: String, key: &str, message: String) -> Outcome {
+        let problem = Problem {
+            path: key.to_owned(),
+            line: None,
+            message,
+        };
         tracing::error!(
             origin = %origin,
+            key,
             trigger = trigger.as_str(),
-            "configuration reload rejected, the running configuration is kept: {message}"
+            "configuration reload rejected, the running configuration is kept: {problem}"
         );
         self.gateway.metrics.reloads.count("rejected");
-        Outcome::rejected(
-            trigger,
-            origin,
-            vec![ReportedProblem {
-                key: String::new(),
-                line: None,
-                message,
-            }],
-        )
+        Outcome::rejected(trigger, origin, vec![ReportedProblem::from(&problem)])
     }
 
     /// Stop token refreshers (shutdown); later reloads are refused.

@@ -619,6 +619,15 @@ async fn an_invalid_configuration_is_refused_named_and_counted_and_the_old_one_s
     );
     assert_eq!(f.chat(&key, "m", false, &[]).await.status(), 200);
 
+    // A body limit above the running body budget (which needs a restart to change).
+    f.write(&good.replace(
+        "[server]\n",
+        "[server]\nmax_body_bytes = 4294967296\nmax_buffered_body_bytes = 4294967296\n",
+    ));
+    let (status, out) = f.reload().await;
+    assert_eq!(status, 422, "{out:#}");
+    assert_eq!(out["errors"][0]["key"], "server.max_body_bytes", "{out:#}");
+
     // Fixed: applied.
     f.apply(&good.replace("\"m\" = \"gpt-4o\"", "\"m2\" = \"gpt-4o\""))
         .await;

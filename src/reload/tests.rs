@@ -103,3 +103,31 @@ fn only_changes_to_the_file_or_a_kubernetes_entry_count() {
         name
     ));
 }
+
+#[test]
+fn the_reload_command_reads_only_the_admin_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    // The rest of the file is the broken change being tried: the gateway reports it.
+    std::fs::write(
+        &path,
+        "[admin]\nlisten = \"0.0.0.0:9191\"\ntoken_file = \"t\"\n[[backends]]\nname = 1\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("t"), "token-1\n").unwrap();
+    let t = client::admin_target(&path, None).unwrap();
+    assert_eq!(t.url, "http://127.0.0.1:9191/admin/reload");
+    assert_eq!(t.token.unwrap().expose(), "token-1");
+    let t = client::admin_target(&path, Some("[::]:7")).unwrap();
+    assert_eq!(t.url, "http://[::1]:7/admin/reload");
+    std::fs::write(&path, "[admin]\nlisten = \"\"\n").unwrap();
+    let e = client::admin_target(&path, None).unwrap_err();
+    assert!(e.contains("disabled"), "{e}");
+    std::fs::write(
+        &path,
+        "[admin]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"gone\"\n",
+    )
+    .unwrap();
+    let e = client::admin_target(&path, None).unwrap_err();
+    assert!(e.contains("admin.token_file"), "{e}");
+}
