@@ -76,7 +76,8 @@ pub const START_ONLY: &[&str] = &[
 /// Kubernetes make several changes for one update.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 
-/// How long a reload waits for the first keys of a new issuer before swapping.
+/// How long a reload waits for the first keys of a new issuer and the first token of a new
+/// backend credential before swapping.
 const NEW_ISSUER_KEYS: Duration = Duration::from_secs(5);
 
 /// What asked for a reload.
@@ -315,8 +316,16 @@ impl Reloader {
         };
         drop(previous);
         // A new issuer's first keys, so its tokens verify from the first request (kept
-        // issuers are loaded already and do not wait).
+        // issuers are loaded already and do not wait), and a new backend credential's
+        // first token exchange, so the backend is usable from the first request. Bounded:
+        // an IdP that does not answer delays the reload, it does not stop it (the backend
+        // is then skipped until its token comes, as at start).
+        let deadline = tokio::time::Instant::now() + NEW_ISSUER_KEYS;
         snapshot.identity.wait_keys(NEW_ISSUER_KEYS).await;
+        let fresh = credentials.started_since(&state.credentials);
+        while fresh.iter().any(|c| !c.attempted()) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let changes = changes(&state.current, &v);
         self.gateway.swap(snapshot);
         self.admin_token.store(v.admin_token.clone().map(Arc::new));

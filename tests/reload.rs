@@ -236,7 +236,8 @@ async fn token_requests(idp: &Idp, client: &str) -> usize {
 /// The configuration of round `round` of the load test: backend `a1`'s weight, an extra
 /// backend `x<round>` (the one of the round before removed), client `old` only in round 0,
 /// `newc` from round 1 on, `capped` allowed one request at a time in round 0 and two
-/// after, `rpm` 2 requests a minute in round 0 and 3 after; the Entra backend unchanged.
+/// after, `rpm` 2 requests a minute in round 0 and 3 after; the Entra backend unchanged, and
+/// a second one with its own credential in rounds 5 to 7.
 fn load_config(round: usize, plain: &SimHandle, entra: &SimHandle, idp: &Idp) -> String {
     let mut text = head("", "");
     text.push_str(&client(
@@ -276,19 +277,31 @@ fn load_config(round: usize, plain: &SimHandle, entra: &SimHandle, idp: &Idp) ->
         entra.url(),
         idp.token_endpoint()
     ));
+    if (5..=7).contains(&round) {
+        text.push_str(&format!(
+            "[[backends]]\nname = \"entra2\"\nurl = \"{}\"\ndeployments = {{ \"e2\" = \"gpt-4o\" }}\n[backends.auth]\ntype = \"entra_secret\"\ntoken_url = \"{}\"\nclient_id = \"gw-reload-2\"\nclient_secret = \"reload-secret-2-0123456789\"\n",
+            entra.url(),
+            idp.token_endpoint()
+        ));
+    }
     text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_reloads_under_load_fail_nothing_cut_no_stream_and_ask_the_idp_for_nothing() {
     let idp = Idp::start().await;
-    idp.add_client(json!({
-        "client_id": "gw-reload",
-        "client_secret": "reload-secret-0123456789",
-        "token_endpoint_auth_method": "client_secret_post",
-        "access_token_ttl": 3600,
-    }))
-    .await;
+    for (id, secret) in [
+        ("gw-reload", "reload-secret-0123456789"),
+        ("gw-reload-2", "reload-secret-2-0123456789"),
+    ] {
+        idp.add_client(json!({
+            "client_id": id,
+            "client_secret": secret,
+            "token_endpoint_auth_method": "client_secret_post",
+            "access_token_ttl": 3600,
+        }))
+        .await;
+    }
     let plain = sim().await;
     let entra = bearer_sim(&idp).await;
     let f = Fixture::start(&load_config(0, &plain, &entra, &idp), false).await;
@@ -369,14 +382,15 @@ async fn ten_reloads_under_load_fail_nothing_cut_no_stream_and_ask_the_idp_for_n
     let reload_started = Instant::now();
     for round in 1..=10 {
         let out = f.apply(&load_config(round, &plain, &entra, &idp)).await;
-        assert_eq!(
-            out["changes"]["backends_added"],
-            json!([format!("x{round}")])
-        );
-        assert_eq!(
-            out["changes"]["backends_removed"],
-            json!([format!("x{}", round - 1)])
-        );
+        let mut added = vec![format!("x{round}")];
+        let mut removed = vec![format!("x{}", round - 1)];
+        match round {
+            5 => added.push("entra2".into()),
+            8 => removed.push("entra2".into()),
+            _ => {}
+        }
+        assert_eq!(out["changes"]["backends_added"], json!(added));
+        assert_eq!(out["changes"]["backends_removed"], json!(removed));
         assert_eq!(out["restart_required"], json!([]));
         if round == 1 {
             // At once: the new client is served, the removed one refused, the new
@@ -390,8 +404,19 @@ async fn ten_reloads_under_load_fail_nothing_cut_no_stream_and_ask_the_idp_for_n
             assert_eq!(f.chat(&rpm, "m", false, &[]).await.status(), 200);
             assert_eq!(f.chat(&rpm, "m", false, &[]).await.status(), 429);
         }
+        if round == 5 {
+            // A backend with a new credential is usable from the first request.
+            assert_eq!(f.chat(&load, "e2", false, &[]).await.status(), 200);
+        }
+        if round == 8 {
+            assert_eq!(f.chat(&load, "e2", false, &[]).await.status(), 404);
+        }
         let models = f.models(&load).await;
-        assert_eq!(models, ["e", "m"]);
+        if (5..=7).contains(&round) {
+            assert_eq!(models, ["e", "e2", "m"]);
+        } else {
+            assert_eq!(models, ["e", "m"]);
+        }
     }
     let reload_time = reload_started.elapsed();
     // The streams outlived every reload.
@@ -418,6 +443,11 @@ async fn ten_reloads_under_load_fail_nothing_cut_no_stream_and_ask_the_idp_for_n
         token_requests(&idp, "gw-reload").await,
         tokens_before,
         "no token request for the unchanged credential"
+    );
+    assert_eq!(
+        token_requests(&idp, "gw-reload-2").await,
+        1,
+        "the added credential's token was kept over rounds 6 and 7"
     );
     assert_eq!(f.reloads("applied").await, 10);
     assert_eq!(f.reloads("rejected").await, 0);

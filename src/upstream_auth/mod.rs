@@ -240,6 +240,15 @@ impl BackendCredentials {
         self.caches.len()
     }
 
+    /// The token caches these credentials started that `previous` did not have.
+    pub fn started_since(&self, previous: &BackendCredentials) -> Vec<Arc<TokenCache>> {
+        self.caches
+            .iter()
+            .filter(|(k, _)| !previous.caches.contains_key(*k))
+            .map(|(_, r)| r.cache.clone())
+            .collect()
+    }
+
     /// Stop refreshing tokens (shutdown), including those shared with other credentials.
     pub fn stop(&self) {
         for r in self.caches.values() {

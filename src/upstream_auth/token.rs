@@ -107,6 +107,17 @@ impl TokenCache {
         (Instant::now() < t.usable_until).then(|| t.header.clone())
     }
 
+    /// Whether the refresher has finished at least one exchange, successful or not.
+    pub fn attempted(&self) -> bool {
+        self.current.load().is_some()
+            || self
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next_attempt
+                .is_some()
+    }
+
     /// `Ok` while a valid token is held; otherwise why not.
     pub fn readiness(&self) -> Result<(), String> {
         if self.header().is_some() {
