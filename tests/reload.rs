@@ -1017,3 +1017,56 @@ async fn serve_reloads_on_sighup_and_portcullis_reload_reports_the_outcome() {
     assert!(status.success());
     let _ = BACKEND_KEY;
 }
+
+#[tokio::test]
+async fn secrets_given_as_files_are_read_again_on_reload() {
+    let s = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("admin.token"), "admin-token-one-0123456789\n").unwrap();
+    std::fs::write(d.join("backend.key"), "not-the-backend-key\n").unwrap();
+    let text = format!(
+        "{}{}[[backends]]\nname = \"b\"\nurl = \"{}\"\ndeployments = {{ \"m\" = \"gpt-4o\" }}\n[backends.auth]\ntype = \"api_key\"\nkey_file = \"backend.key\"\n",
+        head("", "token_file = \"admin.token\""),
+        client("app", ""),
+        s.url()
+    );
+    let path = d.join("portcullis.toml");
+    std::fs::write(&path, &text).unwrap();
+    let mut f = Fixture::start_at(dir, path, false).await;
+    let key = f.key("app").await;
+    let refused = f.chat(&key, "m", false, &[]).await;
+    assert_eq!(refused.status(), 401, "the backend refuses the wrong key");
+
+    // Both files rotate; the reload is authorised by the token in force until then.
+    replace(&d_of(&f).join("backend.key"), BACKEND_KEY);
+    replace(&d_of(&f).join("admin.token"), "admin-token-two-0123456789");
+    f.apply(&text).await;
+    assert_eq!(f.chat(&key, "m", false, &[]).await.status(), 200);
+    let metrics = |token: &str| {
+        http()
+            .get(format!("{}/metrics", f.admin))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(
+        metrics("admin-token-one-0123456789")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        metrics("admin-token-two-0123456789")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    f.admin_token = Some("admin-token-two-0123456789".into());
+    assert_eq!(f.reloads("applied").await, 1);
+}
+
+fn d_of(f: &Fixture) -> PathBuf {
+    f.path.parent().unwrap().to_path_buf()
+}
