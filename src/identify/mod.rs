@@ -187,7 +187,7 @@ impl Identifier {
 
     /// [`Identifier::build`] for a configuration reload, keeping what `previous` learnt
     /// where it still holds: the key cache (and its refresher) of an issuer fetched from the
-    /// same place on the same schedule, the verified-token cache (see [`CachedToken`] for
+    /// same place on the same schedule, the verified-token cache (see `CachedToken` for
     /// why its entries stay correct), the early-refresh budget and each client's count of
     /// requests in flight.
     pub fn build_from(
