@@ -451,6 +451,28 @@ async fn ten_reloads_under_load_fail_nothing_cut_no_stream_and_ask_the_idp_for_n
     );
     assert_eq!(f.reloads("applied").await, 10);
     assert_eq!(f.reloads("rejected").await, 0);
+    // The removed credential's refresher stopped and its token is gone; the kept one's
+    // is still held.
+    let expiry = async |who: &str| -> f64 {
+        let want = format!(
+            "portcullis_backend_token_expiry_seconds{{credential=\"entra_secret:{who}\"}} "
+        );
+        f.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(want.as_str())
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap()
+    };
+    wait_for(
+        "the removed credential let go",
+        Duration::from_secs(5),
+        async || expiry("gw-reload-2").await == 0.0,
+    )
+    .await;
+    assert!(expiry("gw-reload").await > 3000.0);
 }
 
 /// The audit lines written so far in the fixture's directory.

@@ -61,6 +61,16 @@ pub struct TokenCache {
     current: ArcSwapOption<Token>,
     status: Mutex<Status>,
     metrics: Arc<Metrics>,
+    /// `portcullis_backend_token_expiry_seconds` of this credential (set at scrape time).
+    expiry: Gauge<f64, AtomicU64>,
+}
+
+impl Drop for TokenCache {
+    /// A credential a reload removed holds no token any more (a cache that replaced it
+    /// under the same name sets the gauge again at the next scrape).
+    fn drop(&mut self) {
+        self.expiry.set(0.0);
+    }
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -74,13 +84,14 @@ impl std::fmt::Debug for TokenCache {
 impl TokenCache {
     /// An empty cache; [`spawn_refresher`] fills it.
     pub fn new(name: String, metrics: Arc<Metrics>) -> Arc<Self> {
+        let gauge: Gauge<f64, AtomicU64> = metrics.token_expiry(&name);
         let cache = Arc::new(Self {
             name,
             current: ArcSwapOption::empty(),
             status: Mutex::new(Status::default()),
             metrics,
+            expiry: gauge.clone(),
         });
-        let gauge: Gauge<f64, AtomicU64> = cache.metrics.token_expiry(&cache.name);
         let weak = Arc::downgrade(&cache);
         cache.metrics.before_render(Box::new(move || {
             if let Some(c) = weak.upgrade() {
