@@ -43,7 +43,10 @@ use counters::{Adjust, Admitted, Item, MemoryCounters, Outcome, Window};
 pub struct ClientLimits {
     client: Arc<str>,
     max_concurrent: Option<u32>,
-    in_flight: AtomicU32,
+    /// Requests holding an [`Admission`]; shared with the same client's limits in the
+    /// configurations before and after a reload, so requests admitted under the old one
+    /// still count against the new limit.
+    in_flight: Arc<AtomicU32>,
     own: LimitSet,
     deployments: Vec<DeploymentRule>,
     per_subject: Option<LimitSet>,
@@ -59,10 +62,16 @@ struct DeploymentRule {
 
 impl ClientLimits {
     pub fn new(c: &ClientConfig) -> Self {
+        Self::new_from(c, None)
+    }
+
+    /// The limits of `c` after a reload: the requests in flight are those counted by
+    /// `previous` (the same client's limits in the configuration being replaced).
+    pub fn new_from(c: &ClientConfig, previous: Option<&ClientLimits>) -> Self {
         Self {
             client: Arc::from(c.id.as_str()),
             max_concurrent: c.max_concurrent_requests,
-            in_flight: AtomicU32::new(0),
+            in_flight: previous.map_or_else(Arc::default, |p| p.in_flight.clone()),
             own: c.limit_set(),
             deployments: c
                 .limits

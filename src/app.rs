@@ -3,8 +3,11 @@
 //! [`start`] binds the client and admin listeners, starts the audit writer and returns a
 //! [`Running`] handle; [`Running::shutdown`] begins a graceful drain and
 //! [`Running::wait`] returns once connections are drained and audit lines flushed.
+//! [`start_with`] also names the configuration file, so that [`Running::reloader`] (and
+//! `POST /admin/reload`) can reload it, and can watch its directory for changes.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +25,7 @@ use crate::identify::api_key::{ApiKeys, KeyAdmin};
 use crate::identify::Identifier;
 use crate::listener::{self, ServeOptions};
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::upstream_auth::BackendCredentials;
 use crate::usage_log::{UsageCounters, UsageWriter, UsageWriterOptions};
 use crate::worker;
@@ -95,8 +99,20 @@ pub struct Running {
     keys: Option<Keys>,
     /// Writes usage records to the store (`store.record_usage`).
     usage: Option<Arc<UsageWriter>>,
-    /// Backend credentials; their token refreshers stop when this is dropped.
-    credentials: BackendCredentials,
+    /// Reloads the configuration; holds the backend credentials, whose token refreshers
+    /// stop at shutdown.
+    reloader: Arc<Reloader>,
+    /// The task reloading on changes to the configuration file, when watched.
+    watcher: Option<JoinHandle<()>>,
+}
+
+/// How [`start_with`] starts a gateway.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The file the configuration was read from: reloads read it again.
+    pub config_file: Option<PathBuf>,
+    /// Reload when the file's directory changes (see [`Reloader::watch`]).
+    pub watch: bool,
 }
 
 /// API keys of a running gateway: what requests check, and the store to manage them.
@@ -111,8 +127,13 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Start the gateway described by `v`.
+/// Start the gateway described by `v` (not reloadable from a file).
 pub async fn start(v: &Validated) -> Result<Running, StartError> {
+    start_with(v, StartOptions::default()).await
+}
+
+/// Start the gateway described by `v`, read from `opts.config_file`.
+pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let audit_path = match v.config.audit.path.as_str() {
         "-" => "-".to_owned(),
@@ -165,15 +186,20 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
              name http://<Host header>; set it to the URL clients use (https behind TLS)"
         );
     }
-    let identity = Identifier::build(
-        v,
-        keys.as_ref()
-            .map(|k| k.api_keys.clone() as Arc<dyn crate::identify::KeyCheck>),
-        metrics.clone(),
-    );
+    let key_check = keys
+        .as_ref()
+        .map(|k| k.api_keys.clone() as Arc<dyn crate::identify::KeyCheck>);
+    let identity = Identifier::build(v, key_check.clone(), metrics.clone());
     let credentials = BackendCredentials::start(v, &metrics)?;
     let health = crate::routing::health::HealthRegistry::new(&metrics);
-    let snapshot = Snapshot::build(v, identity, &credentials.credentials, &metrics, &health)?;
+    let snapshot = Snapshot::build(
+        v,
+        identity,
+        &credentials.credentials,
+        &metrics,
+        &health,
+        None,
+    )?;
     let budget =
         crate::buffer::BodyBudget::new(v.max_buffered_body_bytes, v.config.server.buffer_wait.0);
     // The tokenizer tables (admission estimates, cut streams), loaded before the first
@@ -186,6 +212,13 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
     });
     let gateway = Arc::new(Gateway::new(
         snapshot, metrics, audit, budget, limiter, accounting, health,
+    ));
+    let reloader = Arc::new(Reloader::new(
+        opts.config_file.clone(),
+        v,
+        gateway.clone(),
+        key_check,
+        credentials,
     ));
 
     let bind_err = |source| StartError::Bind {
@@ -203,6 +236,7 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
 
     let (stop, stopped) = watch::channel(false);
     let (admin_stop, admin_stopped) = watch::channel(false);
+    let watch = opts.watch;
     let opts = ServeOptions {
         header_timeout: v.config.server.header_timeout.0,
         drain_timeout: v.config.server.drain_timeout.0,
@@ -225,12 +259,12 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
     }
     let mut tasks = Vec::new();
     if let Some(l) = admin_listener {
-        let admin = Admin::new(gateway.clone(), v.admin_token.clone());
+        let admin = Admin::new(gateway.clone(), reloader.clone());
         tasks.push(tokio::spawn(listener::serve(
             l,
             move |req: Request<Incoming>, _peer| {
-                let resp = admin.handle(&req);
-                async move { resp }
+                let admin = admin.clone();
+                async move { admin.handle(req).await }
             },
             ServeOptions {
                 drain_timeout: Duration::from_secs(1),
@@ -239,6 +273,17 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
             wait_for(admin_stopped),
         )));
     }
+    let watcher = if watch {
+        match reloader.watch() {
+            Ok(task) => Some(task),
+            Err(e) => {
+                tracing::warn!(error = %e, "configuration changes are not watched; reload with SIGHUP or POST /admin/reload");
+                None
+            }
+        }
+    } else {
+        None
+    };
     tracing::info!(%addr, admin = ?admin_addr, workers, backends = v.config.backends.len(), max_buffered_body_bytes = v.max_buffered_body_bytes, "portcullis is listening");
     Ok(Running {
         addr,
@@ -252,7 +297,8 @@ pub async fn start(v: &Validated) -> Result<Running, StartError> {
         audit_writer,
         keys,
         usage,
-        credentials,
+        reloader,
+        watcher,
     })
 }
 
@@ -284,6 +330,11 @@ impl Running {
         self.keys.as_ref()
     }
 
+    /// What reloads this gateway's configuration.
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
     /// Wait until listeners are drained, key uses and the audit log are flushed.
     pub async fn wait(self) {
         let threads = self.threads;
@@ -306,7 +357,12 @@ impl Running {
         if let Some(u) = &self.usage {
             u.flush_and_stop().await;
         }
-        self.credentials.stop();
+        if let Some(w) = self.watcher {
+            w.abort();
+            let _ = w.await;
+        }
+        self.reloader.stop().await;
+        drop(self.reloader);
         drop(self.gateway);
         // The writer ends once the last sink (held by finished requests) is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_writer.join()).await;

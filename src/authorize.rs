@@ -32,6 +32,12 @@ fn bit(op: Operation) -> u32 {
 
 impl ClientPolicy {
     pub fn new(c: &ClientConfig) -> Self {
+        Self::new_from(c, None)
+    }
+
+    /// The policy of `c` after a reload; `previous` is the same client's policy in the
+    /// configuration being replaced (its concurrency count carries over).
+    pub fn new_from(c: &ClientConfig, previous: Option<&ClientPolicy>) -> Self {
         let mut operations = 0;
         for op in &c.operations {
             if op.as_str() == "*" {
@@ -58,7 +64,10 @@ impl ClientPolicy {
                     )
                 })
                 .collect(),
-            limits: Arc::new(crate::admit::ClientLimits::new(c)),
+            limits: Arc::new(crate::admit::ClientLimits::new_from(
+                c,
+                previous.map(|p| &*p.limits),
+            )),
         }
     }
 

@@ -57,15 +57,24 @@ impl Snapshot {
     /// `credentials` is index-aligned with `config.backends`; `metrics` must be the registry
     /// of the [`Gateway`] that will serve this snapshot (backends count into it directly).
     /// `health` is the gateway's [`HealthRegistry`]: backends kept from an earlier snapshot
-    /// keep their cool-downs, circuits and counts.
+    /// keep their cool-downs, circuits and counts. On a reload, `previous` is the snapshot
+    /// being replaced: backends with unchanged connection settings keep its upstream
+    /// connection pools.
     pub fn build(
         v: &Validated,
         identity: Identifier,
         credentials: &[Credential],
         metrics: &Metrics,
         health: &HealthRegistry,
+        previous: Option<&Snapshot>,
     ) -> Result<Self, BuildError> {
-        let backends = BackendTable::build(v, credentials, metrics, health)?;
+        let backends = BackendTable::build_from(
+            v,
+            credentials,
+            metrics,
+            health,
+            previous.map(|p| &p.backends),
+        )?;
         crate::routing::probe::spawn_all(&backends);
         Ok(Self {
             backends,

@@ -7,7 +7,8 @@
 //! [`upstream_auth`] signs the upstream request, [`proxy`] forwards and relays the stream,
 //! [`account`] reads what the answer cost and [`usage_log`] writes it to the [`store`];
 //! [`audit`] records the outcome. [`gateway`] composes them; [`config`], [`admin`],
-//! [`metrics`], [`sim`], [`demo`], [`worker`] and [`app`] surround the path; [`report`] is
+//! [`metrics`], [`reload`] (live configuration), [`sim`], [`demo`], [`worker`] and [`app`]
+//! surround the path; [`report`] is
 //! `portcullis usage`; [`shown`], [`digest`], [`pricing`] and [`tokens`] (token counts and
 //! estimates) are leaf helpers several stages use.
 
@@ -33,6 +34,7 @@ pub mod listener;
 pub mod metrics;
 pub mod pricing;
 pub mod proxy;
+pub mod reload;
 pub mod report;
 pub mod route;
 pub mod routing;

@@ -1,5 +1,5 @@
-//! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `demo`, `keys`,
-//! `usage`).
+//! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `reload`,
+//! `demo`, `keys`, `usage`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use portcullis::identify::api_key::{self, KeyAdmin};
+use portcullis::reload::client as reload;
 use portcullis::store::{self, KeyRecord};
 use portcullis::{app, config, demo, listener, report};
 
@@ -32,11 +33,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway. SIGHUP, a change to the configuration file and `portcullis reload`
+    /// reload the configuration without dropping a request.
     Serve {
         /// Configuration file (TOML).
         #[arg(long, short, default_value = "portcullis.toml")]
         config: PathBuf,
+        /// Do not reload when the configuration file changes (SIGHUP and
+        /// `portcullis reload` still do).
+        #[arg(long)]
+        no_watch: bool,
+    },
+    /// Ask a running gateway to reload its configuration file (POST /admin/reload on the
+    /// admin listener named by [admin] listen, with [admin] token), and print the outcome:
+    /// exit code 0 when applied, 1 when rejected (the running configuration is kept).
+    Reload {
+        #[arg(long, short, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// The admin listener's address (host:port), instead of [admin] listen.
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Validate a configuration file and print every problem (exit code 1 if any).
     Check {
@@ -187,7 +203,8 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve { config } => serve(config).await,
+            Command::Serve { config, no_watch } => serve(config, !no_watch).await,
+            Command::Reload { config, admin } => reload(&config, admin.as_deref()).await,
             Command::Demo {
                 port,
                 token_latency_ms,
@@ -214,7 +231,16 @@ fn main() -> ExitCode {
     })
 }
 
-async fn serve(path: PathBuf) -> ExitCode {
+async fn serve(path: PathBuf, watch: bool) -> ExitCode {
+    // Registered first: from here on SIGHUP reloads instead of ending the process.
+    #[cfg(unix)]
+    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot handle SIGHUP: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let validated = match config::load_file(&path) {
         Ok(v) => v,
         Err(e) => {
@@ -222,18 +248,51 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let running = match app::start(&validated).await {
+    let opts = app::StartOptions {
+        config_file: Some(path),
+        watch,
+    };
+    let running = match app::start_with(&validated, opts).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(unix)]
+    let hangups = portcullis::reload::on_hangup(hangup, running.reloader());
     listener::shutdown_signal().await;
+    #[cfg(unix)]
+    hangups.abort();
     tracing::info!("shutdown signal received; draining");
     running.shutdown();
     running.wait().await;
     ExitCode::SUCCESS
+}
+
+/// `portcullis reload`: POST /admin/reload to the gateway the configuration describes.
+async fn reload(path: &std::path::Path, admin: Option<&str>) -> ExitCode {
+    let target = match reload::admin_target(path, admin) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match reload::request(&target).await {
+        Ok(outcome) => {
+            print!("{}", reload::describe(&outcome));
+            if outcome.applied() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run_demo(port: u16, token_latency_ms: u64) -> ExitCode {

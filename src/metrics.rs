@@ -84,6 +84,53 @@ pub struct UsageDropLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `portcullis_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `rejected`.
+    pub outcome: &'static str,
+}
+
+/// Configuration reloads ([`crate::reload`]).
+#[derive(Clone)]
+pub struct ReloadMetrics {
+    /// `portcullis_config_reloads_total{outcome}`.
+    pub reloads: Family<ReloadLabels, Counter>,
+    /// `portcullis_config_restart_required`: 1 while the file asks for a change to a
+    /// start-time-only key that the running process does not have.
+    pub restart_required: Gauge,
+}
+
+impl ReloadMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by outcome (applied, or rejected: the running configuration was kept)",
+            reloads.clone(),
+        );
+        // Both series exist from the start (0), so a rate or an alert has a baseline.
+        for outcome in ["applied", "rejected"] {
+            let _ = reloads.get_or_create(&ReloadLabels { outcome });
+        }
+        let restart_required = Gauge::default();
+        registry.register(
+            "config_restart_required",
+            "1 when the last applied configuration changes keys that only take effect after a restart",
+            restart_required.clone(),
+        );
+        Self {
+            reloads,
+            restart_required,
+        }
+    }
+
+    /// Count one reload with `outcome`.
+    pub fn count(&self, outcome: &'static str) {
+        self.reloads.get_or_create(&ReloadLabels { outcome }).inc();
+    }
+}
+
 /// A callback run before each rendering (for values computed at scrape time).
 type RenderHook = Box<dyn Fn() + Send + Sync>;
 
@@ -120,6 +167,8 @@ pub struct Metrics {
     pub accounting: AccountingMetrics,
     /// Retries, spill-overs, cool-downs, circuits and probes.
     pub routing: RoutingMetrics,
+    /// Configuration reloads.
+    pub reloads: ReloadMetrics,
 }
 
 impl Default for Metrics {
@@ -220,9 +269,11 @@ impl Metrics {
         );
         let accounting = AccountingMetrics::register(&mut registry);
         let routing = RoutingMetrics::register(&mut registry);
+        let reloads = ReloadMetrics::register(&mut registry);
         Self {
             accounting,
             routing,
+            reloads,
             backend_tokens,
             token_expiry,
             before_render: Mutex::new(Vec::new()),

@@ -82,13 +82,65 @@ pub struct Refusal {
 }
 
 /// A verified token as remembered in the cache.
+///
+/// The cache outlives a configuration reload when `auth.token_cache_size` is unchanged,
+/// and what an entry remembers is split by what a reload may change:
+/// - the verification (signature, `iss`, `aud`, times, required claims) holds for the
+///   issuer settings it was made under, named by `issuer_print`; a snapshot whose issuer
+///   of that name has other settings (or none) verifies the token again;
+/// - the client it resolved to (`caller`) holds only for the snapshot of `generation`;
+///   any other snapshot resolves the client again from `claims` against its own bindings
+///   (a new, changed or removed `[[clients]]` entry takes effect at once).
 struct CachedToken {
     caller: Arc<Caller>,
+    /// [`Identifier::generation`] of the snapshot that resolved `caller`.
+    generation: u64,
+    /// Index of the issuer in that snapshot.
     issuer: usize,
+    /// Fingerprint of the issuer settings the token was verified under.
+    issuer_print: [u8; 32],
+    claims: Arc<Map<String, Value>>,
     kid: Option<String>,
     key: Option<[u8; 32]>,
     exp: u64,
 }
+
+/// Fingerprint of everything that decides whether a token of `issuer` verifies: its
+/// settings, where its keys come from, its HMAC secret and `auth.max_token_bytes`.
+fn issuer_print(
+    i: &crate::config::IssuerConfig,
+    secret: Option<&crate::config::Secret>,
+    max_token_bytes: usize,
+) -> [u8; 32] {
+    let text = format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{max_token_bytes}|{:x?}",
+        i.name,
+        i.issuer,
+        i.jwks_uri,
+        i.audiences,
+        i.algorithms,
+        i.leeway,
+        i.required_claims,
+        i.allowed_tenants,
+        i.refresh_interval,
+        secret.map(|s| crate::digest::sha256(s.expose().as_bytes())),
+    );
+    crate::digest::sha256(text.as_bytes())
+}
+
+/// What an issuer's key cache is fetched from and how: equal keys may share one cache.
+fn jwks_key(i: &crate::config::IssuerConfig) -> String {
+    format!(
+        "{:?}|{:?}|{:?}|{:?}",
+        i.name, i.issuer, i.jwks_uri, i.refresh_interval
+    )
+}
+
+/// Source of [`Identifier::generation`]: one number per identifier built.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The verified-token cache.
+type VerifiedCache = quick_cache::sync::Cache<[u8; 32], Arc<CachedToken>>;
 
 /// A JWT binding compiled from `clients[].jwt`.
 struct Binding {
@@ -107,7 +159,16 @@ pub struct Identifier {
     clients: std::collections::HashMap<String, Arc<ClientPolicy>>,
     anonymous: Option<Arc<Caller>>,
     api_keys: Option<Arc<dyn KeyCheck>>,
-    verified: Option<quick_cache::sync::Cache<[u8; 32], Arc<CachedToken>>>,
+    verified: Option<Arc<VerifiedCache>>,
+    /// Distinguishes this identifier's cached client resolutions from those of the
+    /// identifiers before and after a reload, which share the verified-token cache.
+    generation: u64,
+    /// [`issuer_print`] per issuer, index-aligned with `issuers.list`.
+    issuer_prints: Vec<[u8; 32]>,
+    /// [`jwks_key`] per issuer whose keys are fetched, index-aligned with `issuers.list`.
+    jwks_keys: Vec<Option<String>>,
+    /// Early key refreshes allowed across all issuers (kept across reloads).
+    budget: Arc<jwks::RefreshBudget>,
     metrics: Arc<Metrics>,
     /// `auth{method, outcome="allow"}` per method, looked up once (the request-path case;
     /// refusals go through the family).
@@ -121,13 +182,30 @@ impl Identifier {
         api_keys: Option<Arc<dyn KeyCheck>>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::build_from(v, api_keys, metrics, None)
+    }
+
+    /// [`Identifier::build`] for a configuration reload, keeping what `previous` learnt
+    /// where it still holds: the key cache (and its refresher) of an issuer fetched from the
+    /// same place on the same schedule, the verified-token cache (see `CachedToken` for
+    /// why its entries stay correct), the early-refresh budget and each client's count of
+    /// requests in flight.
+    pub fn build_from(
+        v: &Validated,
+        api_keys: Option<Arc<dyn KeyCheck>>,
+        metrics: Arc<Metrics>,
+        previous: Option<&Identifier>,
+    ) -> Self {
         let c = &v.config;
-        let budget = Arc::new(jwks::RefreshBudget::default());
+        let budget = previous.map_or_else(Arc::default, |p| p.budget.clone());
+        let mut issuer_prints = Vec::with_capacity(c.issuers.len());
+        let mut jwks_keys = Vec::with_capacity(c.issuers.len());
         let list = c
             .issuers
             .iter()
             .zip(&v.issuer_secrets)
             .map(|(i, secret)| {
+                issuer_prints.push(issuer_print(i, secret.as_ref(), c.auth.max_token_bytes));
                 let source = match &i.jwks_uri {
                     Some(u) => jwks::KeySource::Uri(u.as_str().to_owned()),
                     None => jwks::KeySource::Discovery {
@@ -138,16 +216,22 @@ impl Identifier {
                     .algorithms
                     .iter()
                     .any(|a| !crate::config::identity::HMAC_ALGS.contains(&a.as_str()));
-                let keys = if asymmetric {
-                    jwks::Jwks::start(
+                let key = asymmetric.then(|| jwks_key(i));
+                let kept = previous.and_then(|p| {
+                    let at = p.jwks_keys.iter().position(|k| k.is_some() && *k == key)?;
+                    Some(p.issuers.list.get(at)?.keys.clone())
+                });
+                jwks_keys.push(key);
+                let keys = match kept {
+                    Some(keys) => keys,
+                    None if asymmetric => jwks::Jwks::start(
                         i.name.as_str(),
                         source,
                         i.refresh_interval.0,
                         budget.clone(),
                         metrics.clone(),
-                    )
-                } else {
-                    jwks::Jwks::none(i.name.as_str())
+                    ),
+                    None => jwks::Jwks::none(i.name.as_str()),
                 };
                 let strings = |v: &[crate::config::Text]| -> Vec<String> {
                     v.iter().map(|t| t.as_str().to_owned()).collect()
@@ -171,7 +255,8 @@ impl Identifier {
         let mut bindings = Vec::new();
         let mut anonymous = None;
         for cc in &c.clients {
-            let policy = Arc::new(ClientPolicy::new(cc));
+            let before = previous.and_then(|p| p.clients.get(cc.id.as_str()));
+            let policy = Arc::new(ClientPolicy::new_from(cc, before.map(|p| &**p)));
             clients.insert(cc.id.as_str().to_owned(), policy.clone());
             if cc.anonymous {
                 anonymous = Some(Arc::new(Caller {
@@ -204,13 +289,21 @@ impl Identifier {
             }
         }
         let size = c.auth.token_cache_size;
+        let verified = match previous.and_then(|p| p.verified.as_ref()) {
+            Some(cache) if cache.capacity() == size as u64 => Some(cache.clone()),
+            _ => (size > 0).then(|| Arc::new(quick_cache::sync::Cache::new(size))),
+        };
         Self {
             issuers: Issuers::new(list, c.auth.max_token_bytes),
             bindings,
             clients,
             anonymous,
             api_keys,
-            verified: (size > 0).then(|| quick_cache::sync::Cache::new(size)),
+            verified,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            issuer_prints,
+            jwks_keys,
+            budget,
             metrics,
             allowed: Default::default(),
         }
@@ -326,11 +419,24 @@ impl Identifier {
         if let (Some(cache), Some(d)) = (&self.verified, &digest) {
             if let Some(hit) = cache.get(d) {
                 let now = jsonwebtoken::get_current_timestamp();
-                let issuer = &self.issuers.list[hit.issuer];
-                if hit.exp.saturating_add(issuer.leeway()) >= now
-                    && issuer.still_trusts(hit.kid.as_deref(), hit.key.as_ref())
-                {
-                    return Ok(hit.caller.clone());
+                // This snapshot's issuer with the settings the token was verified under.
+                let at = if hit.generation == self.generation {
+                    Some(hit.issuer)
+                } else {
+                    self.issuer_prints
+                        .iter()
+                        .position(|p| *p == hit.issuer_print)
+                };
+                if let Some(at) = at {
+                    let issuer = &self.issuers.list[at];
+                    if hit.exp.saturating_add(issuer.leeway()) >= now
+                        && issuer.still_trusts(hit.kid.as_deref(), hit.key.as_ref())
+                    {
+                        if hit.generation == self.generation {
+                            return Ok(hit.caller.clone());
+                        }
+                        return self.resolve_again(cache, *d, &hit, at);
+                    }
                 }
                 cache.remove(d);
             }
@@ -359,13 +465,54 @@ impl Identifier {
                 d,
                 Arc::new(CachedToken {
                     caller: caller.clone(),
+                    generation: self.generation,
                     issuer: verified.issuer,
+                    issuer_print: self.issuer_prints[verified.issuer],
+                    claims: Arc::new(verified.claims),
                     kid: verified.kid,
                     key: verified.key,
                     exp: verified.exp,
                 }),
             );
         }
+        Ok(caller)
+    }
+
+    /// A token verified under another snapshot with the same issuer settings: resolve its
+    /// client against this snapshot's bindings, and remember that for this snapshot.
+    fn resolve_again(
+        &self,
+        cache: &VerifiedCache,
+        digest: [u8; 32],
+        hit: &CachedToken,
+        issuer_index: usize,
+    ) -> Result<Arc<Caller>, Refusal> {
+        let issuer = &self.issuers.list[issuer_index];
+        let client = self
+            .client_for(issuer_index, &hit.claims, issuer)
+            .map_err(|mut r| {
+                r.principal = Some(hit.caller.principal.clone());
+                r
+            })?;
+        let caller = Arc::new(Caller {
+            client,
+            method: AuthMethod::Jwt,
+            principal: hit.caller.principal.clone(),
+            grants: hit.caller.grants.clone(),
+        });
+        cache.insert(
+            digest,
+            Arc::new(CachedToken {
+                caller: caller.clone(),
+                generation: self.generation,
+                issuer: issuer_index,
+                issuer_print: hit.issuer_print,
+                claims: hit.claims.clone(),
+                kid: hit.kid.clone(),
+                key: hit.key,
+                exp: hit.exp,
+            }),
+        );
         Ok(caller)
     }
 
@@ -590,6 +737,101 @@ deployments = {{ "m" = "m" }}
             let again = id.identify(&h).await.ok().unwrap();
             assert!(Arc::ptr_eq(&caller, &again));
         }
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_identifier_keeps_keys_and_verifications_but_never_a_stale_policy() {
+        use crate::sim::issuer::{DemoIssuer, SigningAlg};
+        let issuer = DemoIssuer::start().await.unwrap();
+        let config = |audience: &str, client: &str, refresh: &str| {
+            format!(
+                r#"
+[[issuers]]
+name = "demo"
+issuer = "{}"
+audiences = ["{audience}"]
+algorithms = ["ES256"]
+refresh_interval = "{refresh}"
+{client}
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+deployments = {{ "m" = "m" }}
+"#,
+                issuer.issuer()
+            )
+        };
+        let c1 = |deployments: &str| {
+            format!(
+                "[[clients]]\nid = \"c1\"\njwt = [{{ issuer = \"demo\", claims = {{ azp = \"app-1\" }} }}]\ndeployments = [{deployments}]\noperations = [\"chat\"]\nmax_concurrent_requests = 1\n"
+            )
+        };
+        let build = |text: &str, previous: Option<&Identifier>| {
+            let v = crate::config::load_str(text, "t", std::path::Path::new(".")).unwrap();
+            Identifier::build_from(&v, None, Arc::new(Metrics::new()), previous)
+        };
+        let a = build(&config("api://x", &c1("\"m\""), "1h"), None);
+        let token = issuer
+            .sign_with(
+                SigningAlg::Es256,
+                "api://x",
+                std::time::Duration::from_secs(60),
+                serde_json::json!({"azp": "app-1", "sub": "u"}),
+            )
+            .unwrap();
+        let h = bearer(&token);
+        let first = a.identify(&h).await.ok().unwrap();
+        assert!(!first.client.allows_deployment("other"));
+        let held = crate::admit::admit(&first).ok().unwrap();
+
+        // The client's policy changes: the same verification, the new policy.
+        let b = build(&config("api://x", &c1("\"*\""), "1h"), Some(&a));
+        assert!(
+            Arc::ptr_eq(&a.issuers()[0].keys, &b.issuers()[0].keys),
+            "keys kept"
+        );
+        let second = b.identify(&h).await.ok().unwrap();
+        assert!(
+            Arc::ptr_eq(&first.principal, &second.principal),
+            "not verified again"
+        );
+        assert!(second.client.allows_deployment("other"), "the new policy");
+        assert!(
+            crate::admit::admit(&second).is_err(),
+            "the request admitted under the old policy still counts"
+        );
+        drop(held);
+        assert!(crate::admit::admit(&second).is_ok());
+        // The old identifier (requests still running on it) keeps the old policy.
+        let old = a.identify(&h).await.ok().unwrap();
+        assert!(!old.client.allows_deployment("other"));
+        // Back on the new one: resolved for it again.
+        assert!(b
+            .identify(&h)
+            .await
+            .ok()
+            .unwrap()
+            .client
+            .allows_deployment("other"));
+
+        // The client is removed: the cached token no longer names anyone.
+        let c = build(&config("api://x", "", "1h"), Some(&b));
+        let refused = c.identify(&h).await.err().unwrap();
+        assert_eq!(refused.error.code(), "client_not_allowed");
+
+        // The issuer's audience changes: the cached verification does not carry over.
+        let d = build(&config("api://other", &c1("\"*\""), "1h"), Some(&b));
+        let refused = d.identify(&h).await.err().unwrap();
+        assert_eq!(refused.error.code(), "invalid_token", "{}", refused.error);
+
+        // Keys fetched on another schedule are another cache.
+        let e = build(&config("api://x", &c1("\"*\""), "2h"), Some(&b));
+        assert!(!Arc::ptr_eq(&b.issuers()[0].keys, &e.issuers()[0].keys));
+        let fresh = e.identify(&h).await.ok().unwrap();
+        assert!(
+            !Arc::ptr_eq(&first.principal, &fresh.principal),
+            "verified again"
+        );
     }
 
     #[tokio::test]

@@ -48,7 +48,12 @@ pub struct Backend {
     pub idle_timeout: Duration,
     pub credential: Credential,
     /// Upstream connections, one slot per worker, so a worker only uses connections it owns.
-    pub pool: Pool,
+    /// Shared with the next configuration's backend when its connection settings are the
+    /// same ([`BackendTable::build_from`]), so a reload keeps warm connections.
+    pub pool: Arc<Pool>,
+    /// What the pool was built from (scheme, authority, `http2`, CA file and its content,
+    /// connect timeout, workers): equal keys may share one pool.
+    pool_key: PoolKey,
     /// This backend's request and attempt counters and latency histograms.
     pub series: BackendSeries,
     /// Response headers dropped by default that this backend may pass to clients.
@@ -137,6 +142,18 @@ pub enum BuildError {
     Url(usize, String),
 }
 
+/// The settings an upstream connection pool is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PoolKey {
+    scheme: Scheme,
+    authority: Authority,
+    http2: bool,
+    /// The CA file and the SHA-256 of its content (a replaced file is a new pool).
+    ca: Option<(std::path::PathBuf, [u8; 32])>,
+    connect_timeout: Duration,
+    workers: usize,
+}
+
 /// All backends of a snapshot, indexed by public deployment name.
 #[derive(Debug)]
 pub struct BackendTable {
@@ -213,8 +230,24 @@ impl BackendTable {
         metrics: &Metrics,
         registry: &HealthRegistry,
     ) -> Result<Self, BuildError> {
+        Self::build_from(v, credentials, metrics, registry, None)
+    }
+
+    /// [`BackendTable::build`] for a configuration reload: a backend whose connection
+    /// settings (scheme, authority, `http2`, CA file and content, connect timeout) equal
+    /// those of a backend in `previous` shares that backend's pool, idle connections
+    /// included; the other pools are new, and the old ones close when the last request
+    /// of the previous snapshot is done with them. Health (cool-downs, circuits) is kept
+    /// by `registry` for every backend whose name and URL are unchanged.
+    pub fn build_from(
+        v: &Validated,
+        credentials: &[Credential],
+        metrics: &Metrics,
+        registry: &HealthRegistry,
+        previous: Option<&BackendTable>,
+    ) -> Result<Self, BuildError> {
         let mut backends = Vec::with_capacity(v.config.backends.len());
-        let mut kept = Vec::with_capacity(v.config.backends.len());
+        let mut configured = Vec::with_capacity(v.config.backends.len());
         for ((i, b), credential) in v.config.backends.iter().enumerate().zip(credentials) {
             let uri: http::Uri = b
                 .url
@@ -234,11 +267,43 @@ impl BackendTable {
                 extra_ca_file: ca,
                 workers: crate::worker::count(v.config.server.workers),
             };
-            let pool =
-                Pool::new(&scheme, &authority, &opts).map_err(|e| BuildError::Client(i, e))?;
+            let pool_key = PoolKey {
+                scheme: scheme.clone(),
+                authority: authority.clone(),
+                http2: opts.http2,
+                ca: match &opts.extra_ca_file {
+                    Some(p) => {
+                        let pem = std::fs::read(p).map_err(|e| {
+                            BuildError::Client(
+                                i,
+                                pool::SetupError::CaFile {
+                                    path: p.display().to_string(),
+                                    reason: e.to_string(),
+                                },
+                            )
+                        })?;
+                        Some((p.clone(), crate::digest::sha256(&pem)))
+                    }
+                    None => None,
+                },
+                connect_timeout: opts.connect_timeout,
+                workers: opts.workers,
+            };
+            let kept = previous.and_then(|t| {
+                t.backends
+                    .iter()
+                    .find(|b| b.pool_key == pool_key)
+                    .map(|b| b.pool.clone())
+            });
+            let pool = match kept {
+                Some(p) => p,
+                None => Arc::new(
+                    Pool::new(&scheme, &authority, &opts).map_err(|e| BuildError::Client(i, e))?,
+                ),
+            };
             let label = Arc::new(b.name.to_string());
             let health = registry.backend(b.name.as_str(), b.url.as_str());
-            kept.push((b.name.to_string(), b.url.to_string()));
+            configured.push((b.name.to_string(), b.url.to_string()));
             let deployment_health = b
                 .deployments
                 .iter()
@@ -277,6 +342,7 @@ impl BackendTable {
                 idle_timeout: b.timeouts.idle.0,
                 credential: credential.clone(),
                 pool,
+                pool_key,
                 pass_response_headers: b
                     .pass_response_headers
                     .iter()
@@ -291,7 +357,7 @@ impl BackendTable {
                 probe,
             }));
         }
-        registry.retain(&kept);
+        registry.retain(&configured);
         let workers = crate::worker::count(v.config.server.workers);
         Ok(Self::from_backends(
             backends,
@@ -419,6 +485,49 @@ mod tests {
             &HealthRegistry::default(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_rebuilt_table_keeps_the_pools_of_backends_whose_connection_is_unchanged() {
+        let build = |toml: &str, previous: Option<&BackendTable>| {
+            let v = crate::config::load_str(toml, "t", std::path::Path::new(".")).unwrap();
+            let creds =
+                crate::upstream_auth::BackendCredentials::start(&v, &Default::default()).unwrap();
+            BackendTable::build_from(
+                &v,
+                &creds.credentials,
+                &Metrics::new(),
+                &HealthRegistry::default(),
+                previous,
+            )
+            .unwrap()
+        };
+        let old = build(THREE, None);
+        // Weights, priorities, deployments and names change; ptu-b moves to another port,
+        // paygo gets another connect timeout.
+        let changed = THREE
+            .replace("weight = 3", "weight = 5")
+            .replace("name = \"ptu-a\"", "name = \"ptu-a2\"")
+            .replace("127.0.0.1:3", "127.0.0.1:4")
+            .replace(
+                "priority = 1\n",
+                "priority = 1\ntimeouts = { connect = \"7s\", first_byte = \"30s\", idle = \"30s\" }\n",
+            );
+        let new = build(&changed, Some(&old));
+        let (o, n) = (old.backends(), new.backends());
+        assert!(
+            Arc::ptr_eq(&o[1].pool, &n[1].pool),
+            "ptu-a: same URL, renamed"
+        );
+        assert_eq!(n[1].weight, 5);
+        assert!(!Arc::ptr_eq(&o[2].pool, &n[2].pool), "ptu-b: other port");
+        assert!(
+            !Arc::ptr_eq(&o[0].pool, &n[0].pool),
+            "paygo: other connect timeout"
+        );
+        // Unchanged twice over: still the first pool.
+        let again = build(&changed, Some(&new));
+        assert!(Arc::ptr_eq(&n[0].pool, &again.backends()[0].pool));
     }
 
     const THREE: &str = r#"

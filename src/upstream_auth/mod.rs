@@ -127,7 +127,24 @@ impl Credential {
 pub struct BackendCredentials {
     /// Index-aligned with `config.backends`.
     pub credentials: Vec<Credential>,
-    refreshers: Vec<tokio::task::JoinHandle<()>>,
+    /// One cache and refresher per distinct token credential, by [`TokenSpec::cache_key`].
+    /// Shared with the credentials built from it by [`BackendCredentials::start_from`], so
+    /// a configuration reload keeps the token (and asks the IdP for nothing) when a
+    /// credential is unchanged.
+    caches: HashMap<String, Arc<Refreshing>>,
+}
+
+/// A token cache and the task that keeps it filled; the task stops when the last
+/// configuration using the credential is dropped (or at [`BackendCredentials::stop`]).
+struct Refreshing {
+    cache: Arc<TokenCache>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A backend's credential could not be set up.
@@ -143,11 +160,32 @@ impl BackendCredentials {
     /// Build every backend's credential and start one refresher per distinct token
     /// credential, on the current runtime.
     pub fn start(v: &Validated, metrics: &Arc<Metrics>) -> Result<Self, SetupError> {
-        let mut caches: HashMap<String, Arc<TokenCache>> = HashMap::new();
-        let mut refreshers = Vec::new();
+        Self::start_from(v, metrics, None)
+    }
+
+    /// [`BackendCredentials::start`], reusing the token caches (and their refreshers) of
+    /// `previous` for every credential whose [`TokenSpec::cache_key`] is unchanged: no new
+    /// token request for them. Refreshers of credentials `v` no longer uses stop once
+    /// `previous` is dropped (requests still holding its snapshot keep the last token).
+    pub fn start_from(
+        v: &Validated,
+        metrics: &Arc<Metrics>,
+        previous: Option<&BackendCredentials>,
+    ) -> Result<Self, SetupError> {
+        let mut caches: HashMap<String, Arc<Refreshing>> = HashMap::new();
         // [direct, through the environment's proxy], created when first needed.
         let mut clients: [Option<reqwest::Client>; 2] = [None, None];
         let mut credentials = Vec::with_capacity(v.backend_auth.len());
+        // Names of the caches kept from `previous`: a new cache must not take one.
+        let kept_names: Vec<&str> = v
+            .backend_auth
+            .iter()
+            .filter_map(|a| match a {
+                ResolvedAuth::Token(spec) => previous?.caches.get(&spec.cache_key()),
+                _ => None,
+            })
+            .map(|r| r.cache.name())
+            .collect();
         for (i, (auth, b)) in v.backend_auth.iter().zip(&v.config.backends).enumerate() {
             let c = match auth {
                 ResolvedAuth::None => Credential::None,
@@ -155,9 +193,14 @@ impl BackendCredentials {
                     .map_err(|e| SetupError::Invalid(i, e))?,
                 ResolvedAuth::Token(spec) => {
                     let key = spec.cache_key();
-                    let cache = match caches.get(&key) {
-                        Some(c) => c.clone(),
-                        None => {
+                    let kept = previous.and_then(|p| p.caches.get(&key));
+                    let cache = match (caches.get(&key), kept) {
+                        (Some(r), _) => r.cache.clone(),
+                        (None, Some(r)) => {
+                            caches.insert(key, r.clone());
+                            r.cache.clone()
+                        }
+                        (None, None) => {
                             let direct = spec.must_not_be_proxied();
                             let client = match &mut clients[usize::from(!direct)] {
                                 Some(c) => c,
@@ -165,15 +208,25 @@ impl BackendCredentials {
                             };
                             // Unique per cache: the same app with two scopes gets two names.
                             let mut name = format!("{}:{}", spec.kind, spec.identity);
-                            if caches.values().any(|c| c.name() == name) {
+                            // (A cache being replaced, e.g. after a secret rotation, may
+                            // keep its name: the metric series carries on.)
+                            if caches.values().any(|r| r.cache.name() == name)
+                                || kept_names.contains(&name.as_str())
+                            {
                                 name = format!("{name}:{}", spec.scope);
                             }
                             let cache = TokenCache::new(name, metrics.clone());
-                            refreshers.push(token::spawn_refresher(
+                            let task = token::spawn_refresher(
                                 cache.clone(),
                                 source_for(spec, client.clone()),
-                            ));
-                            caches.insert(key, cache.clone());
+                            );
+                            caches.insert(
+                                key,
+                                Arc::new(Refreshing {
+                                    cache: cache.clone(),
+                                    task,
+                                }),
+                            );
                             cache
                         }
                     };
@@ -188,21 +241,29 @@ impl BackendCredentials {
         }
         Ok(Self {
             credentials,
-            refreshers,
+            caches,
         })
     }
 
-    /// Stop refreshing tokens (shutdown).
-    pub fn stop(&self) {
-        for r in &self.refreshers {
-            r.abort();
-        }
+    /// How many token caches these credentials use (one per distinct credential and scope).
+    pub fn token_caches(&self) -> usize {
+        self.caches.len()
     }
-}
 
-impl Drop for BackendCredentials {
-    fn drop(&mut self) {
-        self.stop();
+    /// The token caches these credentials started that `previous` did not have.
+    pub fn started_since(&self, previous: &BackendCredentials) -> Vec<Arc<TokenCache>> {
+        self.caches
+            .iter()
+            .filter(|(k, _)| !previous.caches.contains_key(*k))
+            .map(|(_, r)| r.cache.clone())
+            .collect()
+    }
+
+    /// Stop refreshing tokens (shutdown), including those shared with other credentials.
+    pub fn stop(&self) {
+        for r in self.caches.values() {
+            r.task.abort();
+        }
     }
 }
 

@@ -70,6 +70,16 @@ pub struct TokenCache {
     forced_at: AtomicU64,
     /// A forced renewal has not finished yet.
     forced_pending: std::sync::atomic::AtomicBool,
+    /// `portcullis_backend_token_expiry_seconds` of this credential (set at scrape time).
+    expiry: Gauge<f64, AtomicU64>,
+}
+
+impl Drop for TokenCache {
+    /// A credential a reload removed holds no token any more (a cache that replaced it
+    /// under the same name sets the gauge again at the next scrape).
+    fn drop(&mut self) {
+        self.expiry.set(0.0);
+    }
 }
 
 /// Forced renewals of one credential are at least this far apart, however many backends
@@ -87,6 +97,7 @@ impl std::fmt::Debug for TokenCache {
 impl TokenCache {
     /// An empty cache; [`spawn_refresher`] fills it.
     pub fn new(name: String, metrics: Arc<Metrics>) -> Arc<Self> {
+        let gauge: Gauge<f64, AtomicU64> = metrics.token_expiry(&name);
         let cache = Arc::new(Self {
             name,
             current: ArcSwapOption::empty(),
@@ -96,8 +107,8 @@ impl TokenCache {
             exchanged: tokio::sync::watch::channel(0).0,
             forced_at: AtomicU64::new(0),
             forced_pending: std::sync::atomic::AtomicBool::new(false),
+            expiry: gauge.clone(),
         });
-        let gauge: Gauge<f64, AtomicU64> = cache.metrics.token_expiry(&cache.name);
         let weak = Arc::downgrade(&cache);
         cache.metrics.before_render(Box::new(move || {
             if let Some(c) = weak.upgrade() {
@@ -156,6 +167,17 @@ impl TokenCache {
         }
         let _ = tokio::time::timeout(wait, exchanged.changed()).await;
         fresh(self)
+    }
+
+    /// Whether the refresher has finished at least one exchange, successful or not.
+    pub fn attempted(&self) -> bool {
+        self.current.load().is_some()
+            || self
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next_attempt
+                .is_some()
     }
 
     /// `Ok` while a valid token is held; otherwise why not.
