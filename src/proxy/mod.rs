@@ -708,7 +708,7 @@ pub async fn forward(
             let waits = skips
                 .full
                 .iter()
-                .map(|b| Box::pin(b.health.wait_release(queue_until)));
+                .map(|b| Box::pin(b.health.wait_release(b.max_concurrent, queue_until)));
             futures_util::future::select_all(waits).await;
             skips = Skips::default();
             continue;

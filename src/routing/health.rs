@@ -248,6 +248,9 @@ pub struct BackendHealth {
     probe_streak: AtomicI64,
     in_flight: AtomicU32,
     released: tokio::sync::Notify,
+    /// Requests waiting in [`BackendHealth::wait_release`] (only they need a wake-up, so a
+    /// lease's release touches the `Notify`'s lock only when someone waits).
+    waiting: AtomicU32,
     last_error: Mutex<Option<(SystemTime, String)>>,
     deployments: Mutex<HashMap<String, Arc<DeploymentHealth>>>,
 }
@@ -283,6 +286,7 @@ impl BackendHealth {
             probe_streak: AtomicI64::new(0),
             in_flight: AtomicU32::new(0),
             released: tokio::sync::Notify::new(),
+            waiting: AtomicU32::new(0),
             last_error: Mutex::new(None),
             deployments: Mutex::new(HashMap::new()),
         }
@@ -517,9 +521,26 @@ impl BackendHealth {
         })
     }
 
-    /// Wait until some request leaves this backend (or `deadline`).
-    pub async fn wait_release(&self, deadline: tokio::time::Instant) {
-        let _ = tokio::time::timeout_at(deadline, self.released.notified()).await;
+    /// Wait until this backend has fewer than `max` requests in flight (or `deadline`).
+    pub async fn wait_release(&self, max: Option<u32>, deadline: tokio::time::Instant) {
+        struct Waiting<'a>(&'a AtomicU32);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let notified = self.released.notified();
+        tokio::pin!(notified);
+        // Registered before counting, so a release between the two is not missed.
+        notified.as_mut().enable();
+        // SeqCst pairs with the lease's release: either it sees this waiter, or this sees
+        // its slot free.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        if self.in_flight.load(Ordering::SeqCst) < max.unwrap_or(u32::MAX) {
+            return;
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -567,8 +588,10 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.health.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.health.released.notify_waiters();
+        self.health.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.health.waiting.load(Ordering::SeqCst) > 0 {
+            self.health.released.notify_waiters();
+        }
     }
 }
 

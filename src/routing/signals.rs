@@ -54,23 +54,31 @@ pub struct Room {
 }
 
 pub fn room(headers: &HeaderMap) -> Room {
-    let int = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+    let int = |v: &http::HeaderValue| {
+        v.to_str()
+            .ok()
             .and_then(|v| v.trim().parse::<i64>().ok())
             .filter(|n| *n >= 0)
     };
-    let reset = ["x-ratelimit-reset-tokens", "x-ratelimit-reset-requests"]
-        .iter()
-        .filter_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
-        .filter_map(go_duration)
-        .max();
-    Room {
-        tokens: int("x-ratelimit-remaining-tokens"),
-        requests: int("x-ratelimit-remaining-requests"),
-        reset,
+    // One pass over the fields (this runs on every answer): only `x-ratelimit-*` ones are
+    // looked at, and none is hashed or looked up by name.
+    let mut room = Room::default();
+    for (name, value) in headers {
+        let Some(rest) = name.as_str().strip_prefix("x-ratelimit-") else {
+            continue;
+        };
+        match rest {
+            "remaining-tokens" => room.tokens = int(value),
+            "remaining-requests" => room.requests = int(value),
+            "reset-tokens" | "reset-requests" => {
+                if let Some(d) = value.to_str().ok().and_then(go_duration) {
+                    room.reset = Some(room.reset.map_or(d, |r| r.max(d)));
+                }
+            }
+            _ => {}
+        }
     }
+    room
 }
 
 /// A Go-style duration (`1h2m3.5s`, `20ms`, `6m0s`) or plain seconds (`12`, `0.5`).
