@@ -112,7 +112,12 @@ pub async fn serve_with<S, F>(
                 seen.http2.store(true, Ordering::Relaxed);
             }
             let answering = Answering::new(&seen);
-            let fut = svc(req, peer);
+            // Boxed on its own: hyper keeps the allocation of the future it is given for the
+            // connection's life, and the pipeline's future is large (KiBs) while it is done
+            // as soon as the answer's head is ready. This way a connection streaming an answer
+            // holds only this small wrapper's, and the pipeline's is freed (then reused by the
+            // thread's next request).
+            let fut = Box::pin(svc(req, peer));
             async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
         });
         let io = Counted {
