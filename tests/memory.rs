@@ -274,11 +274,12 @@ async fn memory_returns_to_the_baseline_when_the_allocator_purges_at_once() {
 /// usual soft limit of 1,024).
 const STREAMS: usize = 300;
 /// The stated bound on the gateway's growth per open stream, once each has received events
-/// and waits for the next. Measured: 20–21 KiB (bench/streams.sh, 1,000 and 10,000 streams:
-/// hyper's client-side buffers and the connection task are most of it); before the read
-/// buffer was let go while idle and the pipeline's future was boxed apart, 30–37 KiB. The
-/// headroom is for allocator noise over a few hundred streams.
-const PER_STREAM: u64 = 28 * 1024;
+/// and waits for the next. Measured: 20 KiB here (a debug build, 300 streams), 15 KiB with
+/// bench/streams.sh (release, 10,000 streams: hyper's client-side buffers and the connection
+/// task are most of it); 30–41 KiB before the upstream read buffer was let go while idle, the
+/// pipeline's future boxed apart and hyper's read buffer kept from doubling (see
+/// ARCHITECTURE.md). The headroom is for allocator noise over a few hundred streams.
+const PER_STREAM: u64 = 26 * 1024;
 
 /// One streaming chat, read until it has delivered `events` events; the connection is
 /// returned open (the stream goes on, one event a second).

@@ -1,6 +1,7 @@
 //! Listener: the accept loop shared by the gateway, the admin endpoint and the simulator.
 //!
-//! HTTP/1.1 and h2c on one port (hyper-util `auto`), TCP_NODELAY on every accepted
+//! HTTP/1.1 and h2c on one port (told apart by peeking at the first bytes, see `sniff`;
+//! hyper-util `auto` when they do not tell yet), TCP_NODELAY on every accepted
 //! socket, a header timeout against slow clients and idle connections (`watchdog`: one timer
 //! per connection rather than one per request; an idle HTTP/1.1 connection is closed, an idle
 //! HTTP/2 connection gets GOAWAY), and graceful shutdown: when the shutdown future resolves
