@@ -1,7 +1,8 @@
 //! Memory under an upload flood (issue 13): many authenticated clients each announcing a
-//! large body and sending it slowly must not make the gateway hold all of them. The gateway
-//! runs as its own process (`portcullis serve`) so its resident set can be read from
-//! `/proc/<pid>/status`.
+//! large body and sending it slowly must not make the gateway hold all of them. And memory
+//! per open stream (issue 15): hundreds of SSE streams waiting between events cost the
+//! gateway a stated bound each. The gateway runs as its own process (`portcullis serve`) so
+//! its resident set can be read from `/proc/<pid>/status`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -267,4 +268,81 @@ async fn memory_returns_to_the_baseline_when_the_allocator_purges_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(chat_once(&addr).await, 200);
+}
+
+/// Streams held open at once (the test process holds two descriptors for each: within the
+/// usual soft limit of 1,024).
+const STREAMS: usize = 300;
+/// The stated bound on the gateway's growth per open stream, once each has received events
+/// and waits for the next. Measured: 20 KiB here (a debug build, 300 streams), 15 KiB with
+/// bench/streams.sh (release, 10,000 streams: hyper's client-side buffers and the connection
+/// task are most of it); 30–41 KiB before the upstream read buffer was let go while idle, the
+/// pipeline's future boxed apart and hyper's read buffer kept from doubling (see
+/// ARCHITECTURE.md). The headroom is for allocator noise over a few hundred streams.
+const PER_STREAM: u64 = 26 * 1024;
+
+/// One streaming chat, read until it has delivered `events` events; the connection is
+/// returned open (the stream goes on, one event a second).
+async fn open_stream(addr: &str, events: usize) -> tokio::net::TcpStream {
+    let body = serde_json::to_vec(&chat_body(true)).unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(6).filter(|w| *w == b"data: ").count() < events {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "not a 200 stream");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_between_events_cost_a_bounded_amount_each() {
+    // One event a second: at any moment nearly every stream is waiting for its next one.
+    let sim = sim_with(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, addr, _) = gateway(&sim, &dir, &[]).await;
+    let pid = gw.0.id();
+    // Warm up the allocator's arenas with a few streams first, then measure from there.
+    let warm: Vec<_> = futures_util::future::join_all((0..20).map(|_| open_stream(&addr, 2))).await;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss(pid);
+    let mut opening = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        let addr = addr.clone();
+        opening.push(tokio::spawn(async move { open_stream(&addr, 2).await }));
+    }
+    let mut open = Vec::with_capacity(STREAMS);
+    for o in opening {
+        open.push(o.await.unwrap());
+    }
+    let mut peak = 0;
+    for _ in 0..10 {
+        peak = peak.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let per = peak.saturating_sub(before) / STREAMS as u64;
+    eprintln!(
+        "{STREAMS} open streams: RSS {} -> {} KiB, {} KiB per stream (bound {} KiB)",
+        before / 1024,
+        peak / 1024,
+        per / 1024,
+        PER_STREAM / 1024
+    );
+    assert!(
+        per <= PER_STREAM,
+        "{} KiB per open stream, over the bound of {} KiB",
+        per / 1024,
+        PER_STREAM / 1024
+    );
+    drop(open);
+    assert_eq!(chat_once(&addr).await, 200, "it still serves");
 }

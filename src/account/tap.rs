@@ -32,6 +32,20 @@ pub const MAX_TEXT_BYTES: usize = 4 * 1024 * 1024;
 /// (in strip mode: as it arrives) and not read: no backend sends chunks anywhere near this.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
+/// A buffer emptied after an event keeps its allocation for the next one only up to this
+/// size (a chat chunk is a few hundred bytes); a larger one is let go, so a stream waiting
+/// between events does not hold what its largest event needed.
+const KEEP_BYTES: usize = 2 * 1024;
+
+/// `held`, emptied, if it is small enough to keep; see [`KEEP_BYTES`].
+fn kept(held: BytesMut) -> BytesMut {
+    if held.capacity() <= KEEP_BYTES {
+        held
+    } else {
+        BytesMut::new()
+    }
+}
+
 /// What the tap does with the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -253,7 +267,7 @@ impl SseTap {
             Verdict::Cut(r) => out.replace(f, start, end, &[&held[..r.start], &held[r.end..]]),
         }
         held.clear();
-        self.held = held;
+        self.held = kept(held);
         matches!(verdict, Verdict::Drop)
     }
 
@@ -312,7 +326,9 @@ impl SseTap {
             // Several data lines (no OpenAI-style backend sends them): read, never edited.
             let joined = std::mem::take(&mut self.scratch);
             self.inspect(name, &joined);
-            self.scratch = joined;
+            if joined.capacity() <= KEEP_BYTES {
+                self.scratch = joined;
+            }
             return Verdict::Keep;
         }
         match self.inspect(name, &raw[first.clone()]) {

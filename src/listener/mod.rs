@@ -1,6 +1,7 @@
 //! Listener: the accept loop shared by the gateway, the admin endpoint and the simulator.
 //!
-//! HTTP/1.1 and h2c on one port (hyper-util `auto`), TCP_NODELAY on every accepted
+//! HTTP/1.1 and h2c on one port (told apart by peeking at the first bytes, see `sniff`;
+//! hyper-util `auto` when they do not tell yet), TCP_NODELAY on every accepted
 //! socket, a header timeout against slow clients and idle connections (`watchdog`: one timer
 //! per connection rather than one per request; an idle HTTP/1.1 connection is closed, an idle
 //! HTTP/2 connection gets GOAWAY), and graceful shutdown: when the shutdown future resolves
@@ -83,6 +84,11 @@ pub async fn serve_with<S, F>(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builders = Arc::new(Builders {
+        http1: builder.clone().http1_only(),
+        http2: builder.clone().http2_only(),
+        auto: builder,
+    });
     // Shutdown, as each connection's task sees it: the flag, read on every poll (an atomic
     // load), and a watch channel whose change wakes the task and whose sender's `closed()`
     // tells when the last connection has ended (every task holds a receiver).
@@ -112,18 +118,38 @@ pub async fn serve_with<S, F>(
                 seen.http2.store(true, Ordering::Relaxed);
             }
             let answering = Answering::new(&seen);
-            let fut = svc(req, peer);
+            // Boxed on its own: hyper keeps the allocation of the future it is given for the
+            // connection's life, and the pipeline's future is large (KiBs) while it is done
+            // as soon as the answer's head is ready. This way a connection streaming an answer
+            // holds only this small wrapper's, and the pipeline's is freed (then reused by the
+            // thread's next request).
+            let fut = Box::pin(svc(req, peer));
             async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
         });
-        let io = Counted {
-            io: TokioIo::new(stream),
-            activity: activity.clone(),
-        };
-        let conn = builder.serve_connection(io, hyper_svc).into_owned();
-        let mut watchdog = Watchdog::new(activity, opts.header_timeout);
+        let mut watchdog = Watchdog::new(activity.clone(), opts.header_timeout);
         let mut stop_rx = stopping.clone();
         let stop_flag = stop_flag.clone();
+        let builders = builders.clone();
+        let header_timeout = opts.header_timeout;
         tokio::spawn(async move {
+            // The protocol, from the first bytes peeked (not read): see `sniff`. A client that
+            // sends nothing within the header timeout, or before shutdown, is closed.
+            let sniffed = tokio::select! {
+                s = tokio::time::timeout(header_timeout, sniff(&stream)) => s.ok().flatten(),
+                _ = stop_rx.changed() => None,
+            };
+            let builder = match sniffed {
+                None => return,
+                Some(Sniffed::Http1) => &builders.http1,
+                Some(Sniffed::Http2) => &builders.http2,
+                Some(Sniffed::Unsure) => &builders.auto,
+            };
+            let io = Counted {
+                io: TokioIo::new(stream),
+                activity,
+            };
+            let conn = builder.serve_connection(io, hyper_svc).into_owned();
+            drop(builders);
             tokio::pin!(conn);
             // Polled once (outside the coop budget, so it does register), which leaves this
             // task's waker (the same for the task's whole life) with the channel; after that
@@ -182,6 +208,47 @@ pub async fn serve_with<S, F>(
             tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout reached; closing remaining connections");
         }
     }
+}
+
+/// The connection builders: by protocol, and `auto` (hyper-util's own detection) for when
+/// the first bytes do not tell.
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+/// What a connection's first bytes say it speaks.
+enum Sniffed {
+    Http1,
+    /// The h2c prior-knowledge preface.
+    Http2,
+    /// A strict prefix of the preface so far.
+    Unsure,
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Peek at the first bytes of a connection (`None`: closed, or failed, before any).
+///
+/// Peeked rather than read, so hyper reads the request itself from the start. hyper-util's
+/// `auto` detection instead hands hyper the bytes it read first as a read of their own, and
+/// hyper's HTTP/1.1 read buffer then grows from 8 to 16 KiB on the connection's second read,
+/// for the connection's life: 8 KiB more resident per open stream.
+async fn sniff(stream: &tokio::net::TcpStream) -> Option<Sniffed> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = stream.peek(&mut first).await.ok()?;
+    let seen = &first[..n];
+    Some(if n == 0 {
+        return None;
+    } else if !H2_PREFACE.starts_with(seen) {
+        Sniffed::Http1
+    } else if n == H2_PREFACE.len() {
+        Sniffed::Http2
+    } else {
+        Sniffed::Unsure
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

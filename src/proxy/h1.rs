@@ -43,8 +43,14 @@ pub const MAX_HEAD: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
-/// Bytes reserved in the read buffer before each read.
-const READ_RESERVE: usize = 16 * 1024;
+/// The first read on a connection reserves this much: a usual response head, or a few
+/// Server-Sent Events.
+const READ_START: usize = 4 * 1024;
+/// Reads never reserve less than this (an SSE event of a chat stream is a few hundred
+/// bytes)...
+const READ_MIN: usize = 1024;
+/// ...nor more: a read that fills its reservation doubles the next one up to this.
+const READ_MAX: usize = 16 * 1024;
 /// Bodies up to this size are written in the same buffer as the head (one write).
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -120,9 +126,20 @@ impl AsyncWrite for Io {
 }
 
 /// One HTTP/1.1 connection to a backend and the bytes read from it but not yet used.
+///
+/// The read buffer follows what arrives, so that thousands of open streams hold next to
+/// nothing while they wait: each read reserves [`READ_START`] at first, twice as much after a
+/// read that filled its reservation (a large body), half as much after one that used less
+/// than an eighth (small events), between [`READ_MIN`] and [`READ_MAX`]. Frames are split off
+/// the buffer without a copy and share its allocation until the client's connection has
+/// written them; whenever a read must wait with nothing left unread, the buffer is let go, so
+/// an idle stream or an idle pooled connection keeps no allocation of its own, and with
+/// plain TCP the next one is only taken once the socket is readable.
 pub struct Conn {
     io: Io,
     buf: BytesMut,
+    /// Bytes the next read reserves.
+    read_size: usize,
 }
 
 impl Conn {
@@ -130,6 +147,15 @@ impl Conn {
         Self {
             io,
             buf: BytesMut::new(),
+            read_size: READ_START,
+        }
+    }
+
+    /// Let the read buffer go when nothing in it is left to use (frames split off it keep
+    /// their bytes until they are dropped).
+    fn release(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
         }
     }
 
@@ -172,7 +198,7 @@ impl Conn {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Also woken when the backend sends: an early answer ends the write.
-                        return match self.poll_fill(cx, READ_RESERVE) {
+                        return match self.poll_fill(cx) {
                             Poll::Pending => Poll::Pending,
                             Poll::Ready(Ok(0)) => {
                                 Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
@@ -190,15 +216,39 @@ impl Conn {
         .await
     }
 
-    /// Read what the backend sent into the buffer, first growing it by [`READ_RESERVE`]
-    /// when less than `room` is free; `Ok(0)` when it closed the connection. Heads get a
-    /// whole `READ_RESERVE` (one read takes a usual head); bodies refill at a quarter of it,
-    /// so small streamed chunks do not each cost a new buffer.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < room {
-            self.buf.reserve(READ_RESERVE);
+    /// Read what the backend sent into the buffer; `Ok(0)` when it closed the connection.
+    /// The buffer grows by the current read size when less than a quarter of that is free
+    /// (so a few small events share one allocation while they keep coming), and is let go
+    /// when the read has to wait on an empty buffer; see [`Conn`].
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() == 0 {
+            if let Io::Tcp(s) = &self.io {
+                // Nothing to read into yet: wait for the socket before taking memory.
+                ready!(s.poll_read_ready(cx))?;
+            }
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        let free = self.buf.capacity() - self.buf.len();
+        let free = if free < self.read_size / 4 {
+            self.buf.reserve(self.read_size);
+            self.buf.capacity() - self.buf.len()
+        } else {
+            free
+        };
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+            Poll::Ready(Ok(n)) => {
+                if n >= free {
+                    self.read_size = (self.read_size * 2).min(READ_MAX);
+                } else if n < self.read_size / 8 {
+                    self.read_size = (self.read_size / 2).max(READ_MIN);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                self.release();
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
     }
 
     /// Read the final response head of the request just written (interim `1xx` answers
@@ -218,7 +268,7 @@ impl Conn {
             if self.buf.len() >= MAX_HEAD {
                 return Err(Error::HeadTooLarge);
             }
-            if std::future::poll_fn(|cx| self.poll_fill(cx, READ_RESERVE)).await? == 0 {
+            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
                 return Err(if self.buf.is_empty() {
                     Error::ClosedBeforeHead
                 } else {
@@ -663,8 +713,9 @@ impl Body {
     /// The body ended cleanly: give the connection back if it can carry another request.
     fn finish(&mut self) {
         let conn = self.conn.take();
-        if let (Some(conn), Some(home), true) = (conn, self.home.take(), self.reuse) {
+        if let (Some(mut conn), Some(home), true) = (conn, self.home.take(), self.reuse) {
             if conn.buf.is_empty() && self.framing != Framing::Close {
+                conn.release();
                 home.put(conn);
             }
         }
@@ -732,7 +783,7 @@ impl Body {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            match ready!(conn.poll_fill(cx, READ_RESERVE / 4)) {
+            match ready!(conn.poll_fill(cx)) {
                 Ok(0) => {
                     // Closed: the end only for a body delimited by the close.
                     self.conn = None;
