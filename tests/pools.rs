@@ -604,3 +604,38 @@ async fn admin_backends_needs_the_admin_token() {
     );
     assert_eq!(only["health"]["circuit"], "closed");
 }
+
+#[tokio::test]
+async fn timeouts_total_ends_an_answer_that_runs_too_long() {
+    // 12 words at 150 ms each: about 1.8 s of stream, against a total of 1 s.
+    let slow = common::sim_with(Duration::from_millis(150)).await;
+    let gw = Gateway::start(
+        "",
+        &be(
+            "slow",
+            &slow.url(),
+            0,
+            "timeouts = { connect = \"200ms\", first_byte = \"500ms\", idle = \"5s\", total = \"1s\" }",
+        ),
+    )
+    .await;
+    let started = Instant::now();
+    let resp = gw.chat(true, &[("x-request-id", "long")]).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut failed = false;
+    use futures_util::StreamExt;
+    while let Some(chunk) = body.next().await {
+        if chunk.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(failed, "the stream ends with an error, not a clean end");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1700),
+        "cut at the total timeout: {took:?}"
+    );
+    assert_eq!(gw.audit_for("long").await["outcome"], "total_timeout");
+}
