@@ -35,7 +35,11 @@
 mod estimate;
 mod image;
 #[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod tests;
+
+use std::sync::OnceLock;
 
 use bpe_openai::Tokenizer;
 
@@ -90,13 +94,24 @@ pub fn warm_up() {
 /// The error of a wrong guess is small for English (the two encodings differ by a few
 /// percent) and is corrected when the estimate is reconciled with the backend's usage.
 pub fn encoding_for(model: &str) -> Encoding {
-    let name: String = model
-        .chars()
-        .map(|c| match c {
-            '_' | ' ' => '-',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
+    // Only ASCII bytes change, so the result is UTF-8 still; short names (all real ones)
+    // are normalised on the stack.
+    let normal = |b: &u8| match b {
+        b'_' | b' ' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    let mut stack = [0u8; 128];
+    let heap: Vec<u8>;
+    let bytes: &[u8] = if model.len() <= stack.len() {
+        for (d, b) in stack.iter_mut().zip(model.as_bytes()) {
+            *d = normal(b);
+        }
+        &stack[..model.len()]
+    } else {
+        heap = model.as_bytes().iter().map(normal).collect();
+        &heap
+    };
+    let name = std::str::from_utf8(bytes).unwrap_or_default();
     const O200K: [&str; 15] = [
         "gpt-4o",
         "gpt4o",
@@ -124,7 +139,7 @@ pub fn encoding_for(model: &str) -> Encoding {
         "babbage",
         "curie",
     ];
-    if O200K.iter().any(|f| name.contains(f)) || o_series(&name) {
+    if O200K.iter().any(|f| name.contains(f)) || o_series(name) {
         Encoding::O200k
     } else if CL100K.iter().any(|f| name.contains(f)) || name.split('-').any(|s| s == "ada") {
         Encoding::Cl100k
@@ -149,8 +164,30 @@ pub fn count(enc: Encoding, text: &str) -> u64 {
     Counter::new(enc).text(text)
 }
 
+/// Chat roles: nearly every message has one, so their counts are kept (see [`Counter::text`]).
+const ROLES: [&str; 6] = [
+    "user",
+    "assistant",
+    "system",
+    "developer",
+    "tool",
+    "function",
+];
+
+/// The tokens of each of [`ROLES`] in `enc`, counted on first use.
+fn role_tokens(enc: Encoding) -> &'static [u64; ROLES.len()] {
+    static CL100K: OnceLock<[u64; ROLES.len()]> = OnceLock::new();
+    static O200K: OnceLock<[u64; ROLES.len()]> = OnceLock::new();
+    let cell = match enc {
+        Encoding::Cl100k => &CL100K,
+        Encoding::O200k => &O200K,
+    };
+    cell.get_or_init(|| ROLES.map(|r| enc.tokenizer().count(r) as u64))
+}
+
 /// Counts text against one budget of exactly tokenized bytes (see the module docs).
 struct Counter {
+    enc: Encoding,
     tok: &'static Tokenizer,
     left: usize,
 }
@@ -158,6 +195,7 @@ struct Counter {
 impl Counter {
     fn new(enc: Encoding) -> Self {
         Self {
+            enc,
             tok: enc.tokenizer(),
             left: EXACT_BYTES,
         }
@@ -166,6 +204,14 @@ impl Counter {
     /// Tokens of `text`, the same as `Tokenizer::count` (both tables need no normalisation)
     /// while the budget lasts; past it, one per byte.
     fn text(&mut self, text: &str) -> u64 {
+        if text.len() <= self.left {
+            // A text that fits the budget whole is counted exactly and uses its length, so
+            // a role's kept count is what counting it would give.
+            if let Some(i) = ROLES.iter().position(|r| *r == text) {
+                self.left -= text.len();
+                return role_tokens(self.enc)[i];
+            }
+        }
         let mut tokens = 0u64;
         let mut done = 0usize;
         if self.left > 0 {
