@@ -132,8 +132,9 @@ pub struct JsonUsage {
     matched: bool,
     capturing: bool,
     captured: Vec<u8>,
-    /// The last complete `usage` value (the last one wins, as for most JSON readers).
-    value: Option<Vec<u8>>,
+    /// The last complete `usage` value read as a usage object (the last one wins, as for
+    /// most JSON readers); `None` when it is not one, or there is none yet.
+    usage: Option<Usage>,
 }
 
 impl Default for JsonUsage {
@@ -156,7 +157,7 @@ impl JsonUsage {
             matched: false,
             capturing: false,
             captured: Vec::new(),
-            value: None,
+            usage: None,
         }
     }
 
@@ -180,6 +181,21 @@ impl JsonUsage {
             if self.in_string {
                 i = self.string_bytes(bytes, i);
                 continue;
+            }
+            if self.depth > 1 {
+                // Nested: only quotes and brackets matter; skip (or capture) the rest at once.
+                let rest = &bytes[i..];
+                let run = rest
+                    .iter()
+                    .position(|&b| NESTED_STOP[usize::from(b)])
+                    .unwrap_or(rest.len());
+                if self.capturing && run > 0 {
+                    self.capture(&rest[..run]);
+                }
+                i += run;
+                if i == bytes.len() {
+                    break;
+                }
             }
             let b = bytes[i];
             i += 1;
@@ -278,16 +294,29 @@ impl JsonUsage {
 
     fn end_capture(&mut self) {
         if std::mem::take(&mut self.capturing) {
-            self.value = Some(std::mem::take(&mut self.captured));
+            self.usage = Usage::from_json(&self.captured);
+            self.captured.clear();
         }
     }
 
     /// The usage read so far: the last complete top-level `usage` value, when it is a usage
     /// object (`None` for `null`, a non-object, or no `usage` member).
     pub fn finish(&self) -> Option<Usage> {
-        self.value.as_deref().and_then(Usage::from_json)
+        self.usage
     }
 }
+
+/// The bytes that end a run of uninteresting bytes inside a nested value: quotes and
+/// brackets.
+const NESTED_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
 
 /// Whether a member name, as written between its quotes, is `usage` (escapes decoded).
 fn is_usage(raw: &[u8]) -> bool {
