@@ -216,6 +216,7 @@ impl JsonUsage {
                     if std::mem::take(&mut self.matched) {
                         self.capturing = true;
                         self.captured.clear();
+                        self.captured.reserve(256);
                     }
                     continue;
                 }
@@ -247,7 +248,7 @@ impl JsonUsage {
         }
         // Skip to the next quote or backslash: the only bytes that matter in a string.
         let end = loop {
-            match memchr::memchr2(b'"', b'\\', &bytes[j..]) {
+            match quote_or_backslash(&bytes[j..]) {
                 None => break None,
                 Some(k) if bytes[j + k] == b'\\' => {
                     if j + k + 1 < bytes.len() {
@@ -317,6 +318,16 @@ const NESTED_STOP: [bool; 256] = {
     t[b']' as usize] = true;
     t
 };
+
+/// Where the first `"` or `\` of `s` is: most strings of an answer are short, so a plain loop
+/// looks at the first 32 bytes and `memchr2` (which costs more to start) at the rest.
+fn quote_or_backslash(s: &[u8]) -> Option<usize> {
+    let head = s.len().min(32);
+    match s[..head].iter().position(|&b| b == b'"' || b == b'\\') {
+        Some(k) => Some(k),
+        None => memchr::memchr2(b'"', b'\\', &s[head..]).map(|k| k + head),
+    }
+}
 
 /// Whether a member name, as written between its quotes, is `usage` (escapes decoded).
 fn is_usage(raw: &[u8]) -> bool {
