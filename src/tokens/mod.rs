@@ -223,9 +223,87 @@ impl Counter {
                 }
                 self.left -= piece.len();
                 done += piece.len();
-                tokens = tokens.saturating_add(self.tok.bpe.count(piece.as_bytes()) as u64);
+                tokens = tokens.saturating_add(self.piece(piece.as_bytes()));
             }
         }
         tokens.saturating_add(text.len().saturating_sub(done) as u64)
     }
+
+    /// Tokens of one pre-tokenizer piece: short pieces (words, mostly) from this thread's
+    /// [`PieceCache`], others counted.
+    fn piece(&self, piece: &[u8]) -> u64 {
+        if piece.len() > PIECE_BYTES {
+            return self.tok.bpe.count(piece) as u64;
+        }
+        PIECES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let slot = cache.slot(self.enc, piece);
+            if slot.enc == Some(self.enc) && &slot.bytes[..usize::from(slot.len)] == piece {
+                return u64::from(slot.count);
+            }
+            let count = self.tok.bpe.count(piece);
+            *slot = Piece {
+                enc: Some(self.enc),
+                len: piece.len() as u8,
+                bytes: {
+                    let mut b = [0u8; PIECE_BYTES];
+                    b[..piece.len()].copy_from_slice(piece);
+                    b
+                },
+                count: count as u32,
+            };
+            count as u64
+        })
+    }
+}
+
+/// Longest piece [`PieceCache`] keeps.
+const PIECE_BYTES: usize = 22;
+
+/// Slots of a thread's [`PieceCache`] (about 28 KiB).
+const PIECE_SLOTS: usize = 1024;
+
+/// One kept piece and its tokens.
+#[derive(Clone, Copy)]
+struct Piece {
+    enc: Option<Encoding>,
+    len: u8,
+    bytes: [u8; PIECE_BYTES],
+    count: u32,
+}
+
+/// Token counts of short pre-tokenizer pieces recently counted on this thread: a
+/// direct-mapped table (a piece goes to one slot, by hash; a new piece there replaces the
+/// old one), so a lookup costs one hash and one comparison instead of a BPE count. Words
+/// recur across prompts; the counts are exact either way. Per thread: no lock, no sharing.
+struct PieceCache {
+    slots: Box<[Piece; PIECE_SLOTS]>,
+}
+
+impl PieceCache {
+    fn new() -> Self {
+        Self {
+            slots: Box::new(
+                [Piece {
+                    enc: None,
+                    len: 0,
+                    bytes: [0; PIECE_BYTES],
+                    count: 0,
+                }; PIECE_SLOTS],
+            ),
+        }
+    }
+
+    /// The piece's slot, by FNV-1a of its bytes (a collision only costs a count).
+    fn slot(&mut self, enc: Encoding, piece: &[u8]) -> &mut Piece {
+        let mut h: u32 = 0x811c_9dc5 ^ enc as u32;
+        for &b in piece {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        &mut self.slots[(h ^ (h >> 16)) as usize % PIECE_SLOTS]
+    }
+}
+
+thread_local! {
+    static PIECES: std::cell::RefCell<PieceCache> = std::cell::RefCell::new(PieceCache::new());
 }

@@ -18,7 +18,6 @@ pub struct Estimate {
     pub output: u64,
 }
 
-
 /// Whether the estimate reserves tokens for the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReserveOutput {

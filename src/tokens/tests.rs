@@ -717,3 +717,27 @@ fn typed_reading_agrees_with_the_value_reference() {
         }
     }
 }
+
+#[test]
+fn kept_piece_counts_are_the_tokenizers() {
+    // Counted twice (the second time from this thread's piece cache), in both encodings,
+    // interleaved so that slots are shared: the same counts as the tokenizer's.
+    let texts = [
+        KNOWN[0].0,
+        KNOWN[4].0,
+        KNOWN[7].0,
+        "Say something short.",
+        "the the the",
+    ];
+    for _ in 0..2 {
+        for enc in [Encoding::Cl100k, Encoding::O200k] {
+            for t in texts {
+                assert_eq!(
+                    count(enc, t),
+                    enc.tokenizer().count(t) as u64,
+                    "{t} in {enc:?}"
+                );
+            }
+        }
+    }
+}
