@@ -590,11 +590,102 @@ pub struct AccountingMetrics {
     pub backend_errors: Counter,
     /// 1 while limits are counted locally because Redis is unreachable (`fail_open`).
     pub fail_open: Gauge,
+    /// The `tokens` and `cost` series of client × deployment pairs already seen, so that
+    /// counting a request's usage hashes two names once instead of building, hashing and
+    /// looking up five label sets. A sharded cache: entries it evicts are only looked up
+    /// in the families again (the series themselves live there).
+    usage_series: Arc<quick_cache::sync::Cache<SeriesKey, Arc<UsageSeries>>>,
+}
+
+/// Client × deployment pairs whose series handles [`AccountingMetrics`] keeps.
+const USAGE_SERIES_CAPACITY: usize = 4096;
+
+/// A client × deployment pair (hashed like [`SeriesRef`]).
+#[derive(Hash, PartialEq, Eq)]
+struct SeriesKey(Arc<str>, Box<str>);
+
+/// A [`SeriesKey`] looked up by reference.
+#[derive(Hash)]
+struct SeriesRef<'a>(&'a str, &'a str);
+
+impl quick_cache::Equivalent<SeriesKey> for SeriesRef<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        *key.0 == *self.0 && *key.1 == *self.1
+    }
+}
+
+/// One client × deployment's series, each created in its family on first use (as
+/// `get_or_create` would: a series appears once it has been counted).
+#[derive(Default)]
+struct UsageSeries {
+    /// `prompt`, `cached`, `completion`, `reasoning`.
+    tokens: OnceLock<[Counter; 4]>,
+    cost: OnceLock<Counter<f64, AtomicU64>>,
+}
+
+/// A request's usage, as counted in `portcullis_tokens_total`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenCounts {
+    pub prompt: u64,
+    pub cached: u64,
+    pub completion: u64,
+    pub reasoning: u64,
 }
 
 impl AccountingMetrics {
+    /// Count a request's tokens (when any) and cost (when positive) for `client` on
+    /// `deployment`.
+    pub fn count_usage(&self, client: &Arc<str>, deployment: &str, t: TokenCounts, usd: f64) {
+        let has_tokens = t.prompt > 0 || t.completion > 0;
+        if !has_tokens && usd <= 0.0 {
+            return;
+        }
+        let series = match self.usage_series.get(&SeriesRef(client, deployment)) {
+            Some(s) => s,
+            None => {
+                let s = Arc::new(UsageSeries::default());
+                self.usage_series
+                    .insert(SeriesKey(client.clone(), deployment.into()), s.clone());
+                s
+            }
+        };
+        if has_tokens {
+            let tokens = series.tokens.get_or_init(|| {
+                ["prompt", "cached", "completion", "reasoning"].map(|kind| {
+                    self.tokens
+                        .get_or_create(&TokenLabels {
+                            client: client.clone(),
+                            deployment: deployment.to_owned(),
+                            kind,
+                        })
+                        .clone()
+                })
+            });
+            for (c, n) in tokens
+                .iter()
+                .zip([t.prompt, t.cached, t.completion, t.reasoning])
+            {
+                c.inc_by(n);
+            }
+        }
+        if usd > 0.0 {
+            series
+                .cost
+                .get_or_init(|| {
+                    self.cost
+                        .get_or_create(&CostLabels {
+                            client: client.clone(),
+                            deployment: deployment.to_owned(),
+                        })
+                        .clone()
+                })
+                .inc_by(usd);
+        }
+    }
+
     fn register(registry: &mut Registry) -> Self {
         let m = Self {
+            usage_series: Arc::new(quick_cache::sync::Cache::new(USAGE_SERIES_CAPACITY)),
             refusals: Family::default(),
             tokens: Family::default(),
             cost: Family::default(),

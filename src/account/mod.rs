@@ -27,7 +27,7 @@ use bytes::Bytes;
 
 use crate::admit::{Demand, Reservation};
 use crate::audit::{AuditRecord, AuditUsage};
-use crate::metrics::{AccountingMetrics, CostLabels, TokenLabels};
+use crate::metrics::{AccountingMetrics, TokenCounts};
 use crate::pricing::{self, Price};
 use crate::route::Operation;
 use crate::store::UsageRecord;
@@ -213,30 +213,13 @@ impl Meter {
         }
         let m = &plan.accounting.metrics;
         if let Some(d) = &plan.deployment {
-            if tokens.tokens > 0 {
-                for (kind, n) in [
-                    ("prompt", u.prompt),
-                    ("cached", u.cached),
-                    ("completion", u.completion),
-                    ("reasoning", u.reasoning),
-                ] {
-                    m.tokens
-                        .get_or_create(&TokenLabels {
-                            client: plan.client.clone(),
-                            deployment: d.clone(),
-                            kind,
-                        })
-                        .inc_by(n);
-                }
-            }
-            if usd > 0.0 {
-                m.cost
-                    .get_or_create(&CostLabels {
-                        client: plan.client.clone(),
-                        deployment: d.clone(),
-                    })
-                    .inc_by(usd);
-            }
+            let counts = TokenCounts {
+                prompt: u.prompt,
+                cached: u.cached,
+                completion: u.completion,
+                reasoning: u.reasoning,
+            };
+            m.count_usage(&plan.client, d, counts, usd);
         }
         if source == "reported" && reports_usage {
             m.estimate_error

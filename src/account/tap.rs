@@ -838,6 +838,9 @@ impl<'a> Walk<'a> {
 /// The caller decides which operations take `stream_options` (chat and text completions).
 pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
     const OPTIONS: &[u8] = br#"{"include_usage":true}"#;
+    // `"stream": true` needs the literal `true`, which no escape spells: a body without it
+    // (most requests that do not stream) has nothing to change, and is not parsed.
+    memchr::memmem::find(body, b"true")?;
     let text = std::str::from_utf8(body).ok()?;
     let top = members(text)?;
     let one = |name: &str| {

@@ -132,8 +132,9 @@ pub struct JsonUsage {
     matched: bool,
     capturing: bool,
     captured: Vec<u8>,
-    /// The last complete `usage` value (the last one wins, as for most JSON readers).
-    value: Option<Vec<u8>>,
+    /// The last complete `usage` value read as a usage object (the last one wins, as for
+    /// most JSON readers); `None` when it is not one, or there is none yet.
+    usage: Option<Usage>,
 }
 
 impl Default for JsonUsage {
@@ -156,7 +157,7 @@ impl JsonUsage {
             matched: false,
             capturing: false,
             captured: Vec::new(),
-            value: None,
+            usage: None,
         }
     }
 
@@ -181,6 +182,21 @@ impl JsonUsage {
                 i = self.string_bytes(bytes, i);
                 continue;
             }
+            if self.depth > 1 {
+                // Nested: only quotes and brackets matter; skip (or capture) the rest at once.
+                let rest = &bytes[i..];
+                let run = rest
+                    .iter()
+                    .position(|&b| NESTED_STOP[usize::from(b)])
+                    .unwrap_or(rest.len());
+                if self.capturing && run > 0 {
+                    self.capture(&rest[..run]);
+                }
+                i += run;
+                if i == bytes.len() {
+                    break;
+                }
+            }
             let b = bytes[i];
             i += 1;
             let top = self.depth == 1;
@@ -200,6 +216,7 @@ impl JsonUsage {
                     if std::mem::take(&mut self.matched) {
                         self.capturing = true;
                         self.captured.clear();
+                        self.captured.reserve(256);
                     }
                     continue;
                 }
@@ -231,7 +248,7 @@ impl JsonUsage {
         }
         // Skip to the next quote or backslash: the only bytes that matter in a string.
         let end = loop {
-            match memchr::memchr2(b'"', b'\\', &bytes[j..]) {
+            match quote_or_backslash(&bytes[j..]) {
                 None => break None,
                 Some(k) if bytes[j + k] == b'\\' => {
                     if j + k + 1 < bytes.len() {
@@ -278,14 +295,37 @@ impl JsonUsage {
 
     fn end_capture(&mut self) {
         if std::mem::take(&mut self.capturing) {
-            self.value = Some(std::mem::take(&mut self.captured));
+            self.usage = Usage::from_json(&self.captured);
+            self.captured.clear();
         }
     }
 
     /// The usage read so far: the last complete top-level `usage` value, when it is a usage
     /// object (`None` for `null`, a non-object, or no `usage` member).
     pub fn finish(&self) -> Option<Usage> {
-        self.value.as_deref().and_then(Usage::from_json)
+        self.usage
+    }
+}
+
+/// The bytes that end a run of uninteresting bytes inside a nested value: quotes and
+/// brackets.
+const NESTED_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
+/// Where the first `"` or `\` of `s` is: most strings of an answer are short, so a plain loop
+/// looks at the first 32 bytes and `memchr2` (which costs more to start) at the rest.
+fn quote_or_backslash(s: &[u8]) -> Option<usize> {
+    let head = s.len().min(32);
+    match s[..head].iter().position(|&b| b == b'"' || b == b'\\') {
+        Some(k) => Some(k),
+        None => memchr::memchr2(b'"', b'\\', &s[head..]).map(|k| k + head),
     }
 }
 

@@ -27,7 +27,7 @@ pub(super) struct PostgresStore {
     scrub: Scrubber,
 }
 
-impl_usage_store!(PostgresStore, super::usage::POSTGRES_ROWS_PER_STATEMENT);
+impl_usage_store!(PostgresStore, super::usage::POSTGRES_INSERT);
 impl_key_store!(PostgresStore, sqlx::Postgres, "postgres");
 
 pub(super) async fn open(url: &str) -> Result<PostgresStore, StoreError> {

@@ -23,7 +23,7 @@ pub(super) struct SqliteStore {
     scrub: Scrubber,
 }
 
-impl_usage_store!(SqliteStore, super::usage::SQLITE_ROWS_PER_STATEMENT);
+impl_usage_store!(SqliteStore, super::usage::SQLITE_INSERT);
 impl_key_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 
 /// Where an `sqlite:` URL points.

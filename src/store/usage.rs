@@ -156,11 +156,42 @@ const COLUMNS: [&str; 17] = [
     "stream",
 ];
 
-/// Rows per multi-row `INSERT` on SQLite. Measured (debug build, 1,000 rows in one
-/// transaction): one row per statement 97 ms, 25 rows 40 ms, 200 rows 150 ms, 1,000 rows
-/// 600 ms — long statements cost SQLite more to prepare than they save. Release build, 25
-/// rows per statement: 14 ms per 1,000 rows (`tests/usage.rs`, `large_batches_on_sqlite`).
-pub(super) const SQLITE_ROWS_PER_STATEMENT: usize = 25;
+/// How one backend writes a batch: statements of how many rows, numbered how.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InsertPlan {
+    /// Rows per multi-row `INSERT`.
+    pub rows: usize,
+    pub placeholders: Placeholders,
+    /// Write the rows after the last full statement as statements of 2^k rows (one of a
+    /// few fixed texts, all kept prepared), instead of one statement of their number.
+    pub power_of_two_tail: bool,
+}
+
+/// Parameter placeholders in SQL text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Placeholders {
+    /// `$1, $2, ...` (PostgreSQL).
+    Numbered,
+    /// `?, ?, ...` (SQLite). SQLite keeps named and numbered parameters (`$1`, `?1`) in a
+    /// list it searches linearly each time sqlx asks a parameter's name, which sqlx does
+    /// for every parameter it binds: quadratic in the parameters of a statement, half of
+    /// the writer's instructions at 25 rows per statement. Anonymous `?` have no name
+    /// and bind in order.
+    Anonymous,
+}
+
+/// SQLite: 64 rows per statement, and the rest in statements of 32, 16, ... 1 rows, so that
+/// every statement text is one of seven, each prepared once per connection (sqlx caches
+/// them). With anonymous parameters, binding is linear, and preparing is paid once, so
+/// longer statements no longer cost more than they save (at 25 rows with numbered
+/// parameters they did: binding was quadratic and the last statement of each batch was
+/// prepared anew). Measured with `bench/callgrind.sh` (release build, a batch per second,
+/// ~100-200 rows each): see `bench/RESULTS.md`, 2026-12-07.
+pub(super) const SQLITE_INSERT: InsertPlan = InsertPlan {
+    rows: 64,
+    placeholders: Placeholders::Anonymous,
+    power_of_two_tail: true,
+};
 
 /// Rows per multi-row `INSERT` on PostgreSQL: 17 × 1,000 = 17,000 parameters, within its
 /// 65,535, so a default batch is one statement. Fewer statements matter more than their
@@ -168,10 +199,32 @@ pub(super) const SQLITE_ROWS_PER_STATEMENT: usize = 25;
 /// statement sizes wait for a delayed ACK, about 40 ms each. Measured (debug build, 1,000
 /// rows): one row per statement 500 ms, 100 rows 450 ms, 1,000 rows 40 ms. Release build:
 /// 55-65 ms per 1,000 rows on loopback, most of it that one stall.
-pub(super) const POSTGRES_ROWS_PER_STATEMENT: usize = 1_000;
+pub(super) const POSTGRES_INSERT: InsertPlan = InsertPlan {
+    rows: 1_000,
+    placeholders: Placeholders::Numbered,
+    power_of_two_tail: false,
+};
+
+/// How a batch of `n` records is cut into statements: their row counts, in order.
+pub(super) fn chunk_rows(plan: InsertPlan, n: usize) -> impl Iterator<Item = usize> {
+    let full = n / plan.rows;
+    let tail = n % plan.rows;
+    let tail: Vec<usize> = if plan.power_of_two_tail {
+        (0..usize::BITS)
+            .rev()
+            .map(|k| 1usize << k)
+            .filter(|bit| tail & bit != 0)
+            .collect()
+    } else if tail > 0 {
+        vec![tail]
+    } else {
+        Vec::new()
+    };
+    std::iter::repeat_n(plan.rows, full).chain(tail)
+}
 
 /// `INSERT INTO usage_records (...) VALUES ($1, ...), ...` for `rows` records.
-pub(super) fn insert_sql(rows: usize) -> String {
+pub(super) fn insert_sql(rows: usize, placeholders: Placeholders) -> String {
     let mut sql = String::with_capacity(64 + rows * COLUMNS.len() * 6);
     sql.push_str("INSERT INTO usage_records (");
     sql.push_str(&COLUMNS.join(", "));
@@ -187,7 +240,12 @@ pub(super) fn insert_sql(rows: usize) -> String {
             if col > 0 {
                 sql.push_str(", ");
             }
-            let _ = write!(sql, "${n}");
+            match placeholders {
+                Placeholders::Numbered => {
+                    let _ = write!(sql, "${n}");
+                }
+                Placeholders::Anonymous => sql.push('?'),
+            }
         }
         sql.push(')');
     }
@@ -257,30 +315,34 @@ pub(super) fn sort_rows(by: GroupBy, rows: &mut [(i64, UsageRow)]) {
 }
 
 /// Implements [`UsageStore`] for `$store` (fields `pool: sqlx::Pool<_>`, `scrub:
-/// Scrubber`) with the statements above, `$rows` records per `INSERT` statement.
+/// Scrubber`) with the statements above, cut into `INSERT`s as `$plan` says.
 macro_rules! impl_usage_store {
-    ($store:ident, $rows:expr) => {
+    ($store:ident, $plan:expr) => {
         impl $crate::store::usage::UsageStore for $store {
             fn insert_usage<'a>(
                 &'a self,
                 records: &'a [$crate::store::usage::UsageRecord],
             ) -> $crate::store::BoxFuture<'a, Result<(), $crate::store::StoreError>> {
                 Box::pin(async move {
-                    use $crate::store::usage::insert_sql;
-                    const ROWS_PER_STATEMENT: usize = $rows;
+                    use $crate::store::usage::{chunk_rows, insert_sql};
+                    const PLAN: $crate::store::usage::InsertPlan = $plan;
                     if records.is_empty() {
                         return Ok(());
                     }
                     let err = |e| self.scrub.error(e);
-                    let full = (records.len() >= ROWS_PER_STATEMENT)
-                        .then(|| insert_sql(ROWS_PER_STATEMENT));
+                    let full = (records.len() >= PLAN.rows)
+                        .then(|| insert_sql(PLAN.rows, PLAN.placeholders));
                     let mut tx = self.pool.begin().await.map_err(err)?;
-                    for chunk in records.chunks(ROWS_PER_STATEMENT) {
-                        // Full chunks reuse one prepared statement; the shorter last one is
-                        // not cached (its length varies from batch to batch).
+                    let mut rest = records;
+                    for rows in chunk_rows(PLAN, records.len()) {
+                        let (chunk, after) = rest.split_at(rows);
+                        rest = after;
+                        // Full chunks reuse one prepared statement, and so do the tail's
+                        // with a power-of-two tail; a tail of any length is not cached (its
+                        // length varies from batch to batch).
                         let (sql, persistent) = match &full {
-                            Some(full) if chunk.len() == ROWS_PER_STATEMENT => (full.clone(), true),
-                            _ => (insert_sql(chunk.len()), false),
+                            Some(full) if rows == PLAN.rows => (full.clone(), true),
+                            _ => (insert_sql(rows, PLAN.placeholders), PLAN.power_of_two_tail),
                         };
                         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent);
                         for r in chunk {
@@ -376,10 +438,31 @@ mod tests {
 
     #[test]
     fn insert_statements_number_every_parameter() {
-        let sql = insert_sql(2);
+        let sql = insert_sql(2, Placeholders::Numbered);
         assert!(sql.starts_with("INSERT INTO usage_records (time_ms, request_id, client,"));
         assert!(sql.contains("stream) VALUES ($1, $2,"), "{sql}");
         assert!(sql.ends_with("$33, $34)"), "{sql}");
+        let sql = insert_sql(2, Placeholders::Anonymous);
+        assert!(sql.contains("stream) VALUES (?, ?,"), "{sql}");
+        assert!(
+            sql.ends_with("?, ?), (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            "{sql}"
+        );
+        assert_eq!(sql.matches('?').count(), 2 * COLUMNS.len());
+    }
+
+    #[test]
+    fn batches_are_cut_into_few_statement_sizes() {
+        let rows = |plan, n| chunk_rows(plan, n).collect::<Vec<_>>();
+        assert_eq!(rows(SQLITE_INSERT, 0), Vec::<usize>::new());
+        assert_eq!(rows(SQLITE_INSERT, 1), [1]);
+        assert_eq!(rows(SQLITE_INSERT, 64), [64]);
+        assert_eq!(rows(SQLITE_INSERT, 64 * 2 + 37), [64, 64, 32, 4, 1]);
+        assert_eq!(rows(POSTGRES_INSERT, 2_500), [1_000, 1_000, 500]);
+        assert_eq!(rows(POSTGRES_INSERT, 7), [7]);
+        for n in 0..300 {
+            assert_eq!(rows(SQLITE_INSERT, n).iter().sum::<usize>(), n);
+        }
     }
 
     #[test]

@@ -31,7 +31,12 @@
 //! The encoding is the caller's `model` (the deployment, for Azure) or, when that is empty,
 //! the body's `model`. Text counting shares one budget per request ([`super::EXACT_BYTES`]).
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
 
 use super::image::{audio_tokens, data_url_dimensions, tile_tokens, LOW_DETAIL_TOKENS};
 use super::{encoding_for, Counter};
@@ -107,16 +112,16 @@ pub fn estimate(
     let doc = if is_form(content_type) {
         None
     } else {
-        serde_json::from_slice::<Value>(body).ok()
+        serde_json::from_slice::<Top<'_>>(body).ok()
     };
-    let Some(Value::Object(doc)) = doc else {
+    let Some(Top(Some(doc))) = doc else {
         return Estimate {
             prompt: (body.len() as u64).div_ceil(4),
-            output: output(kind, &Map::new(), opts),
+            output: output(kind, &Doc::default(), opts),
         };
     };
     let model = if model.is_empty() {
-        doc.get("model").and_then(Value::as_str).unwrap_or("")
+        doc.model.as_deref().unwrap_or("")
     } else {
         model
     };
@@ -126,8 +131,8 @@ pub fn estimate(
     };
     let prompt = match kind {
         Kind::Chat => p.chat(&doc),
-        Kind::Completions => p.inputs(doc.get("prompt")) + p.text(doc.get("suffix")),
-        Kind::Embeddings => p.inputs(doc.get("input")),
+        Kind::Completions => p.inputs(doc.prompt.as_ref()) + p.text(doc.suffix.as_ref()),
+        Kind::Embeddings => p.inputs(doc.input.as_ref()),
         Kind::Responses => p.responses(&doc),
     };
     Estimate {
@@ -145,26 +150,26 @@ fn is_form(content_type: Option<&str>) -> bool {
     })
 }
 
-fn uint(doc: &Map<String, Value>, key: &str) -> Option<u64> {
-    doc.get(key).and_then(Value::as_u64)
+fn uint(v: &Option<Value>) -> Option<u64> {
+    v.as_ref().and_then(Value::as_u64)
 }
 
 /// Output tokens to reserve (see the module docs).
-fn output(kind: Kind, doc: &Map<String, Value>, opts: &EstimateOptions) -> u64 {
+fn output(kind: Kind, doc: &Doc<'_>, opts: &EstimateOptions) -> u64 {
     if opts.reserve_output == ReserveOutput::None || kind == Kind::Embeddings {
         return 0;
     }
     let asked = match kind {
-        Kind::Chat => uint(doc, "max_completion_tokens").or_else(|| uint(doc, "max_tokens")),
-        Kind::Completions => uint(doc, "max_tokens"),
-        Kind::Responses => uint(doc, "max_output_tokens"),
+        Kind::Chat => uint(&doc.max_completion_tokens).or_else(|| uint(&doc.max_tokens)),
+        Kind::Completions => uint(&doc.max_tokens),
+        Kind::Responses => uint(&doc.max_output_tokens),
         Kind::Embeddings => None,
     };
-    let n = uint(doc, "n").unwrap_or(1).max(1);
+    let n = uint(&doc.n).unwrap_or(1).max(1);
     let choices = match kind {
         Kind::Completions => n
-            .max(uint(doc, "best_of").unwrap_or(1))
-            .saturating_mul(prompts(doc.get("prompt"))),
+            .max(uint(&doc.best_of).unwrap_or(1))
+            .saturating_mul(prompts(doc.prompt.as_ref())),
         Kind::Chat => n,
         Kind::Responses | Kind::Embeddings => 1,
     };
@@ -220,15 +225,16 @@ impl Prompt<'_> {
         }
     }
 
-    fn chat(&mut self, doc: &Map<String, Value>) -> u64 {
+    fn chat(&mut self, doc: &Doc<'_>) -> u64 {
         let mut t = REPLY_PRIMING;
-        if let Some(Value::Array(messages)) = doc.get("messages") {
-            for m in messages {
-                t = t.saturating_add(self.message(m));
-            }
+        for m in doc.messages.iter().flatten() {
+            t = t.saturating_add(match m {
+                Msg::Object(members) => self.members(members.iter().map(|(k, v)| (&**k, v.view()))),
+                Msg::Other(v) => PER_MESSAGE + self.json(Some(v)),
+            });
         }
-        t += self.json(doc.get("tools")) + self.json(doc.get("functions"));
-        if let Some(rf) = doc.get("response_format") {
+        t += self.json(doc.tools.as_ref()) + self.json(doc.functions.as_ref());
+        if let Some(rf) = &doc.response_format {
             if rf.get("type").and_then(Value::as_str) == Some("json_schema") {
                 t += self.json(rf.get("json_schema"));
             }
@@ -236,21 +242,31 @@ impl Prompt<'_> {
         t
     }
 
-    /// One chat message (or Responses message item): the overhead and each member.
+    /// One Responses message item: the overhead and each member.
     fn message(&mut self, m: &Value) -> u64 {
         let Value::Object(m) = m else {
             return PER_MESSAGE + self.json(Some(m));
         };
+        self.members(m.iter().map(|(k, v)| (k.as_str(), Member::of(v))))
+    }
+
+    /// A chat message's (or Responses message item's) members, in document order: the
+    /// overhead and each member.
+    fn members<'v>(&mut self, members: impl Iterator<Item = (&'v str, Member<'v>)>) -> u64 {
         let mut t = PER_MESSAGE;
-        for (key, v) in m {
-            t = t.saturating_add(match (key.as_str(), v) {
-                ("content", v) => self.content(v),
-                ("name", Value::String(s)) => self.str(s) + PER_NAME,
-                ("tool_calls" | "function_call", v) => self.json(Some(v)),
+        for (key, v) in members {
+            t = t.saturating_add(match (key, v) {
+                ("content", Member::Str(s)) => self.str(s),
+                ("content", Member::Value(v)) => self.content(v),
+                ("name", Member::Str(s)) => self.str(s) + PER_NAME,
+                ("tool_calls" | "function_call", Member::Str(s)) => {
+                    serde_json::to_string(s).map_or(0, |j| self.c.text(&j))
+                }
+                ("tool_calls" | "function_call", Member::Value(v)) => self.json(Some(v)),
                 // Responses items name their kind: `"type": "message"` is not prompt text.
-                ("type", Value::String(s)) if s == "message" => 0,
-                (_, Value::String(s)) => self.str(s),
-                (_, Value::Array(_) | Value::Object(_)) => self.json(Some(v)),
+                ("type", Member::Str("message")) => 0,
+                (_, Member::Str(s)) => self.str(s),
+                (_, Member::Value(v @ (Value::Array(_) | Value::Object(_)))) => self.json(Some(v)),
                 _ => 0,
             });
         }
@@ -315,12 +331,12 @@ impl Prompt<'_> {
         }
     }
 
-    fn responses(&mut self, doc: &Map<String, Value>) -> u64 {
+    fn responses(&mut self, doc: &Doc<'_>) -> u64 {
         let mut t = REPLY_PRIMING;
-        if let Some(Value::String(s)) = doc.get("instructions") {
+        if let Some(Value::String(s)) = &doc.instructions {
             t += PER_MESSAGE + self.str(s);
         }
-        match doc.get("input") {
+        match &doc.input {
             Some(Value::String(s)) => t += PER_MESSAGE + self.str(s),
             Some(Value::Array(items)) => {
                 for item in items {
@@ -338,11 +354,422 @@ impl Prompt<'_> {
             }
             _ => {}
         }
-        t += self.json(doc.get("tools"));
-        let format = doc.get("text").and_then(|x| x.get("format"));
+        t += self.json(doc.tools.as_ref());
+        let format = doc.text.as_ref().and_then(|x| x.get("format"));
         if format.and_then(|f| f.get("type")).and_then(Value::as_str) == Some("json_schema") {
             t += self.json(format);
         }
         t
+    }
+}
+
+/// A member of a message as the counting rules see it: a string, or any other JSON value.
+#[derive(Clone, Copy)]
+enum Member<'v> {
+    Str(&'v str),
+    Value(&'v Value),
+}
+
+impl<'v> Member<'v> {
+    fn of(v: &'v Value) -> Self {
+        match v {
+            Value::String(s) => Self::Str(s),
+            v => Self::Value(v),
+        }
+    }
+}
+
+// The request body, read in one pass without building a `serde_json::Value` of all of it:
+// strings are borrowed from the body where they have no escapes, members the rules do not
+// look at are skipped, and only the values counted as compact JSON text (tools, schemas,
+// content parts, ...) or read as numbers become `Value`s. The reading accepts exactly what
+// `serde_json::from_slice::<Value>` accepts — everything goes through serde_json's
+// `deserialize_any`, with its nesting limit counted from the body's root — and repeated
+// keys behave as in a `Value` (with `preserve_order`): the last value, at the first
+// key's position.
+
+/// The top level: `None` for valid JSON that is not an object.
+struct Top<'a>(Option<Doc<'a>>);
+
+/// The top-level members estimates read.
+#[derive(Default)]
+struct Doc<'a> {
+    /// `model`, when it is a string.
+    model: Option<Cow<'a, str>>,
+    /// `messages`, when it is an array.
+    messages: Option<Vec<Msg<'a>>>,
+    tools: Option<Value>,
+    functions: Option<Value>,
+    response_format: Option<Value>,
+    prompt: Option<Value>,
+    suffix: Option<Value>,
+    input: Option<Value>,
+    instructions: Option<Value>,
+    text: Option<Value>,
+    max_completion_tokens: Option<Value>,
+    max_tokens: Option<Value>,
+    max_output_tokens: Option<Value>,
+    n: Option<Value>,
+    best_of: Option<Value>,
+}
+
+/// One element of `messages`.
+enum Msg<'a> {
+    /// An object's members in document order (repeated keys: see above).
+    Object(Vec<(Cow<'a, str>, Val<'a>)>),
+    Other(Value),
+}
+
+/// A string (borrowed when it has no escapes) or any other value.
+enum Val<'a> {
+    Str(Cow<'a, str>),
+    Value(Value),
+}
+
+impl Val<'_> {
+    fn view(&self) -> Member<'_> {
+        match self {
+            Self::Str(s) => Member::Str(s),
+            Self::Value(v) => Member::Value(v),
+        }
+    }
+}
+
+/// Members of this many keys or fewer are checked for repeats by a linear scan.
+const LINEAR_KEYS: usize = 16;
+
+/// Builds a `Value` from what serde_json hands a visitor, as `Value`'s own visitor does.
+macro_rules! value_visits {
+    ($wrap:expr) => {
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Bool(v)))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Null))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Value::deserialize(SeqAccessDeserializer::new(seq)).map($wrap)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Value::deserialize(MapAccessDeserializer::new(map)).map($wrap)
+        }
+    };
+}
+
+/// Anything, validated (nesting limit included) and dropped.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+}
+
+/// A string, borrowed from the body when it has no escapes (object keys, string values).
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Str<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A string or, for any other value, `None` (the value validated and dropped).
+struct MaybeStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for MaybeStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                SkipVisitor.visit_seq(seq).map(|_| MaybeStr(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                SkipVisitor.visit_map(map).map(|_| MaybeStr(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Val<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Val<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Val::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Val::Str(Cow::Owned(v.to_owned())))
+            }
+            value_visits!(Val::Value);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Msg<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Msg<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Msg::Other(Value::String(v.to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Msg::Other(Value::Bool(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Msg::Other(Value::from(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Msg::Other(Value::from(v)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Msg::Other(Value::from(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Msg::Other(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(SeqAccessDeserializer::new(seq)).map(Msg::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members: Vec<(Cow<'de, str>, Val<'de>)> = Vec::new();
+                let mut index: Option<std::collections::HashMap<Cow<'de, str>, usize>> = None;
+                while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+                    let v = map.next_value::<Val<'de>>()?;
+                    if members.len() == LINEAR_KEYS && index.is_none() {
+                        index = Some(
+                            members
+                                .iter()
+                                .enumerate()
+                                .map(|(i, (k, _))| (k.clone(), i))
+                                .collect(),
+                        );
+                    }
+                    let at = match &mut index {
+                        Some(ix) => match ix.get(&key) {
+                            Some(&i) => Some(i),
+                            None => {
+                                ix.insert(key.clone(), members.len());
+                                None
+                            }
+                        },
+                        None => members.iter().position(|(k, _)| *k == key),
+                    };
+                    match at {
+                        Some(i) => members[i].1 = v,
+                        None => members.push((key, v)),
+                    }
+                }
+                Ok(Msg::Object(members))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `messages`: its elements when it is an array, else `None` (validated and dropped).
+struct Messages<'a>(Option<Vec<Msg<'a>>>);
+
+impl<'de> Deserialize<'de> for Messages<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Messages<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(m) = seq.next_element::<Msg<'de>>()? {
+                    v.push(m);
+                }
+                Ok(Messages(Some(v)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                SkipVisitor.visit_map(map).map(|_| Messages(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Top(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Top(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Top(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Top(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Top(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Top(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                SkipVisitor.visit_seq(seq).map(|_| Top(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut doc = Doc::default();
+                while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+                    let slot = match &*key {
+                        "model" => {
+                            doc.model = map.next_value::<MaybeStr<'de>>()?.0;
+                            continue;
+                        }
+                        "messages" => {
+                            doc.messages = map.next_value::<Messages<'de>>()?.0;
+                            continue;
+                        }
+                        "tools" => &mut doc.tools,
+                        "functions" => &mut doc.functions,
+                        "response_format" => &mut doc.response_format,
+                        "prompt" => &mut doc.prompt,
+                        "suffix" => &mut doc.suffix,
+                        "input" => &mut doc.input,
+                        "instructions" => &mut doc.instructions,
+                        "text" => &mut doc.text,
+                        "max_completion_tokens" => &mut doc.max_completion_tokens,
+                        "max_tokens" => &mut doc.max_tokens,
+                        "max_output_tokens" => &mut doc.max_output_tokens,
+                        "n" => &mut doc.n,
+                        "best_of" => &mut doc.best_of,
+                        _ => {
+                            map.next_value::<Skip>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value::<Value>()?);
+                }
+                Ok(Top(Some(doc)))
+            }
+        }
+        d.deserialize_any(V)
     }
 }

@@ -35,7 +35,11 @@
 mod estimate;
 mod image;
 #[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod tests;
+
+use std::sync::OnceLock;
 
 use bpe_openai::Tokenizer;
 
@@ -90,13 +94,24 @@ pub fn warm_up() {
 /// The error of a wrong guess is small for English (the two encodings differ by a few
 /// percent) and is corrected when the estimate is reconciled with the backend's usage.
 pub fn encoding_for(model: &str) -> Encoding {
-    let name: String = model
-        .chars()
-        .map(|c| match c {
-            '_' | ' ' => '-',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
+    // Only ASCII bytes change, so the result is UTF-8 still; short names (all real ones)
+    // are normalised on the stack.
+    let normal = |b: &u8| match b {
+        b'_' | b' ' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    let mut stack = [0u8; 128];
+    let heap: Vec<u8>;
+    let bytes: &[u8] = if model.len() <= stack.len() {
+        for (d, b) in stack.iter_mut().zip(model.as_bytes()) {
+            *d = normal(b);
+        }
+        &stack[..model.len()]
+    } else {
+        heap = model.as_bytes().iter().map(normal).collect();
+        &heap
+    };
+    let name = std::str::from_utf8(bytes).unwrap_or_default();
     const O200K: [&str; 15] = [
         "gpt-4o",
         "gpt4o",
@@ -124,7 +139,7 @@ pub fn encoding_for(model: &str) -> Encoding {
         "babbage",
         "curie",
     ];
-    if O200K.iter().any(|f| name.contains(f)) || o_series(&name) {
+    if O200K.iter().any(|f| name.contains(f)) || o_series(name) {
         Encoding::O200k
     } else if CL100K.iter().any(|f| name.contains(f)) || name.split('-').any(|s| s == "ada") {
         Encoding::Cl100k
@@ -149,8 +164,30 @@ pub fn count(enc: Encoding, text: &str) -> u64 {
     Counter::new(enc).text(text)
 }
 
+/// Chat roles: nearly every message has one, so their counts are kept (see [`Counter::text`]).
+const ROLES: [&str; 6] = [
+    "user",
+    "assistant",
+    "system",
+    "developer",
+    "tool",
+    "function",
+];
+
+/// The tokens of each of [`ROLES`] in `enc`, counted on first use.
+fn role_tokens(enc: Encoding) -> &'static [u64; ROLES.len()] {
+    static CL100K: OnceLock<[u64; ROLES.len()]> = OnceLock::new();
+    static O200K: OnceLock<[u64; ROLES.len()]> = OnceLock::new();
+    let cell = match enc {
+        Encoding::Cl100k => &CL100K,
+        Encoding::O200k => &O200K,
+    };
+    cell.get_or_init(|| ROLES.map(|r| enc.tokenizer().count(r) as u64))
+}
+
 /// Counts text against one budget of exactly tokenized bytes (see the module docs).
 struct Counter {
+    enc: Encoding,
     tok: &'static Tokenizer,
     left: usize,
 }
@@ -158,6 +195,7 @@ struct Counter {
 impl Counter {
     fn new(enc: Encoding) -> Self {
         Self {
+            enc,
             tok: enc.tokenizer(),
             left: EXACT_BYTES,
         }
@@ -166,6 +204,14 @@ impl Counter {
     /// Tokens of `text`, the same as `Tokenizer::count` (both tables need no normalisation)
     /// while the budget lasts; past it, one per byte.
     fn text(&mut self, text: &str) -> u64 {
+        if text.len() <= self.left {
+            // A text that fits the budget whole is counted exactly and uses its length, so
+            // a role's kept count is what counting it would give.
+            if let Some(i) = ROLES.iter().position(|r| *r == text) {
+                self.left -= text.len();
+                return role_tokens(self.enc)[i];
+            }
+        }
         let mut tokens = 0u64;
         let mut done = 0usize;
         if self.left > 0 {
@@ -177,9 +223,87 @@ impl Counter {
                 }
                 self.left -= piece.len();
                 done += piece.len();
-                tokens = tokens.saturating_add(self.tok.bpe.count(piece.as_bytes()) as u64);
+                tokens = tokens.saturating_add(self.piece(piece.as_bytes()));
             }
         }
         tokens.saturating_add(text.len().saturating_sub(done) as u64)
     }
+
+    /// Tokens of one pre-tokenizer piece: short pieces (words, mostly) from this thread's
+    /// [`PieceCache`], others counted.
+    fn piece(&self, piece: &[u8]) -> u64 {
+        if piece.len() > PIECE_BYTES {
+            return self.tok.bpe.count(piece) as u64;
+        }
+        PIECES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let slot = cache.slot(self.enc, piece);
+            if slot.enc == Some(self.enc) && &slot.bytes[..usize::from(slot.len)] == piece {
+                return u64::from(slot.count);
+            }
+            let count = self.tok.bpe.count(piece);
+            *slot = Piece {
+                enc: Some(self.enc),
+                len: piece.len() as u8,
+                bytes: {
+                    let mut b = [0u8; PIECE_BYTES];
+                    b[..piece.len()].copy_from_slice(piece);
+                    b
+                },
+                count: count as u32,
+            };
+            count as u64
+        })
+    }
+}
+
+/// Longest piece [`PieceCache`] keeps.
+const PIECE_BYTES: usize = 22;
+
+/// Slots of a thread's [`PieceCache`] (about 28 KiB).
+const PIECE_SLOTS: usize = 1024;
+
+/// One kept piece and its tokens.
+#[derive(Clone, Copy)]
+struct Piece {
+    enc: Option<Encoding>,
+    len: u8,
+    bytes: [u8; PIECE_BYTES],
+    count: u32,
+}
+
+/// Token counts of short pre-tokenizer pieces recently counted on this thread: a
+/// direct-mapped table (a piece goes to one slot, by hash; a new piece there replaces the
+/// old one), so a lookup costs one hash and one comparison instead of a BPE count. Words
+/// recur across prompts; the counts are exact either way. Per thread: no lock, no sharing.
+struct PieceCache {
+    slots: Box<[Piece; PIECE_SLOTS]>,
+}
+
+impl PieceCache {
+    fn new() -> Self {
+        Self {
+            slots: Box::new(
+                [Piece {
+                    enc: None,
+                    len: 0,
+                    bytes: [0; PIECE_BYTES],
+                    count: 0,
+                }; PIECE_SLOTS],
+            ),
+        }
+    }
+
+    /// The piece's slot, by FNV-1a of its bytes (a collision only costs a count).
+    fn slot(&mut self, enc: Encoding, piece: &[u8]) -> &mut Piece {
+        let mut h: u32 = 0x811c_9dc5 ^ enc as u32;
+        for &b in piece {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        &mut self.slots[(h ^ (h >> 16)) as usize % PIECE_SLOTS]
+    }
+}
+
+thread_local! {
+    static PIECES: std::cell::RefCell<PieceCache> = std::cell::RefCell::new(PieceCache::new());
 }

@@ -638,3 +638,106 @@ fn work_is_capped_with_an_over_estimate() {
         "{prompt} vs {uncapped}"
     );
 }
+
+#[test]
+fn kept_role_counts_are_the_tokenizers() {
+    for enc in [Encoding::Cl100k, Encoding::O200k] {
+        for (role, n) in ROLES.iter().zip(role_tokens(enc)) {
+            assert_eq!(*n, enc.tokenizer().count(role) as u64, "{role} in {enc:?}");
+            assert_eq!(count(enc, role), *n);
+        }
+    }
+    // Past the budget a role counts one token per byte, like any text.
+    let mut c = Counter::new(Encoding::O200k);
+    c.left = 2;
+    assert_eq!(c.text("user"), 4);
+}
+
+/// Bodies of every shape the rules distinguish, and the edges of what the parser accepts
+/// (repeated and escaped keys, nesting at the limit, invalid UTF-8, bad escapes, numbers out
+/// of range): the typed reader gives what the `Value` one gave, for every operation.
+#[test]
+fn typed_reading_agrees_with_the_value_reference() {
+    let bodies: Vec<String> = vec![
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say something short."}],"max_tokens":16}"#.into(),
+        r#"{"messages":[{"role":"user","content":"a","role":"system","name":"x","content":"hello there"}],"model":"gpt-3.5-turbo","model":5}"#.into(),
+        r#"{"model":"gpt-3.5-turbo","messages":[{"role":"user","con\u0074ent":"caf\u00e9 \"q\"","name":7,"tool_calls":"str","function_call":{"name":"f","arguments":"{}"},"x":[1,2.5,-0,1e2],"y":null,"z":true}]}"#.into(),
+        r#"{"messages":[1,"two",null,[{"a":1}],{"content":null},{"content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"http://x","detail":"low"}},{"type":"weird","q":1}]},{"content":{"a":"b"}},{"content":12}], "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}], "functions": null, "response_format":{"type":"json_schema","json_schema":{"name":"s","schema":{"b":1,"a":2}}}}"#.into(),
+        r#"{"messages":{"role":"user"}, "max_completion_tokens": 5, "max_tokens": 7, "n": 3}"#.into(),
+        r#"{"messages":"x", "max_tokens": -1, "n": 2.0}"#.into(),
+        r#"{"messages":[{"role":"user","content":"x"}], "max_tokens": 1e400}"#.into(),
+        r#"{"messages":[{"role":"user","content":"x","k":"\ud800"}]}"#.into(),
+        r#"{"messages":[{"role":"user","content":"x"}], "other": {"deep": [[[[{"a":"\u0000"}]]]]}}"#.into(),
+        r#"{"messages":[{"role":"user","content":"x"}], "other": "bad \x escape"}"#.into(),
+        r#"{"messages":[{"role":"user","content":"x"}]} trailing"#.into(),
+        r#"{"messages":[{"role":"user","content":"x"}],}"#.into(),
+        r#"{"prompt":["a","b",[1,2,3]],"suffix":"s","best_of":3,"n":2,"max_tokens":4}"#.into(),
+        r#"{"prompt":[1,2,3],"max_tokens":4}"#.into(),
+        r#"{"input":["hello", [1,2]], "model":"text-embedding-3-small"}"#.into(),
+        r#"{"instructions":"be nice","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]},{"type":"function_call_output","output":"x"},{"type":"message","role":"user","content":"yo"}],"tools":[{"type":"web_search"}],"text":{"format":{"type":"json_schema","schema":{}}},"max_output_tokens":9}"#.into(),
+        r#"{"input":"hello","model":"o3"}"#.into(),
+        r#"[1,2]"#.into(),
+        r#""s""#.into(),
+        r#"{}"#.into(),
+        "  {\"messages\" : [ { \"role\" : \"user\" , \"content\" : \"x\" } ] }  ".into(),
+        format!("{{\"messages\":[{{{}}}]}}", (0..40).map(|i| format!("\"k{}\":\"v{}\"", i % 23, i)).collect::<Vec<_>>().join(",")),
+        format!("{{\"messages\": {}{}}}", "[".repeat(126), "]".repeat(126)),
+        format!("{{\"messages\": {}{}}}", "[".repeat(127), "]".repeat(127)),
+        format!("{{\"messages\": {}{}}}", "[".repeat(128), "]".repeat(128)),
+        format!("{{\"messages\":[{{\"content\":{}{}}}]}}", "[".repeat(125), "]".repeat(125)),
+        format!("{{\"messages\":[{{\"content\":{}{}}}]}}", "[".repeat(126), "]".repeat(126)),
+        format!("{{\"x\": {}{}}}", "[".repeat(127), "]".repeat(127)),
+        format!("{{\"x\": {}{}}}", "[".repeat(128), "]".repeat(128)),
+        format!("{{\"model\": {}{}}}", "[".repeat(128), "]".repeat(128)),
+    ];
+    let mut all: Vec<Vec<u8>> = bodies.into_iter().map(String::into_bytes).collect();
+    all.push(b"{\"messages\":[{\"content\":\"\xff\"}]}".to_vec());
+    all.push(b"{\"messages\":[{\"content\":\"x\"}],\"o\":\"\xff\"}".to_vec());
+    for body in &all {
+        for op in [
+            Operation::Chat,
+            Operation::Completions,
+            Operation::Embeddings,
+            Operation::Responses,
+        ] {
+            for model in ["", "gpt-4"] {
+                let a = estimate(op, model, body, None, &OPTS);
+                let o = super::reference::EstimateOptions {
+                    default_max_tokens: 1000,
+                    reserve_output: super::reference::ReserveOutput::MaxTokens,
+                    default_image_tokens: 777,
+                };
+                let b = super::reference::estimate(op, model, body, None, &o);
+                let b = Estimate {
+                    prompt: b.prompt,
+                    output: b.output,
+                };
+                assert_eq!(a, b, "{op:?} {model} {}", String::from_utf8_lossy(body));
+            }
+        }
+    }
+}
+
+#[test]
+fn kept_piece_counts_are_the_tokenizers() {
+    // Counted twice (the second time from this thread's piece cache), in both encodings,
+    // interleaved so that slots are shared: the same counts as the tokenizer's.
+    let texts = [
+        KNOWN[0].0,
+        KNOWN[4].0,
+        KNOWN[7].0,
+        "Say something short.",
+        "the the the",
+    ];
+    for _ in 0..2 {
+        for enc in [Encoding::Cl100k, Encoding::O200k] {
+            for t in texts {
+                assert_eq!(
+                    count(enc, t),
+                    enc.tokenizer().count(t) as u64,
+                    "{t} in {enc:?}"
+                );
+            }
+        }
+    }
+}
