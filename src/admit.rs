@@ -106,6 +106,14 @@ impl ClientLimits {
         !self.own.is_empty() || !self.deployments.is_empty() || self.per_subject.is_some()
     }
 
+    /// Whether a token limit, token quota or budget applies (so admission needs the
+    /// request's token estimate).
+    pub fn counts_tokens(&self) -> bool {
+        self.own.counts_tokens()
+            || self.deployments.iter().any(|d| d.set.counts_tokens())
+            || self.per_subject.as_ref().is_some_and(|s| s.counts_tokens())
+    }
+
     /// Whether a budget applies (so the request must be priced).
     pub fn has_budget(&self) -> bool {
         self.own.budget.is_some()
@@ -305,10 +313,11 @@ pub struct Ask<'a> {
     pub content_type: Option<&'a str>,
 }
 
-/// What admission decided for an admitted request: its estimate, its price, and the
-/// reservation (none when the client has no limit) the account stage settles.
+/// What admission decided for an admitted request: its estimate (none when nothing needed
+/// it), its price, and the reservation (none when the client has no limit) the account
+/// stage settles.
 pub struct Ticket {
-    pub estimate: Estimate,
+    pub estimate: Option<Estimate>,
     pub price: Option<Price>,
     pub reservation: Option<Reservation>,
 }
@@ -362,33 +371,38 @@ impl Limiter {
         }
     }
 
-    /// Estimate `ask` (a POST's prompt and answer; nothing for other methods: a GET of a
-    /// stored response creates no billed work), price it when a budget applies, and
-    /// reserve it against every limit of `caller`.
+    /// Estimate `ask` when `estimate` is set (a POST's prompt and answer; nothing for other
+    /// methods: a GET of a stored response creates no billed work), price it when a budget
+    /// applies, and reserve it against every limit of `caller`. Without an estimate the
+    /// reservation counts the request alone (its client has no token limit).
     pub async fn admit(
         self: &Arc<Self>,
         caller: &Caller,
         ask: Ask<'_>,
+        estimate: bool,
         opts: &EstimateOptions,
         prices: &PriceTable,
     ) -> Result<Ticket, GatewayError> {
         let model = ask.deployment.unwrap_or_default();
-        let estimate = if *ask.method == http::Method::POST {
-            crate::tokens::estimate(ask.operation, model, ask.body, ask.content_type, opts)
-        } else {
-            Estimate::default()
-        };
+        let estimate = estimate.then(|| {
+            if *ask.method == http::Method::POST {
+                crate::tokens::estimate(ask.operation, model, ask.body, ask.content_type, opts)
+            } else {
+                Estimate::default()
+            }
+        });
         let price = ask.deployment.and_then(|d| prices.price(d));
+        let e = estimate.unwrap_or_default();
         let micro_usd = match price {
             Some(p) if caller.client.limits.has_budget() => pricing::micro_usd(p.usd(Tokens {
-                prompt: estimate.prompt,
+                prompt: e.prompt,
                 cached: 0,
-                completion: estimate.output,
+                completion: e.output,
             })),
             _ => 0,
         };
         let demand = Demand {
-            tokens: estimate.total(),
+            tokens: e.total(),
             micro_usd,
         };
         let reservation = self.reserve(caller, ask.deployment, demand).await?;
@@ -565,7 +579,14 @@ fn too_large(it: &Item, kind: Kind, scope: String) -> GatewayError {
 
 fn refusal(it: &Item, kind: Kind, scope: String, retry_after_ms: u64, now_ms: i64) -> GatewayError {
     let retry_after = Duration::from_millis(retry_after_ms);
-    let reset = || period::rfc3339((now_ms + retry_after_ms as i64).div_euclid(1000));
+    // A period's reset is its end (the wait was measured from the counter's own clock
+    // reading, a little later than `now_ms`).
+    let reset = || match it.window {
+        Window::Period { end_s, .. } => period::rfc3339(end_s),
+        Window::Sliding { .. } => {
+            period::rfc3339((now_ms + retry_after_ms as i64).div_euclid(1000))
+        }
+    };
     match kind {
         Kind::Requests => GatewayError::RateLimitExceeded {
             scope,
@@ -752,6 +773,31 @@ mod tests {
             principal: Default::default(),
             grants: Vec::new(),
         }
+    }
+
+    #[test]
+    fn only_token_limits_quotas_and_budgets_need_an_estimate() {
+        let limits = |extra: &str| {
+            let c: ClientConfig = toml::from_str(&format!(
+                "id = \"a\"\ndeployments = [\"*\"]\noperations = [\"*\"]\n{extra}"
+            ))
+            .unwrap();
+            ClientLimits::new(&c).counts_tokens()
+        };
+        assert!(!limits(""));
+        assert!(!limits("max_concurrent_requests = 2"));
+        assert!(!limits("requests_per_minute = 10"));
+        assert!(!limits("per_subject = { requests_per_minute = 10 }"));
+        assert!(!limits(
+            "limits = [{ deployments = [\"gpt-4o\"], requests_per_minute = 5 }]"
+        ));
+        assert!(limits("tokens_per_minute = 10"));
+        assert!(limits("token_quota = { tokens = 10, period = \"day\" }"));
+        assert!(limits("budget = { usd = 1.0, period = \"month\" }"));
+        assert!(limits("per_subject = { tokens_per_minute = 10 }"));
+        assert!(limits(
+            "limits = [{ deployments = [\"gpt-4o\"], budget = { usd = 1.0, period = \"day\" } }]"
+        ));
     }
 
     #[test]

@@ -202,9 +202,11 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
     )?;
     let budget =
         crate::buffer::BodyBudget::new(v.max_buffered_body_bytes, v.config.server.buffer_wait.0);
-    // The tokenizer tables (admission estimates, cut streams), loaded before the first
-    // request rather than by it.
-    let _ = tokio::task::spawn_blocking(crate::tokens::warm_up).await;
+    // The tokenizer tables, loaded before the first request rather than by it, when this
+    // configuration estimates requests (otherwise only if an answer ever needs counting).
+    if snapshot.estimates_tokens() {
+        let _ = tokio::task::spawn_blocking(crate::tokens::warm_up).await;
+    }
     let limiter = Arc::new(limiter(v, &metrics).await?);
     let accounting = Arc::new(crate::account::Accounting {
         writer: usage.clone(),

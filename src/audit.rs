@@ -115,8 +115,8 @@ pub struct AuditUsage {
     pub cached_tokens: u64,
     pub completion_tokens: u64,
     pub reasoning_tokens: u64,
-    /// Tokens reserved at admission (prompt estimate + output reservation).
-    pub estimated_tokens: u64,
+    /// The gateway's estimate (prompt + output reservation); `null` when nothing needed one.
+    pub estimated_tokens: Option<u64>,
     /// `reported` (the backend's `usage`), `counted` (the streamed text, counted by the
     /// gateway: the backend cut the stream) or `none`.
     pub source: &'static str,
@@ -403,10 +403,14 @@ impl LineWriter {
                 (b",\"cached_tokens\":", cached_tokens),
                 (b",\"completion_tokens\":", completion_tokens),
                 (b",\"reasoning_tokens\":", reasoning_tokens),
-                (b",\"estimated_tokens\":", estimated_tokens),
             ] {
                 out.extend_from_slice(key);
                 out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes());
+            }
+            out.extend_from_slice(b",\"estimated_tokens\":");
+            match estimated_tokens {
+                Some(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+                None => out.extend_from_slice(b"null"),
             }
             out.extend_from_slice(b",\"source\":");
             string(out, source)?;
@@ -836,7 +840,7 @@ mod tests {
                 cached_tokens: pick(rng, &[0, 5]),
                 completion_tokens: pick(rng, &[0, 1, 4096]),
                 reasoning_tokens: pick(rng, &[0, 64]),
-                estimated_tokens: pick(rng, &[0, 123_456]),
+                estimated_tokens: maybe(rng, |r| pick(r, &[0, 123_456])),
                 source: s(rng),
                 cost_usd: pick(rng, FLOATS),
             }),
@@ -888,7 +892,7 @@ mod tests {
             cached_tokens: 3,
             completion_tokens: 40,
             reasoning_tokens: 16,
-            estimated_tokens: 4108,
+            estimated_tokens: Some(4108),
             source: "reported",
             cost_usd: 0.000_43,
         });

@@ -99,6 +99,18 @@ pub struct Buffered {
     _room: Option<OwnedSemaphorePermit>,
 }
 
+impl Buffered {
+    /// The same body in an allocation of its own, still counted in the budget. A body read
+    /// in one frame is a slice of the connection's read buffer: kept for long (a stream's
+    /// lifetime), it would keep that whole buffer alive.
+    pub fn detach(self) -> Self {
+        Self {
+            bytes: Bytes::copy_from_slice(&self.bytes),
+            _room: self._room,
+        }
+    }
+}
+
 /// Read the whole body: 413 over `max_bytes` (at once from `Content-Length`), 408 after
 /// `timeout`, 503 `overloaded` when the budget has no room in time.
 pub async fn read<B>(

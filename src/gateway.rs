@@ -34,6 +34,7 @@ use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
 use crate::route::{self, Route};
 use crate::routing::health::HealthRegistry;
 use crate::routing::{Backend, BackendTable, BuildError};
+use crate::tokens::Estimate;
 use crate::upstream_auth::Credential;
 
 /// Everything a request needs from the configuration, immutable once built.
@@ -43,6 +44,10 @@ pub struct Snapshot {
     pub body_limits: BodyLimits,
     /// `[limits]`: how requests are estimated before they are admitted.
     estimate: crate::tokens::EstimateOptions,
+    /// `[limits] estimate = "always"`: every request is estimated, needed or not.
+    estimate_always: bool,
+    /// Whether any request can need a token estimate (see [`Snapshot::estimates_tokens`]).
+    estimates_tokens: bool,
     /// `[prices]`.
     prices: crate::pricing::PriceTable,
     /// `server.trusted_proxies`: peers whose forwarding headers are kept and extended.
@@ -76,6 +81,14 @@ impl Snapshot {
             previous.map(|p| &p.backends),
         )?;
         crate::routing::probe::spawn_all(&backends);
+        let estimate_always =
+            v.config.limits.estimate == crate::config::limits::EstimateWhen::Always;
+        let estimates_tokens = estimate_always
+            || backends.weighs_any_tokens()
+            || v.config
+                .clients
+                .iter()
+                .any(|c| crate::admit::ClientLimits::new(c).counts_tokens());
         Ok(Self {
             backends,
             identity,
@@ -95,6 +108,8 @@ impl Snapshot {
                 },
                 default_image_tokens: v.config.limits.default_image_tokens,
             },
+            estimate_always,
+            estimates_tokens,
             prices: crate::pricing::PriceTable::new(&v.config.prices),
             trusted_proxies: v.trusted_proxies.clone(),
             resource: v
@@ -111,6 +126,13 @@ impl Snapshot {
                 .map(|s| s.as_str().to_owned())
                 .collect(),
         })
+    }
+
+    /// Whether requests under this configuration may be estimated: `[limits] estimate =
+    /// "always"`, a client with a token limit, quota or budget, or headroom routing over a
+    /// pool of two or more. When not, the tokenizer's tables need not be loaded.
+    pub fn estimates_tokens(&self) -> bool {
+        self.estimates_tokens
     }
 
     /// This gateway's resource URL: `auth.resource`, else from the request's `Host`.
@@ -509,6 +531,9 @@ impl Gateway {
                     body: &body.bytes,
                     content_type,
                 },
+                snap.estimate_always
+                    || caller.client.limits.counts_tokens()
+                    || snap.backends.weighs_tokens(deployment.as_deref()),
                 &snap.estimate,
                 &snap.prices,
             )
@@ -536,7 +561,7 @@ impl Gateway {
                 .iter()
                 .any(|n| n.contains(&peer.ip().to_canonical())),
         };
-        let tokens = estimate.total();
+        let tokens = estimate.map_or(0, Estimate::total);
         // Route: the pool's order for this request (priority, weights, reported headroom).
         let candidates = snap
             .backends
@@ -552,8 +577,20 @@ impl Gateway {
             tokens,
         };
         let forwarded = proxy::forward(out, candidates, &snap.backends.policy).await;
-        // The body (and its room in the budget) is needed until a backend has answered.
-        drop(body);
+        // The body (and its room in the budget) is needed until a backend has answered;
+        // when it was not estimated, until the answer has shown whether its usage must be
+        // estimated after all (see `account::Deferred`).
+        let deferred = match estimate {
+            None if parts.method == http::Method::POST => Some(account::Deferred {
+                body,
+                form: crate::tokens::is_form(content_type),
+                options: snap.estimate,
+            }),
+            _ => {
+                drop(body);
+                None
+            }
+        };
         let answer = match forwarded {
             Ok(a) => a,
             Err(failed) => {
@@ -603,6 +640,7 @@ impl Gateway {
                 encoding: crate::tokens::encoding_for(model),
                 deployment,
                 estimate,
+                deferred,
                 reservation,
                 price,
                 injected_usage,

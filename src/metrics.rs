@@ -713,7 +713,7 @@ impl AccountingMetrics {
         );
         registry.register(
             "token_estimate_error",
-            "Tokens reserved before forwarding minus tokens the backend reported, per request",
+            "Tokens estimated before forwarding minus tokens the backend reported, per estimated request",
             m.estimate_error.clone(),
         );
         registry.register(

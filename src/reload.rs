@@ -327,6 +327,11 @@ impl Reloader {
         while fresh.iter().any(|c| !c.attempted()) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // A configuration that now estimates requests: the tokenizer tables before the
+        // swap, so that no request waits for them (nothing when they are loaded already).
+        if snapshot.estimates_tokens() {
+            let _ = tokio::task::spawn_blocking(crate::tokens::warm_up).await;
+        }
         let changes = changes(&state.current, &v);
         self.gateway.swap(snapshot);
         self.admin_token.store(v.admin_token.clone().map(Arc::new));

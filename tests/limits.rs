@@ -780,3 +780,69 @@ async fn responses_api_usage_is_read_from_its_answer_and_its_event_stream() {
         assert!((est - (input + 50)).abs() <= 4, "{line}");
     }
 }
+
+/// The `usage` of an answer's audit line.
+async fn usage_of(gw: &Gateway, a: &Answer) -> Value {
+    gw.audit_for(&header(a, "x-request-id")).await["usage"].clone()
+}
+
+/// `[limits] estimate`: by default a request is estimated only when something reads the
+/// estimate before the answer (a token limit, quota or budget of its client); its audit line
+/// then says `estimated_tokens: null`. A success that reports no usage is still charged its
+/// estimate, made from the request after the answer. `estimate = "always"` estimates all.
+#[tokio::test]
+async fn requests_are_estimated_when_something_reads_the_estimate() {
+    let sim = sim().await;
+    let body = ask(30);
+    let opts = portcullis::tokens::EstimateOptions {
+        default_max_tokens: 4096,
+        reserve_output: portcullis::tokens::ReserveOutput::MaxTokens,
+        default_image_tokens: 765,
+    };
+    let expected = portcullis::tokens::estimate(
+        portcullis::route::Operation::Chat,
+        "gpt-4o",
+        &serde_json::to_vec(&body).unwrap(),
+        Some("application/json"),
+        &opts,
+    );
+    assert_eq!(expected.output, 30);
+
+    // No limit, or a request limit only: nothing reads an estimate.
+    for limits in ["", "requests_per_minute = 1000"] {
+        let gw = Gateway::start_with("", &client(limits), &azure_backend(&sim)).await;
+        let a = post(&gw.url, &body, &[]).await;
+        assert_eq!(a.status, 200);
+        let u = usage_of(&gw, &a).await;
+        assert_eq!(u["source"], "reported", "{u}");
+        assert_eq!(u["estimated_tokens"], Value::Null, "{limits}: {u}");
+        assert_eq!(u["prompt_tokens"], a.body["usage"]["prompt_tokens"]);
+        // A success without usage (the simulator echoes the request: no `usage` object):
+        // charged the estimate all the same, made from the body it kept.
+        let a = post(&gw.url, &body, &[("x-sim-behavior", "echo")]).await;
+        assert_eq!(a.status, 200);
+        assert!(a.body["usage"].is_null());
+        let u = usage_of(&gw, &a).await;
+        assert_eq!(u["source"], "none", "{u}");
+        assert_eq!(u["prompt_tokens"], expected.prompt, "{u}");
+        assert_eq!(u["completion_tokens"], expected.output, "{u}");
+        assert_eq!(u["estimated_tokens"], expected.total(), "{u}");
+    }
+
+    // A token limit reads it; so does `estimate = "always"` without one.
+    for (extra, limits) in [
+        ("", "tokens_per_minute = 1000000"),
+        ("[limits]\nestimate = \"always\"", ""),
+    ] {
+        let gw = Gateway::start_with(extra, &client(limits), &azure_backend(&sim)).await;
+        let a = post(&gw.url, &body, &[]).await;
+        assert_eq!(a.status, 200);
+        let u = usage_of(&gw, &a).await;
+        assert_eq!(u["source"], "reported", "{u}");
+        assert_eq!(
+            u["estimated_tokens"],
+            expected.total(),
+            "{extra} {limits}: {u}"
+        );
+    }
+}

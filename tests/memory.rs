@@ -88,11 +88,21 @@ async fn gateway(
     dir: &tempfile::TempDir,
     env: &[(&str, &str)],
 ) -> (Serve, String, u64) {
+    gateway_for(sim, dir, env, ANYONE).await
+}
+
+/// [`gateway`] with other `[[clients]]`.
+async fn gateway_for(
+    sim: &portcullis::sim::SimHandle,
+    dir: &tempfile::TempDir,
+    env: &[(&str, &str)],
+    clients: &str,
+) -> (Serve, String, u64) {
     let cfg = dir.path().join("portcullis.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\nmax_body_bytes = {ANNOUNCED}\nmax_buffered_body_bytes = {BUDGET}\nbuffer_wait = \"2s\"\nbody_timeout = \"60s\"\nheader_timeout = \"60s\"\n[admin]\nlisten = \"\"\n[audit]\npath = \"{}\"\n[store]\nurl = \"sqlite::memory:\"\n{ANYONE}\n{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\nmax_body_bytes = {ANNOUNCED}\nmax_buffered_body_bytes = {BUDGET}\nbuffer_wait = \"2s\"\nbody_timeout = \"60s\"\nheader_timeout = \"60s\"\n[admin]\nlisten = \"\"\n[audit]\npath = \"{}\"\n[store]\nurl = \"sqlite::memory:\"\n{clients}\n{}",
             dir.path().join("audit.log").display(),
             backend("sim", &sim.url(), "azure", "deployments = { \"gpt-4o\" = \"gpt-4o\" }"),
         ),
@@ -345,4 +355,30 @@ async fn open_streams_between_events_cost_a_bounded_amount_each() {
     );
     drop(open);
     assert_eq!(chat_once(&addr).await, 200, "it still serves");
+}
+
+/// The o200k tokenizer tables take ~65 MB once loaded. A configuration that never estimates
+/// a request (no client with a token limit, quota or budget; no headroom routing over two or
+/// more backends) does not load them; one that does loads them at start, before its first
+/// request.
+#[tokio::test]
+async fn the_tokenizer_tables_are_resident_only_where_requests_are_estimated() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_plain, _, plain) = gateway(&sim, &dir, &[]).await;
+    let dir2 = tempfile::tempdir().unwrap();
+    let limited = format!("{ANYONE}tokens_per_minute = 1000000\n");
+    let (_counting, _, counting) = gateway_for(&sim, &dir2, &[], &limited).await;
+    eprintln!(
+        "idle RSS after 20 requests: {} MiB without token limits, {} MiB with",
+        plain / MIB,
+        counting / MIB
+    );
+    assert!(plain < 48 * MIB, "{} MiB without token limits", plain / MIB);
+    assert!(
+        counting > plain + 40 * MIB,
+        "the tables are not resident with a token limit: {} MiB vs {} MiB",
+        counting / MIB,
+        plain / MIB
+    );
 }

@@ -42,7 +42,7 @@ fn rec(
         cached_tokens: cached,
         completion_tokens: completion,
         reasoning_tokens: reasoning,
-        estimated_tokens: prompt + 100,
+        estimated_tokens: Some(prompt + 100),
         usage_source: "reported".into(),
         cost_usd: cost,
         status: 200,
@@ -52,7 +52,7 @@ fn rec(
 
 /// Records on both sides of the midnight between 2026-12-01 and 2026-12-02 (UTC).
 fn around_midnight() -> Vec<UsageRecord> {
-    vec![
+    let mut records = vec![
         // Dec 1, 23:59:59.999 — the last millisecond of the day.
         rec(
             DEC_1 + DAY - 1,
@@ -99,7 +99,10 @@ fn around_midnight() -> Vec<UsageRecord> {
             30,
             1.0,
         ),
-    ]
+    ];
+    // A request nothing estimated before it was forwarded (`[limits] estimate`): NULL.
+    records[1].estimated_tokens = None;
+    records
 }
 
 fn query(by: GroupBy) -> UsageQuery {

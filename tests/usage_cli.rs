@@ -133,7 +133,7 @@ fn rec(
         cached_tokens: cached,
         completion_tokens: completion,
         reasoning_tokens: 0,
-        estimated_tokens: prompt,
+        estimated_tokens: Some(prompt),
         usage_source: "reported".into(),
         cost_usd: cost,
         status: 200,

@@ -27,11 +27,12 @@ use bytes::Bytes;
 
 use crate::admit::{Demand, Reservation};
 use crate::audit::{AuditRecord, AuditUsage};
+use crate::buffer::Buffered;
 use crate::metrics::{AccountingMetrics, TokenCounts};
 use crate::pricing::{self, Price};
 use crate::route::Operation;
 use crate::store::UsageRecord;
-use crate::tokens::{self, Encoding, Estimate};
+use crate::tokens::{self, Encoding, Estimate, EstimateOptions};
 use crate::usage_log::UsageWriter;
 use tap::{Mode, SseTap};
 use usage::{JsonUsage, Usage};
@@ -56,7 +57,10 @@ pub struct Plan {
     pub operation: Operation,
     pub deployment: Option<String>,
     pub encoding: Encoding,
-    pub estimate: Estimate,
+    /// The admission estimate; none when nothing needed it before the answer.
+    pub estimate: Option<Estimate>,
+    /// Without an estimate: what to make one from, should the answer not report its usage.
+    pub deferred: Option<Deferred>,
     pub reservation: Option<Reservation>,
     pub price: Option<Price>,
     /// The gateway added `stream_options.include_usage` to the request.
@@ -66,7 +70,33 @@ pub struct Plan {
     pub key_id: Option<Arc<str>>,
 }
 
+/// A request not estimated before it was forwarded (its client has no token limit): its
+/// body, kept (and counted in the gateway's body budget) until the answer shows whether its
+/// usage must be estimated after all — a success that reports none, or a stream the backend
+/// cuts.
+pub struct Deferred {
+    pub body: Buffered,
+    /// The body is a form, not JSON.
+    pub form: bool,
+    pub options: EstimateOptions,
+}
+
 impl Plan {
+    /// The request's estimate: the admission's, or one made now from the deferred body.
+    fn estimate(&self) -> Option<Estimate> {
+        self.estimate.or_else(|| {
+            let d = self.deferred.as_ref()?;
+            let model = self.deployment.as_deref().unwrap_or_default();
+            Some(tokens::estimate_body(
+                self.operation,
+                model,
+                &d.body.bytes,
+                d.form,
+                &d.options,
+            ))
+        })
+    }
+
     /// Whether this operation's answers report token usage.
     fn reports_usage(&self) -> bool {
         matches!(
@@ -95,6 +125,7 @@ impl Meter {
     pub fn new(plan: Plan, status: u16, content_type: Option<&str>) -> Self {
         let ct = content_type.unwrap_or("");
         let ok = (200..300).contains(&status);
+        let mut plan = plan;
         let tap = if !ok || !plan.reports_usage() {
             Tap::None
         } else if ct.starts_with("text/event-stream") {
@@ -107,6 +138,17 @@ impl Meter {
             Tap::Json(JsonUsage::new())
         } else {
             Tap::None
+        };
+        plan.deferred = match plan.deferred.take() {
+            // A failure or an operation without usage: nothing will be estimated.
+            _ if !ok || !plan.reports_usage() => None,
+            // A JSON answer is read to its end at once.
+            d if matches!(tap, Tap::Json(_)) => d,
+            // A stream may last long: its own allocation, not the connection's buffer.
+            d => d.map(|d| Deferred {
+                body: d.body.detach(),
+                ..d
+            }),
         };
         Self { plan, tap, status }
     }
@@ -147,20 +189,26 @@ impl Meter {
         }
     }
 
-    /// The usage the request is charged, and where it came from.
-    fn usage(&self, outcome: &str) -> (Usage, &'static str) {
+    /// The usage the request is charged, where it came from, and the request's estimate
+    /// (made now if it is needed and admission made none).
+    fn usage(&self, outcome: &str) -> (Usage, &'static str, Option<Estimate>) {
         let reported = match &self.tap {
             Tap::Json(j) => j.finish(),
             Tap::Sse(s) => s.finish().usage,
             Tap::None => None,
         };
         if let Some(u) = reported {
-            return (u, "reported");
+            return (u, "reported", self.plan.estimate);
         }
         if !(200..300).contains(&self.status) {
             // Refused or failed: backends do not bill it.
-            return (Usage::default(), "none");
+            return (Usage::default(), "none", self.plan.estimate);
         }
+        if !self.plan.reports_usage() {
+            return (Usage::default(), "none", self.plan.estimate);
+        }
+        let estimate = self.plan.estimate();
+        let e = estimate.unwrap_or_default();
         if let Tap::Sse(s) = &self.tap {
             if outcome != "complete" || !s.finish().done {
                 // Cut (or abandoned and never finished): the prompt and what was streamed.
@@ -169,28 +217,25 @@ impl Meter {
                 // Text past the tap's limit: a generous 1 token per 2 bytes.
                 let completion = text + sum.dropped.div_ceil(2);
                 let u = Usage {
-                    prompt: self.plan.estimate.prompt,
+                    prompt: e.prompt,
                     completion,
                     ..Usage::default()
                 };
-                return (u, "counted");
+                return (u, "counted", estimate);
             }
         }
-        if self.plan.reports_usage() {
-            // A success that reported nothing: it stays charged as estimated.
-            let u = Usage {
-                prompt: self.plan.estimate.prompt,
-                completion: self.plan.estimate.output,
-                ..Usage::default()
-            };
-            return (u, "none");
-        }
-        (Usage::default(), "none")
+        // A success that reported nothing: it stays charged as estimated.
+        let u = Usage {
+            prompt: e.prompt,
+            completion: e.output,
+            ..Usage::default()
+        };
+        (u, "none", estimate)
     }
 
     /// Reconcile, price, count and record the request (see the module docs).
     pub fn settle(self, rec: &mut AuditRecord, outcome: &str) {
-        let (u, source) = self.usage(outcome);
+        let (u, source, estimate) = self.usage(outcome);
         let plan = self.plan;
         let tokens = Demand {
             tokens: u.prompt + u.completion,
@@ -203,7 +248,7 @@ impl Meter {
                 completion: u.completion,
             })
         });
-        let estimated = plan.estimate.total();
+        let estimated = estimate.map(Estimate::total);
         let reports_usage = plan.reports_usage();
         if let Some(r) = plan.reservation {
             r.settle(Demand {
@@ -221,9 +266,9 @@ impl Meter {
             };
             m.count_usage(&plan.client, d, counts, usd);
         }
-        if source == "reported" && reports_usage {
+        if let (Some(e), "reported", true) = (estimated, source, reports_usage) {
             m.estimate_error
-                .observe(estimated as f64 - (u.prompt + u.completion) as f64);
+                .observe(e as f64 - (u.prompt + u.completion) as f64);
         }
         if !reports_usage && source == "none" {
             return;
@@ -256,7 +301,7 @@ impl Meter {
                 cached_tokens: n(u.cached),
                 completion_tokens: n(u.completion),
                 reasoning_tokens: n(u.reasoning),
-                estimated_tokens: n(estimated),
+                estimated_tokens: estimated.map(n),
                 usage_source: source.to_owned(),
                 cost_usd: usd,
                 status: i32::from(rec.status),

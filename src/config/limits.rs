@@ -42,6 +42,11 @@ pub struct LimitsConfig {
     /// Tokens charged for an image whose size cannot be read from the request.
     #[serde(default = "default_image_tokens")]
     pub default_image_tokens: u64,
+    /// `when_needed`: estimate a request's tokens before forwarding it only when something
+    /// decides by the estimate (a token limit, quota or budget of its client, or headroom
+    /// routing across two or more backends); `always`: every request.
+    #[serde(default)]
+    pub estimate: EstimateWhen,
 }
 
 impl Default for LimitsConfig {
@@ -55,6 +60,7 @@ impl Default for LimitsConfig {
             default_max_tokens: default_max_tokens(),
             reserve_output: ReserveOutput::default(),
             default_image_tokens: default_image_tokens(),
+            estimate: EstimateWhen::default(),
         }
     }
 }
@@ -102,6 +108,17 @@ pub enum ReserveOutput {
     None,
 }
 
+/// `[limits] estimate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EstimateWhen {
+    /// Only requests whose admission or routing reads the estimate.
+    #[default]
+    WhenNeeded,
+    /// Every request (its estimate is then in every audit line and usage record).
+    Always,
+}
+
 /// A calendar period in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -144,6 +161,11 @@ pub struct LimitSet {
 }
 
 impl LimitSet {
+    /// Whether any of these limits counts tokens (or dollars, which are priced tokens).
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some() || self.token_quota.is_some() || self.budget.is_some()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.requests_per_minute.is_none()
             && self.tokens_per_minute.is_none()

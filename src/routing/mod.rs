@@ -424,6 +424,24 @@ impl BackendTable {
         self.by_deployment.contains_key(deployment)
     }
 
+    /// Whether the order of `deployment`'s candidates depends on the request's token
+    /// estimate: with `routing.headroom`, when two or more backends serve it.
+    pub fn weighs_tokens(&self, deployment: Option<&str>) -> bool {
+        self.policy.headroom
+            && deployment
+                .and_then(|d| self.by_deployment.get(d))
+                .is_some_and(|groups| pool_size(groups) > 1)
+    }
+
+    /// Whether any deployment's order depends on token estimates.
+    pub fn weighs_any_tokens(&self) -> bool {
+        self.policy.headroom
+            && self
+                .by_deployment
+                .values()
+                .any(|groups| pool_size(groups) > 1)
+    }
+
     /// All backends, in configuration order.
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
@@ -468,6 +486,11 @@ impl BackendTable {
                 .collect(),
         )
     }
+}
+
+/// Backends in a deployment's pool, all priorities together.
+fn pool_size(groups: &[Group]) -> usize {
+    groups.iter().map(|g| g.members.len()).sum()
 }
 
 #[cfg(test)]
@@ -583,6 +606,19 @@ deployments = { "gpt-4o" = "gpt-4o-ptu" }
         }
         assert_eq!(t.public_names(), ["emb", "gpt-4o"]);
         assert_eq!(t.backends()[1].base_path, "/prefix");
+    }
+
+    #[test]
+    fn only_pools_of_two_or_more_with_headroom_weigh_tokens() {
+        let t = table(THREE);
+        assert!(t.weighs_tokens(Some("gpt-4o")), "three backends");
+        assert!(!t.weighs_tokens(Some("emb")), "one backend");
+        assert!(!t.weighs_tokens(Some("unknown")));
+        assert!(!t.weighs_tokens(None));
+        assert!(t.weighs_any_tokens());
+        let off = table(&format!("[routing]\nheadroom = false\n{THREE}"));
+        assert!(!off.weighs_tokens(Some("gpt-4o")));
+        assert!(!off.weighs_any_tokens());
     }
 
     #[test]

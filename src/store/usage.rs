@@ -36,8 +36,9 @@ pub struct UsageRecord {
     pub completion_tokens: i64,
     /// Part of `completion_tokens` spent on reasoning.
     pub reasoning_tokens: i64,
-    /// What admission reserved.
-    pub estimated_tokens: i64,
+    /// The gateway's estimate of the request (prompt and output reservation); none when
+    /// nothing needed one (`[limits] estimate`).
+    pub estimated_tokens: Option<i64>,
     /// `reported` (the backend's usage), `counted` (tokenizer, e.g. a cut stream) or `none`.
     pub usage_source: String,
     pub cost_usd: f64,

@@ -102,6 +102,17 @@ pub fn estimate(
     content_type: Option<&str>,
     opts: &EstimateOptions,
 ) -> Estimate {
+    estimate_body(op, model, body, is_form(content_type), opts)
+}
+
+/// [`estimate`] of a body already known to be a form (`form`, never parsed as JSON) or not.
+pub fn estimate_body(
+    op: Operation,
+    model: &str,
+    body: &[u8],
+    form: bool,
+    opts: &EstimateOptions,
+) -> Estimate {
     let kind = match op {
         Operation::Chat => Kind::Chat,
         Operation::Completions => Kind::Completions,
@@ -109,7 +120,7 @@ pub fn estimate(
         Operation::Responses => Kind::Responses,
         _ => return Estimate::default(),
     };
-    let doc = if is_form(content_type) {
+    let doc = if form {
         None
     } else {
         serde_json::from_slice::<Top<'_>>(body).ok()
@@ -141,8 +152,8 @@ pub fn estimate(
     }
 }
 
-/// Whether the body is a form, not JSON (never parsed as JSON).
-fn is_form(content_type: Option<&str>) -> bool {
+/// Whether a body of this content type is a form, not JSON (never parsed as JSON).
+pub fn is_form(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
         let mime = ct.split(';').next().unwrap_or("").trim();
         mime.eq_ignore_ascii_case("multipart/form-data")

@@ -11,8 +11,12 @@
 //! reference. That first use costs about 30 ms (cl100k) and 65 ms (o200k) of one core in a
 //! release build on the 2-core development machine, and the tables then stay resident: about
 //! 32 MB (cl100k) and 65 MB (o200k) of RSS. [`warm_up`] loads o200k (the encoding of every
-//! current model, and of names it does not recognise) at startup instead of on the first
-//! request; cl100k is loaded by the first request for an older model. [`encoding_for`] picks the table from a model or deployment name.
+//! current model, and of names it does not recognise) at startup, or at the reload, of a
+//! configuration that estimates requests (`Snapshot::estimates_tokens`), instead of on the
+//! first request; a configuration that estimates nothing loads no table unless an answer
+//! must be counted (a cut stream, a success without `usage`). cl100k is loaded by the first
+//! request for an older model. [`encoding_for`] picks the table from a model or deployment
+//! name.
 //!
 //! # Bounded work
 //! Measured on that machine (release build, one core, 64 KiB to 1 MiB inputs): counting time
@@ -43,7 +47,7 @@ use std::sync::OnceLock;
 
 use bpe_openai::Tokenizer;
 
-pub use estimate::{estimate, Estimate, EstimateOptions, ReserveOutput};
+pub use estimate::{estimate, estimate_body, is_form, Estimate, EstimateOptions, ReserveOutput};
 
 /// Bytes of text tokenized exactly per [`count`] call or per [`estimate`]; the rest counts
 /// one token per byte (see the module docs).

@@ -90,7 +90,7 @@ fn record(i: usize) -> UsageRecord {
         cached_tokens: 0,
         completion_tokens: 5,
         reasoning_tokens: 0,
-        estimated_tokens: 20,
+        estimated_tokens: Some(20),
         usage_source: "reported".into(),
         cost_usd: 0.001,
         status: 200,
