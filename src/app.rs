@@ -51,6 +51,31 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("limits.redis_url: {0}")]
     Redis(#[from] crate::admit::redis::RedisLimitError),
+    #[error("{listener} listener TLS: {message}")]
+    Tls {
+        listener: &'static str,
+        message: String,
+    },
+}
+
+/// A listener's TLS state, watching its files, when its section asks for TLS.
+fn tls_state(
+    settings: &Option<crate::config::tls::TlsSettings>,
+    metrics: &Metrics,
+) -> Result<Option<Arc<crate::tls::server::ServerTls>>, StartError> {
+    let Some(s) = settings else {
+        return Ok(None);
+    };
+    let tls = crate::tls::server::ServerTls::start(s.clone(), metrics).map_err(|message| {
+        StartError::Tls {
+            listener: s.listener,
+            message,
+        }
+    })?;
+    if let Err(e) = tls.watch() {
+        tracing::warn!(listener = s.listener, error = %e, "TLS files are not watched; changes need a restart");
+    }
+    Ok(Some(tls))
 }
 
 /// The limit counters `[limits]` asks for.
@@ -212,9 +237,14 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
         writer: usage.clone(),
         metrics: metrics.accounting.clone(),
     });
-    let gateway = Arc::new(Gateway::new(
-        snapshot, metrics, audit, budget, limiter, accounting, health,
-    ));
+    let server_tls = tls_state(&v.server_tls, &metrics)?;
+    let admin_tls = tls_state(&v.admin_tls, &metrics)?;
+    let gateway = Arc::new(
+        Gateway::new(
+            snapshot, metrics, audit, budget, limiter, accounting, health,
+        )
+        .with_tls(server_tls.clone()),
+    );
     let reloader = Arc::new(Reloader::new(
         opts.config_file.clone(),
         v,
@@ -242,11 +272,13 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
     let opts = ServeOptions {
         header_timeout: v.config.server.header_timeout.0,
         drain_timeout: v.config.server.drain_timeout.0,
+        tls: server_tls,
     };
     let mut threads = Vec::with_capacity(workers);
     for (i, l) in listeners.into_iter().enumerate() {
         let gw = gateway.clone();
         let stopped = stopped.clone();
+        let opts = opts.clone();
         let thread = worker::spawn(i, move || async move {
             match TcpListener::from_std(l) {
                 Ok(l) => {
@@ -270,7 +302,8 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
             },
             ServeOptions {
                 drain_timeout: Duration::from_secs(1),
-                ..opts
+                tls: admin_tls,
+                ..opts.clone()
             },
             wait_for(admin_stopped),
         )));

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::identify::{Caller, Principal};
 use crate::metrics::Metrics;
+use crate::tls::ClientCert;
 
 /// What happened to one request.
 ///
@@ -51,6 +52,13 @@ pub struct AuditRecord {
     /// Who exactly: subject, application, tenant, key id, issuer (never the credential).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "identity")]
     pub identity: Option<Arc<Principal>>,
+    /// The verified client certificate that came with the request: its subject, SANs and
+    /// SHA-256 thumbprint (never the certificate).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "certificate"
+    )]
+    pub client_certificate: Option<Arc<ClientCert>>,
     /// `allow` or `deny` once an access decision was made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<&'static str>,
@@ -220,6 +228,7 @@ impl AuditRecord {
             client: None,
             auth_method: "none",
             identity: None,
+            client_certificate: None,
             decision: None,
             reason: None,
             deployment: None,
@@ -307,6 +316,7 @@ impl LineWriter {
             client,
             auth_method,
             identity,
+            client_certificate,
             decision,
             reason,
             deployment,
@@ -341,6 +351,21 @@ impl LineWriter {
         if let Some(p) = &identity {
             out.extend_from_slice(b",\"identity\":");
             principal(out, p)?;
+        }
+        if let Some(c) = &client_certificate {
+            let id = &c.identity;
+            out.extend_from_slice(b",\"client_certificate\":{\"subject\":");
+            string(out, &id.subject)?;
+            out.extend_from_slice(b",\"san\":[");
+            for (i, s) in id.san().iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                string(out, s)?;
+            }
+            out.extend_from_slice(b"],\"sha256\":");
+            string(out, &id.sha256)?;
+            out.push(b'}');
         }
         opt_string(out, b",\"decision\":", *decision)?;
         opt_string(out, b",\"reason\":", reason.as_deref())?;
@@ -633,6 +658,17 @@ fn identity<S: Serializer>(c: &Option<Arc<Principal>>, s: S) -> Result<S::Ok, S:
     m.end()
 }
 
+fn certificate<S: Serializer>(c: &Option<Arc<ClientCert>>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(3))?;
+    if let Some(c) = c {
+        m.serialize_entry("subject", &c.identity.subject)?;
+        m.serialize_entry("san", &c.identity.san())?;
+        m.serialize_entry("sha256", &c.identity.sha256)?;
+    }
+    m.end()
+}
+
 fn header_str<S: Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v.to_str().unwrap_or_default())
 }
@@ -813,6 +849,7 @@ mod tests {
             client: maybe(rng, |rng| s(rng).into()),
             auth_method: s(rng),
             identity: identity.map(Arc::new),
+            client_certificate: None,
             decision: maybe(rng, s),
             reason: maybe(rng, |rng| s(rng).to_owned()),
             deployment: maybe(rng, |rng| s(rng).to_owned()),
@@ -878,6 +915,19 @@ mod tests {
             key_id: Some("key".into()),
             issuer: Some("entra".into()),
         }));
+        full.client_certificate = {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec!["batch.internal".into()]).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "batch \"job\"");
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                "spiffe://corp/batch".try_into().unwrap(),
+            ));
+            let cert = params.self_signed(&key).unwrap();
+            crate::tls::ClientCert::new(vec![cert.der().clone()], 1)
+        };
+        assert!(full.client_certificate.is_some());
         full.decision = Some("allow");
         full.reason = Some("because".into());
         full.deployment = Some("gpt-4o".into());

@@ -49,7 +49,8 @@ pub enum GatewayError {
     /// No valid credential: 401 with a `WWW-Authenticate: Bearer` challenge.
     #[error("{message}")]
     Unauthenticated {
-        /// `missing_credentials`, `invalid_token` or `token_expired`.
+        /// `missing_credentials`, `invalid_token`, `token_expired` or
+        /// `invalid_client_certificate`.
         code: &'static str,
         /// RFC 6750 `error` attribute of the challenge (`None` when nothing was presented).
         bearer_error: Option<&'static str>,
@@ -58,6 +59,9 @@ pub enum GatewayError {
     /// The caller is known but its client may not do this.
     #[error("{0}")]
     ClientNotAllowed(String),
+    /// A client certificate and a header credential on one request name different clients.
+    #[error("{0}")]
+    IdentityMismatch(String),
     /// The caller's token lacks scopes or roles the deployment requires.
     #[error("the deployment '{deployment}' requires the scope or role: {scope}")]
     InsufficientScope { deployment: String, scope: String },
@@ -170,7 +174,9 @@ impl GatewayError {
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BackendAuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            Self::ClientNotAllowed(_) | Self::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+            Self::ClientNotAllowed(_)
+            | Self::IdentityMismatch(_)
+            | Self::InsufficientScope { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -199,6 +205,7 @@ impl GatewayError {
             Self::NoUsableBackend { .. } => "no_usable_backend",
             Self::Unauthenticated { code, .. } => code,
             Self::ClientNotAllowed(_) => "client_not_allowed",
+            Self::IdentityMismatch(_) => "identity_mismatch",
             Self::InsufficientScope { .. } => "insufficient_scope",
         }
     }
@@ -226,7 +233,9 @@ impl GatewayError {
             Self::TokenLimitExceeded { .. } => "tokens",
             Self::QuotaExceeded(_) | Self::BudgetExceeded(_) => "insufficient_quota",
             Self::Unauthenticated { .. } => "authentication_error",
-            Self::ClientNotAllowed(_) | Self::InsufficientScope { .. } => "permission_error",
+            Self::ClientNotAllowed(_)
+            | Self::IdentityMismatch(_)
+            | Self::InsufficientScope { .. } => "permission_error",
         }
     }
 
@@ -236,6 +245,7 @@ impl GatewayError {
             self,
             Self::Unauthenticated { .. }
                 | Self::ClientNotAllowed(_)
+                | Self::IdentityMismatch(_)
                 | Self::InsufficientScope { .. }
         )
     }

@@ -196,6 +196,8 @@ pub struct Gateway {
     accounting: Arc<Accounting>,
     /// Backend health (cool-downs, circuits, in-flight counts), kept across swaps.
     health: Arc<HealthRegistry>,
+    /// The client listener's TLS state (certificates, client verifier), when configured.
+    tls: Option<Arc<crate::tls::server::ServerTls>>,
 }
 
 impl Gateway {
@@ -222,7 +224,15 @@ impl Gateway {
             limiter,
             accounting,
             health,
+            tls: None,
         }
+    }
+
+    /// The client listener's TLS, whose client certificates (or, with `forwarded_cert`,
+    /// a trusted proxy's header) identify callers.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::server::ServerTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The backend health registry a new snapshot must be built with.
@@ -459,18 +469,44 @@ impl Gateway {
         B: HttpBody<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         // Parsed first so refusals are audited with their operation; a bad route is only
         // reported to callers who proved who they are.
         let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query());
         if let Ok(r) = &route {
             rec.operation = r.operation.as_str();
         }
-        let caller = snap.identity.identify(&parts.headers).await.map_err(|r| {
-            rec.auth_method = r.method;
-            rec.identity = r.principal;
-            r.error
-        })?;
+        let cert = match &self.tls {
+            Some(tls) => {
+                // A forwarded certificate's header never reaches a backend, whoever sent it.
+                let forwarded: Vec<HeaderValue> = match &tls.settings().forwarded {
+                    Some(f) => match parts.headers.entry(&f.header) {
+                        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+                        http::header::Entry::Vacant(_) => Vec::new(),
+                    },
+                    None => Vec::new(),
+                };
+                let from_tls = parts.extensions.get::<Arc<crate::tls::ClientCert>>();
+                crate::identify::certificate::presented(from_tls, &forwarded, peer.ip(), tls)
+                    .inspect_err(|_| rec.auth_method = "certificate")?
+            }
+            None => None,
+        };
+        rec.client_certificate = cert.clone();
+        let caller = snap
+            .identity
+            .identify(&parts.headers, cert.as_ref())
+            .await
+            .map_err(|r| {
+                rec.auth_method = r.method;
+                rec.identity = r.principal;
+                if r.method == "certificate" {
+                    if let Some(v) = self.tls.as_ref().and_then(|t| t.verifier()) {
+                        v.count_reason("unbound");
+                    }
+                }
+                r.error
+            })?;
         rec.note_caller(&caller);
         let route = route?;
         route.check_method(&parts.method)?;

@@ -41,6 +41,7 @@ pub mod routing;
 pub mod shown;
 pub mod sim;
 pub mod store;
+pub mod tls;
 pub mod tokens;
 pub mod upstream_auth;
 pub mod usage_log;

@@ -76,6 +76,21 @@ pub struct CredentialOutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `portcullis_client_certificate_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertFailureLabels {
+    /// `expired`, `not_yet_valid`, `unknown_issuer`, `revoked`, `bad_usage`, `crl_expired`,
+    /// `malformed`, `missing` or `unbound`.
+    pub reason: &'static str,
+}
+
+/// Labels of `portcullis_tls_certificate_expiry_days`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `client` or `admin`.
+    pub listener: &'static str,
+}
+
 /// Labels of `portcullis_usage_records_dropped_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UsageDropLabels {
@@ -162,6 +177,9 @@ pub struct Metrics {
     jwks_refreshes: Family<JwksRefreshLabels, Counter>,
     backend_tokens: Family<CredentialOutcomeLabels, Counter>,
     token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
+    /// Client certificates refused, by reason.
+    pub client_cert_failures: Family<CertFailureLabels, Counter>,
+    tls_expiry: Family<ListenerLabels, Gauge<f64, AtomicU64>>,
     before_render: Mutex<Vec<RenderHook>>,
     /// Admission limits and token accounting.
     pub accounting: AccountingMetrics,
@@ -267,6 +285,18 @@ impl Metrics {
             "Seconds until the current backend token expires (0: none held), by credential",
             token_expiry.clone(),
         );
+        let client_cert_failures = Family::<CertFailureLabels, Counter>::default();
+        registry.register(
+            "client_certificate_failures",
+            "Client certificates refused (in the TLS handshake, or forwarded by a proxy), by reason",
+            client_cert_failures.clone(),
+        );
+        let tls_expiry = Family::<ListenerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "tls_certificate_expiry_days",
+            "Days until the certificate a listener serves expires, by listener",
+            tls_expiry.clone(),
+        );
         let accounting = AccountingMetrics::register(&mut registry);
         let routing = RoutingMetrics::register(&mut registry);
         let reloads = ReloadMetrics::register(&mut registry);
@@ -276,6 +306,8 @@ impl Metrics {
             reloads,
             backend_tokens,
             token_expiry,
+            client_cert_failures,
+            tls_expiry,
             before_render: Mutex::new(Vec::new()),
             auth,
             jwks_keys,
@@ -305,6 +337,13 @@ impl Metrics {
             latency_by_op: Default::default(),
             answered: OnceLock::new(),
         }
+    }
+
+    /// Days until the certificate `listener` serves expires.
+    pub fn tls_expiry(&self, listener: &'static str) -> Gauge<f64, AtomicU64> {
+        self.tls_expiry
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
     }
 
     /// Gauge of keys cached for `issuer` (a configured issuer name).

@@ -57,6 +57,8 @@ pub const START_ONLY: &[&str] = &[
     "server.max_buffered_body_bytes",
     "server.buffer_wait",
     "admin.listen",
+    "server.tls",
+    "admin.tls",
     "audit.path",
     "store.url",
     "store.key_hmac_secret",
@@ -452,6 +454,12 @@ pub enum WatchError {
 /// Whether `e` may have changed the configuration file `name`: any change (not a read) to
 /// it, or to a `..` entry of a Kubernetes volume (`..data`, `..2026_01_01_...`).
 fn relevant(e: &notify::Event, name: &std::ffi::OsStr) -> bool {
+    touches(e, &[name])
+}
+
+/// Whether `e` may have changed one of the files `names` (of a watched directory): see
+/// [`relevant`]. Also used for the TLS files ([`crate::tls::server`]).
+pub(crate) fn touches(e: &notify::Event, names: &[&std::ffi::OsStr]) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     match e.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
@@ -460,7 +468,7 @@ fn relevant(e: &notify::Event, name: &std::ffi::OsStr) -> bool {
     }
     e.paths.iter().any(|p| {
         p.file_name()
-            .is_some_and(|n| n == name || n.as_encoded_bytes().starts_with(b".."))
+            .is_some_and(|n| names.contains(&n) || n.as_encoded_bytes().starts_with(b".."))
     })
 }
 
@@ -508,6 +516,9 @@ fn start_only_changes(started: &Validated, new: &Validated) -> Vec<String> {
             a.server.buffer_wait != b.server.buffer_wait,
         ),
         ("admin.listen", started.admin_listen != new.admin_listen),
+        // The sections' keys; the files they name are reloaded when they change.
+        ("server.tls", a.server.tls != b.server.tls),
+        ("admin.tls", a.admin.tls != b.admin.tls),
         (
             "audit.path",
             started.base_dir.join(a.audit.path.as_str())

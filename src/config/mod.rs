@@ -9,6 +9,7 @@ pub mod identity;
 pub mod limits;
 mod model;
 pub mod routing;
+pub mod tls;
 mod values;
 
 use std::fmt;
@@ -87,6 +88,12 @@ pub struct Validated {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `server.max_buffered_body_bytes`, or the default sized for this machine.
     pub max_buffered_body_bytes: u64,
+    /// `[server.tls]`, validated.
+    pub server_tls: Option<tls::TlsSettings>,
+    /// `[admin.tls]`, validated.
+    pub admin_tls: Option<tls::TlsSettings>,
+    /// Each client's `certificates`, normalised; index-aligned with `config.clients`.
+    pub cert_bindings: Vec<Vec<tls::CertMatcher>>,
 }
 
 /// Read and validate a configuration file.
@@ -193,6 +200,33 @@ pub(crate) fn problem(
         line: None,
         message: message.into(),
     });
+}
+
+/// Addresses or CIDR ranges (`10.0.0.0/8`, `127.0.0.1`) of the list at `path`.
+pub(crate) fn parse_nets(
+    list: &[Text],
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<ipnet::IpNet> {
+    let mut nets = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let text = t.as_str();
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(n) => nets.push(n.trunc()),
+            Err(_) => problem(
+                problems,
+                format!("{path}[{i}]"),
+                format!(
+                    "'{}' is not an IP address or CIDR range (e.g. 10.0.0.0/8)",
+                    text.escape_default()
+                ),
+            ),
+        }
+    }
+    nets
 }
 
 fn parse_addr(value: &str, path: &str, problems: &mut Vec<Problem>) -> Option<SocketAddr> {
@@ -311,24 +345,28 @@ fn validate(
         None => default_buffered_body_bytes(config.server.max_body_bytes),
     };
     check_duration(config.server.buffer_wait, "server.buffer_wait", problems);
-    let mut trusted_proxies = Vec::new();
-    for (i, t) in config.server.trusted_proxies.iter().enumerate() {
-        let text = t.as_str();
-        let net = text
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-        match net {
-            Ok(n) => trusted_proxies.push(n.trunc()),
-            Err(_) => problem(
-                problems,
-                format!("server.trusted_proxies[{i}]"),
-                format!(
-                    "'{}' is not an IP address or CIDR range (e.g. 10.0.0.0/8)",
-                    text.escape_default()
-                ),
-            ),
-        }
-    }
+    let trusted_proxies = parse_nets(
+        &config.server.trusted_proxies,
+        "server.trusted_proxies",
+        problems,
+    );
+    let server_tls = config
+        .server
+        .tls
+        .as_ref()
+        .and_then(|s| tls::validate_section(s, "server.tls", "client", base_dir, problems));
+    let admin_tls = config
+        .admin
+        .tls
+        .as_ref()
+        .and_then(|s| tls::validate_section(s, "admin.tls", "admin", base_dir, problems));
+    let cert_bindings = tls::validate_bindings(
+        &config,
+        server_tls
+            .as_ref()
+            .is_some_and(tls::TlsSettings::verifies_clients),
+        problems,
+    );
     if config.server.workers > 256 {
         problem(
             problems,
@@ -501,6 +539,9 @@ fn validate(
     let ids = identity::validate(&config, base_dir, problems);
     Some(Validated {
         trusted_proxies,
+        server_tls,
+        admin_tls,
+        cert_bindings,
         max_buffered_body_bytes,
         key_hmac_secret: ids.key_hmac_secret,
         issuer_secrets: ids.issuer_secrets,

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::limits::{DeploymentLimits, LimitSet, LimitsConfig, Prices};
 use super::routing::{HealthProbe, RetryOn, RoutingConfig};
+use super::tls::{CertificateBinding, TlsConfig};
 use super::values::{Dur, Secret, Text};
 
 /// The whole configuration file.
@@ -78,6 +79,9 @@ pub struct ServerConfig {
     /// by what the gateway sees.
     #[serde(default)]
     pub trusted_proxies: Vec<Text>,
+    /// TLS and mutual TLS on the client listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +97,7 @@ impl Default for ServerConfig {
             max_buffered_body_bytes: None,
             buffer_wait: default_buffer_wait(),
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -131,6 +136,9 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
     #[serde(default)]
     pub token_file: Option<Text>,
+    /// TLS on the admin listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for AdminConfig {
@@ -139,6 +147,7 @@ impl Default for AdminConfig {
             listen: default_admin_listen(),
             token: None,
             token_file: None,
+            tls: None,
         }
     }
 }
@@ -533,6 +542,9 @@ pub struct ClientConfig {
     /// JWT identities that are this client (any one matches).
     #[serde(default)]
     pub jwt: Vec<JwtBinding>,
+    /// Client certificates that are this client (any one matches).
+    #[serde(default)]
+    pub certificates: Vec<CertificateBinding>,
     /// Requests with no credential at all are this client. Explicit opt-out of
     /// authentication, for trusted networks only; at most one client.
     #[serde(default)]

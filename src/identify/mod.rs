@@ -9,6 +9,7 @@
 //! Requests with no credential are refused unless a client is explicitly `anonymous`.
 
 pub mod api_key;
+pub mod certificate;
 pub mod jwks;
 pub mod jwt;
 
@@ -30,6 +31,7 @@ pub enum AuthMethod {
     Jwt,
     ApiKey,
     Anonymous,
+    Certificate,
 }
 
 impl AuthMethod {
@@ -38,6 +40,7 @@ impl AuthMethod {
             Self::Jwt => "jwt",
             Self::ApiKey => "api_key",
             Self::Anonymous => "anonymous",
+            Self::Certificate => "certificate",
         }
     }
 }
@@ -172,7 +175,9 @@ pub struct Identifier {
     metrics: Arc<Metrics>,
     /// `auth{method, outcome="allow"}` per method, looked up once (the request-path case;
     /// refusals go through the family).
-    allowed: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 3],
+    allowed: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 4],
+    /// `[[clients]].certificates`.
+    certs: certificate::CertBindings,
 }
 
 impl Identifier {
@@ -254,10 +259,14 @@ impl Identifier {
         let mut clients = std::collections::HashMap::new();
         let mut bindings = Vec::new();
         let mut anonymous = None;
-        for cc in &c.clients {
+        let mut certs = Vec::new();
+        for (i, cc) in c.clients.iter().enumerate() {
             let before = previous.and_then(|p| p.clients.get(cc.id.as_str()));
             let policy = Arc::new(ClientPolicy::new_from(cc, before.map(|p| &**p)));
             clients.insert(cc.id.as_str().to_owned(), policy.clone());
+            for m in v.cert_bindings.get(i).into_iter().flatten() {
+                certs.push((m.clone(), policy.clone()));
+            }
             if cc.anonymous {
                 anonymous = Some(Arc::new(Caller {
                     client: policy.clone(),
@@ -306,6 +315,7 @@ impl Identifier {
             budget,
             metrics,
             allowed: Default::default(),
+            certs: certificate::CertBindings::new(certs),
         }
     }
 
@@ -321,9 +331,19 @@ impl Identifier {
         }
     }
 
-    /// Identify the caller from the request headers.
-    pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, Refusal> {
-        let result = self.identify_inner(headers).await;
+    /// Identify the caller from the request headers and the verified client certificate
+    /// that came with the request, if any. With a certificate, the client it is bound to
+    /// is the caller; a header credential as well must name the same client (its
+    /// principal is then the caller's: a user inside the client's application).
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&Arc<crate::tls::ClientCert>>,
+    ) -> Result<Arc<Caller>, Refusal> {
+        let result = match cert {
+            None => self.identify_inner(headers).await,
+            Some(c) => self.with_certificate(headers, c).await,
+        };
         let count = |method, outcome| {
             self.metrics
                 .auth
@@ -376,6 +396,45 @@ impl Identifier {
             });
         }
         self.jwt(token).await
+    }
+
+    async fn with_certificate(
+        &self,
+        headers: &HeaderMap,
+        cert: &crate::tls::ClientCert,
+    ) -> Result<Arc<Caller>, Refusal> {
+        let by_cert = self.certs.client(cert).map_err(|error| Refusal {
+            principal: None,
+            method: "certificate",
+            error,
+        })?;
+        match credential(headers) {
+            Ok(None) => Ok(Arc::new(Caller {
+                client: by_cert,
+                method: AuthMethod::Certificate,
+                principal: Arc::new(Principal {
+                    subject: Some(cert.identity.subject.clone()),
+                    ..Principal::default()
+                }),
+                grants: Vec::new(),
+            })),
+            _ => {
+                let caller = self.identify_inner(headers).await?;
+                if caller.client.id != by_cert.id {
+                    return Err(Refusal {
+                        principal: Some(caller.principal.clone()),
+                        method: caller.method.as_str(),
+                        error: GatewayError::IdentityMismatch(format!(
+                            "the client certificate identifies client '{}' but the {} credential identifies '{}': send credentials of one client",
+                            by_cert.id,
+                            caller.method.as_str(),
+                            caller.client.id
+                        )),
+                    });
+                }
+                Ok(caller)
+            }
+        }
     }
 
     fn api_key(&self, token: &str) -> Result<Arc<Caller>, Refusal> {
@@ -730,11 +789,11 @@ deployments = {{ "m" = "m" }}
                 )
                 .unwrap();
             let h = bearer(&t);
-            let caller = id.identify(&h).await.ok().unwrap();
+            let caller = id.identify(&h, None).await.ok().unwrap();
             assert_eq!(&*caller.client.id, "c1");
             assert_eq!(caller.principal.subject.as_deref(), Some("u"));
             // Second time from the verified-token cache: the same caller.
-            let again = id.identify(&h).await.ok().unwrap();
+            let again = id.identify(&h, None).await.ok().unwrap();
             assert!(Arc::ptr_eq(&caller, &again));
         }
     }
@@ -780,7 +839,7 @@ deployments = {{ "m" = "m" }}
             )
             .unwrap();
         let h = bearer(&token);
-        let first = a.identify(&h).await.ok().unwrap();
+        let first = a.identify(&h, None).await.ok().unwrap();
         assert!(!first.client.allows_deployment("other"));
         let held = crate::admit::admit(&first).ok().unwrap();
 
@@ -790,7 +849,7 @@ deployments = {{ "m" = "m" }}
             Arc::ptr_eq(&a.issuers()[0].keys, &b.issuers()[0].keys),
             "keys kept"
         );
-        let second = b.identify(&h).await.ok().unwrap();
+        let second = b.identify(&h, None).await.ok().unwrap();
         assert!(
             Arc::ptr_eq(&first.principal, &second.principal),
             "not verified again"
@@ -803,11 +862,11 @@ deployments = {{ "m" = "m" }}
         drop(held);
         assert!(crate::admit::admit(&second).is_ok());
         // The old identifier (requests still running on it) keeps the old policy.
-        let old = a.identify(&h).await.ok().unwrap();
+        let old = a.identify(&h, None).await.ok().unwrap();
         assert!(!old.client.allows_deployment("other"));
         // Back on the new one: resolved for it again.
         assert!(b
-            .identify(&h)
+            .identify(&h, None)
             .await
             .ok()
             .unwrap()
@@ -816,18 +875,18 @@ deployments = {{ "m" = "m" }}
 
         // The client is removed: the cached token no longer names anyone.
         let c = build(&config("api://x", "", "1h"), Some(&b));
-        let refused = c.identify(&h).await.err().unwrap();
+        let refused = c.identify(&h, None).await.err().unwrap();
         assert_eq!(refused.error.code(), "client_not_allowed");
 
         // The issuer's audience changes: the cached verification does not carry over.
         let d = build(&config("api://other", &c1("\"*\""), "1h"), Some(&b));
-        let refused = d.identify(&h).await.err().unwrap();
+        let refused = d.identify(&h, None).await.err().unwrap();
         assert_eq!(refused.error.code(), "invalid_token", "{}", refused.error);
 
         // Keys fetched on another schedule are another cache.
         let e = build(&config("api://x", &c1("\"*\""), "2h"), Some(&b));
         assert!(!Arc::ptr_eq(&b.issuers()[0].keys, &e.issuers()[0].keys));
-        let fresh = e.identify(&h).await.ok().unwrap();
+        let fresh = e.identify(&h, None).await.ok().unwrap();
         assert!(
             !Arc::ptr_eq(&first.principal, &fresh.principal),
             "verified again"
@@ -869,10 +928,17 @@ deployments = {{ "m" = "m" }}
             )
             .unwrap()
         };
-        let ok = id.identify(&bearer(&sign(secret))).await.ok().unwrap();
+        let ok = id
+            .identify(&bearer(&sign(secret)), None)
+            .await
+            .ok()
+            .unwrap();
         assert_eq!(&*ok.client.id, "c1");
         let bad = id
-            .identify(&bearer(&sign("another-secret-of-the-same-length-123456")))
+            .identify(
+                &bearer(&sign("another-secret-of-the-same-length-123456")),
+                None,
+            )
             .await
             .err()
             .unwrap();

@@ -29,13 +29,16 @@ mod watchdog;
 use watchdog::{poll_outside_budget, Activity, Answering, Counted, Watchdog, Watched};
 
 /// Listener settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Time a client has to send a complete request head, after connecting or after its
     /// previous answer ended (enforced by the `watchdog` module).
     pub header_timeout: Duration,
     /// Time in-flight requests get after shutdown begins.
     pub drain_timeout: Duration,
+    /// TLS (and client certificates) on this listener: every connection's handshake must
+    /// complete within `header_timeout`.
+    pub tls: Option<Arc<crate::tls::server::ServerTls>>,
 }
 
 impl Default for ServeOptions {
@@ -43,6 +46,7 @@ impl Default for ServeOptions {
         Self {
             header_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -94,6 +98,11 @@ pub async fn serve_with<S, F>(
     // tells when the last connection has ended (every task holds a receiver).
     let stop_flag = Arc::new(AtomicBool::new(false));
     let (stop, stopping) = watch::channel(());
+    // The acceptor, and the verifier connections' certificates are checked by.
+    let tls = opts
+        .tls
+        .as_ref()
+        .and_then(|t| t.acceptor().map(|a| Arc::new((a, t.verifier().cloned()))));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -111,41 +120,77 @@ pub async fn serve_with<S, F>(
         on_accept();
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
-        let activity = Arc::new(Activity::default());
-        let seen = activity.clone();
-        let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            if req.version() == http::Version::HTTP_2 {
-                seen.http2.store(true, Ordering::Relaxed);
-            }
-            let answering = Answering::new(&seen);
-            // Boxed on its own: hyper keeps the allocation of the future it is given for the
-            // connection's life, and the pipeline's future is large (KiBs) while it is done
-            // as soon as the answer's head is ready. This way a connection streaming an answer
-            // holds only this small wrapper's, and the pipeline's is freed (then reused by the
-            // thread's next request).
-            let fut = Box::pin(svc(req, peer));
-            async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
-        });
-        let mut watchdog = Watchdog::new(activity.clone(), opts.header_timeout);
-        let mut stop_rx = stopping.clone();
+        let stop_rx = stopping.clone();
         let stop_flag = stop_flag.clone();
         let builders = builders.clone();
         let header_timeout = opts.header_timeout;
+        let acceptor = tls.clone();
         tokio::spawn(async move {
-            // The protocol, from the first bytes peeked (not read): see `sniff`. A client that
-            // sends nothing within the header timeout, or before shutdown, is closed.
-            let sniffed = tokio::select! {
-                s = tokio::time::timeout(header_timeout, sniff(&stream)) => s.ok().flatten(),
-                _ = stop_rx.changed() => None,
+            let mut stop_rx = stop_rx;
+            let (io, builder, cert) = match acceptor.as_deref() {
+                // The protocol, from the first bytes peeked (not read): see `sniff`. A client
+                // that sends nothing within the header timeout, or before shutdown, is closed.
+                None => {
+                    let sniffed = tokio::select! {
+                        s = tokio::time::timeout(header_timeout, sniff(&stream)) => s.ok().flatten(),
+                        _ = stop_rx.changed() => None,
+                    };
+                    let builder = match sniffed {
+                        None => return,
+                        Some(Sniffed::Http1) => &builders.http1,
+                        Some(Sniffed::Http2) => &builders.http2,
+                        Some(Sniffed::Unsure) => &builders.auto,
+                    };
+                    (Stream::Plain(stream), builder, None)
+                }
+                // The handshake within the header timeout; the protocol from ALPN.
+                Some((acceptor, verifier)) => {
+                    let accepted = tokio::select! {
+                        s = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => s,
+                        _ = stop_rx.changed() => return,
+                    };
+                    let tls = match accepted {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake not completed within the header timeout");
+                            return;
+                        }
+                    };
+                    let conn = tls.get_ref().1;
+                    let builder = if conn.alpn_protocol() == Some(b"h2") {
+                        &builders.http2
+                    } else {
+                        &builders.http1
+                    };
+                    let cert = crate::tls::ClientCert::of(conn, verifier.as_deref());
+                    (Stream::Tls(Box::new(tls)), builder, cert)
+                }
             };
-            let builder = match sniffed {
-                None => return,
-                Some(Sniffed::Http1) => &builders.http1,
-                Some(Sniffed::Http2) => &builders.http2,
-                Some(Sniffed::Unsure) => &builders.auto,
-            };
+            let activity = Arc::new(Activity::default());
+            let seen = activity.clone();
+            let hyper_svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                if req.version() == http::Version::HTTP_2 {
+                    seen.http2.store(true, Ordering::Relaxed);
+                }
+                if let Some(c) = &cert {
+                    req.extensions_mut().insert(c.clone());
+                }
+                let answering = Answering::new(&seen);
+                // Boxed on its own: hyper keeps the allocation of the future it is given for
+                // the connection's life, and the pipeline's future is large (KiBs) while it is
+                // done as soon as the answer's head is ready. This way a connection streaming
+                // an answer holds only this small wrapper's, and the pipeline's is freed (then
+                // reused by the thread's next request).
+                let fut = Box::pin(svc(req, peer));
+                async move { Ok::<_, Infallible>(fut.await.map(|body| Watched::new(body, answering))) }
+            });
+            let mut watchdog = Watchdog::new(activity.clone(), header_timeout);
             let io = Counted {
-                io: TokioIo::new(stream),
+                io: TokioIo::new(io),
                 activity,
             };
             let conn = builder.serve_connection(io, hyper_svc).into_owned();
@@ -206,6 +251,77 @@ pub async fn serve_with<S, F>(
         }
         () = tokio::time::sleep(opts.drain_timeout) => {
             tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout reached; closing remaining connections");
+        }
+    }
+}
+
+/// A client connection, plain or TLS (an enum rather than a trait object: one branch per
+/// read or write, no allocation for plain connections).
+enum Stream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -184,12 +184,12 @@ pub(super) fn poll_outside_budget<F: Future + ?Sized>(
 /// in hyper's write buffer. A client still reading that tail is not idle; one that reads
 /// nothing for a whole `header_timeout` after its answer's last frame is cut off like any
 /// other quiet connection.
-pub(super) struct Counted {
-    pub(super) io: TokioIo<tokio::net::TcpStream>,
+pub(super) struct Counted<IO> {
+    pub(super) io: TokioIo<IO>,
     pub(super) activity: Arc<Activity>,
 }
 
-impl Counted {
+impl<IO> Counted<IO> {
     fn wrote(&self, n: &Poll<std::io::Result<usize>>) {
         if matches!(n, Poll::Ready(Ok(n)) if *n > 0) {
             self.activity.writes.fetch_add(1, Ordering::Relaxed);
@@ -197,7 +197,7 @@ impl Counted {
     }
 }
 
-impl hyper::rt::Read for Counted {
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Read for Counted<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -207,7 +207,7 @@ impl hyper::rt::Read for Counted {
     }
 }
 
-impl hyper::rt::Write for Counted {
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Write for Counted<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
