@@ -674,3 +674,69 @@ health = { path = "models", interval = "1s", timeout = "2s" }
     let unknown = load(&format!("{MINIMAL}retry_on = [\"418\"]\n")).unwrap_err();
     assert!(unknown.to_string().contains("retry_on"), "{unknown}");
 }
+
+/// A certificate and key (rcgen, ECDSA P-256) written into `dir`: (cert path, key path).
+fn tls_files(dir: &Path, name: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c.display().to_string(), k.display().to_string())
+}
+
+#[test]
+fn tls_sections_are_checked_file_by_file_and_key_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = tls_files(dir.path(), "server");
+    let (_, other_key) = tls_files(dir.path(), "other");
+    let (ca, _) = tls_files(dir.path(), "ca");
+    let paths = |text: String| -> Vec<(String, String)> {
+        problems_of(&format!("{MINIMAL}{text}"))
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect()
+    };
+    // A complete section loads.
+    let ok = load(&format!(
+        "{MINIMAL}[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"required\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"batch\"\ndeployments = [\"*\"]\noperations = [\"*\"]\ncertificates = [{{ san_dns = \"Batch.Internal\" }}, {{ sha256 = \"{}\" }}]\n",
+        "AB:".repeat(31) + "AB"
+    ))
+    .unwrap();
+    let tls = ok.server_tls.unwrap();
+    assert!(tls.identity.is_some() && tls.client_ca.is_some());
+    assert_eq!(
+        ok.cert_bindings[0],
+        [
+            tls::CertMatcher::SanDns("batch.internal".into()),
+            tls::CertMatcher::Sha256("ab".repeat(32))
+        ]
+    );
+    let cases = [
+        (format!("[server.tls]\ncert_file = \"{cert}\"\n"), "server.tls.key_file", "required with cert_file"),
+        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{other_key}\"\n"), "server.tls.key_file", "does not belong to the certificate"),
+        (format!("[server.tls]\ncert_file = \"{}/missing.pem\"\nkey_file = \"{key}\"\n", dir.path().display()), "server.tls.cert_file", "cannot read"),
+        (format!("[server.tls]\ncert_file = \"{key}\"\nkey_file = \"{key}\"\n"), "server.tls.cert_file", "no certificate"),
+        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\n"), "server.tls.client_ca_file", "required"),
+        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\ncrl_files = [\"{key}\"]\n"), "server.tls.crl_files[0]", "no CRL"),
+        (format!("[server.tls]\nclient_ca_file = \"{ca}\"\nforwarded_cert = {{ header = \"x-client-cert\", format = \"pem-urlencoded\", trusted_proxies = [\"10.0.0.0/33\"] }}\n"), "server.tls.forwarded_cert.trusted_proxies[0]", "not an IP address"),
+        (format!("[admin.tls]\nclient_ca_file = \"{ca}\"\n"), "admin.tls", "cert_file and key_file are required"),
+        ("[[clients]]\nid = \"a\"\ncertificates = [{ san_dns = \"x\" }]\n".to_owned(), "clients[0].certificates", "no listener verifies client certificates"),
+        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"a\"\ncertificates = [{{ san_dns = \"x\", subject_cn = \"y\" }}]\n"), "clients[0].certificates[0]", "exactly one of"),
+        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"a\"\ncertificates = [{{ sha256 = \"abc\" }}]\n"), "clients[0].certificates[0].sha256", "not a SHA-256 thumbprint"),
+        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"a\"\ncertificates = [{{ san_uri = \"spiffe://x\" }}]\n[[clients]]\nid = \"b\"\ncertificates = [{{ san_uri = \"spiffe://x\" }}]\n"), "clients[1].certificates[0].san_uri", "already bound by client 'a'"),
+    ];
+    for (text, path, message) in cases {
+        let found = paths(text.clone());
+        assert!(
+            found.iter().any(|(p, m)| p == path && m.contains(message)),
+            "expected {path}: {message} for\n{text}\ngot {found:?}"
+        );
+    }
+}

@@ -21,6 +21,9 @@ use super::verify::ClientVerifier;
 use crate::config::tls::TlsSettings;
 use crate::metrics::Metrics;
 
+/// TLS sessions remembered for resumption, per listener.
+const SESSIONS: usize = 8192;
+
 /// The current certificate, for every handshake.
 #[derive(Debug)]
 struct Resolver(ArcSwap<CertifiedKey>);
@@ -95,6 +98,10 @@ impl ServerTls {
                 };
                 let mut config = builder.with_cert_resolver(resolver.clone());
                 config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                // Resumption (stateful: session ids and TLS 1.3 tickets naming an entry here)
+                // spares returning clients a full handshake. It cannot let a revoked or
+                // expired client certificate back in: see `verify::ClientVerifier::recheck`.
+                config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSIONS);
                 (Some(resolver), Some(Arc::new(config)))
             }
             None => (None, None),
