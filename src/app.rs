@@ -245,13 +245,16 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
         )
         .with_tls(server_tls.clone()),
     );
-    let reloader = Arc::new(Reloader::new(
-        opts.config_file.clone(),
-        v,
-        gateway.clone(),
-        key_check,
-        credentials,
-    ));
+    let reloader = Arc::new(
+        Reloader::new(
+            opts.config_file.clone(),
+            v,
+            gateway.clone(),
+            key_check,
+            credentials,
+        )
+        .with_tls(server_tls.iter().chain(&admin_tls).cloned().collect()),
+    );
 
     let bind_err = |source| StartError::Bind {
         addr: v.listen,

@@ -190,6 +190,8 @@ pub struct Reloader {
     /// `admin.token`, read by the admin listener for every request.
     admin_token: Arc<ArcSwapOption<Secret>>,
     state: tokio::sync::Mutex<State>,
+    /// The listeners' TLS states: their files are read again on every reload too.
+    tls: Vec<Arc<crate::tls::server::ServerTls>>,
 }
 
 impl Reloader {
@@ -212,7 +214,14 @@ impl Reloader {
                 credentials,
                 stopped: false,
             }),
+            tls: Vec::new(),
         }
+    }
+
+    /// Read these listeners' TLS files again on every reload (they are also watched).
+    pub(crate) fn with_tls(mut self, tls: Vec<Arc<crate::tls::server::ServerTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The configuration file reloads read, if any.
@@ -336,6 +345,11 @@ impl Reloader {
         }
         let changes = changes(&state.current, &v);
         self.gateway.swap(snapshot);
+        for tls in &self.tls {
+            let tls = tls.clone();
+            // File reads and parsing, off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+        }
         self.admin_token.store(v.admin_token.clone().map(Arc::new));
         // The replaced credentials go: refreshers no configuration uses any more stop.
         state.credentials = credentials;
