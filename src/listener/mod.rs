@@ -145,6 +145,9 @@ pub async fn serve_with<S, F>(
                 }
                 // The handshake within the header timeout; the protocol from ALPN.
                 Some((acceptor, verifier)) => {
+                    // Read before the handshake: a CA/CRL reload during it makes the first
+                    // request verify the certificate again.
+                    let generation = verifier.as_ref().map_or(0, |v| v.generation());
                     let accepted = tokio::select! {
                         s = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => s,
                         _ = stop_rx.changed() => return,
@@ -166,7 +169,7 @@ pub async fn serve_with<S, F>(
                     } else {
                         &builders.http1
                     };
-                    let cert = crate::tls::ClientCert::of(conn, verifier.as_deref());
+                    let cert = crate::tls::ClientCert::of(conn, generation);
                     (Stream::Tls(Box::new(tls)), builder, cert)
                 }
             };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 
 use super::identity::{not_after, CertIdentity};
-use super::verify::{Checked, ClientVerifier};
+use super::verify::Checked;
 
 /// A verified client certificate; carried in the request's extensions for TLS connections.
 #[derive(Debug)]
@@ -17,20 +17,14 @@ pub struct ClientCert {
 }
 
 impl ClientCert {
-    /// The certificate a completed handshake verified, if the client sent one. A resumed
-    /// session's certificate was verified when the session began: it is marked for a new
-    /// check on first use ([`ClientVerifier::recheck`]).
-    pub fn of(
-        conn: &rustls::ServerConnection,
-        verifier: Option<&ClientVerifier>,
-    ) -> Option<Arc<Self>> {
+    /// The certificate a completed handshake verified, if the client sent one, under the
+    /// verifier `generation` read before the handshake began. A resumed session's
+    /// certificate was verified when the session began: it is marked for a new check on
+    /// first use ([`ClientVerifier::recheck`](super::verify::ClientVerifier::recheck)).
+    pub fn of(conn: &rustls::ServerConnection, generation: u64) -> Option<Arc<Self>> {
         let chain = conn.peer_certificates()?;
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        let generation = match (verifier, resumed) {
-            (Some(v), false) => v.generation(),
-            _ => 0,
-        };
-        Self::new(chain.to_vec(), generation)
+        Self::new(chain.to_vec(), if resumed { 0 } else { generation })
     }
 
     /// A chain verified (or not yet, with `generation` 0) under `generation`. `None` when
