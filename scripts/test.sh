@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need, then runs them.
-#   - a Python venv (.venv) with the official `openai` SDK, for tests/sdk.rs
+#   - a Python venv (.venv) with the official `openai` SDK and `h2` (HTTP/2 for its httpx),
+#     for tests/sdk.rs and tests/tls.rs
 #   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
 #     lock file), for the tests that use tests/common/idp.rs
 #   - redis-server (Debian package), which tests/limits.rs starts on ports of its own to
@@ -10,10 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/null; then
-  echo "==> creating .venv with the openai SDK"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2' 2>/dev/null; then
+  echo "==> creating .venv with the openai SDK and h2"
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40'
+  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2
 fi
 export PORTCULLIS_PYTHON="$PWD/.venv/bin/python"
 

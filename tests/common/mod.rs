@@ -5,6 +5,7 @@
 pub mod idp;
 pub mod msi;
 pub mod pg;
+pub mod pki;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
