@@ -155,6 +155,17 @@ pub async fn serve_with<S, F>(
                     let tls = match accepted {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
+                            // A certificate the verifier refused was counted by it; one
+                            // `client_auth = "required"` missed is counted here.
+                            let missing = e
+                                .get_ref()
+                                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                                .is_some_and(|r| {
+                                    matches!(r, rustls::Error::NoCertificatesPresented)
+                                });
+                            if let (true, Some(v)) = (missing, verifier) {
+                                v.count_reason("missing");
+                            }
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
                             return;
                         }

@@ -29,7 +29,7 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
         .map_err(|e| format!("{}: not valid PEM: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "{}: no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+            "{}: no certificate (expected PEM CERTIFICATE blocks)",
             path.display()
         ));
     }
@@ -52,7 +52,7 @@ pub fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Mater
         .map_err(|e| key_err(format!("{}: not valid PEM: {e}", key.display())))?
         .ok_or_else(|| {
             key_err(format!(
-                "{}: no private key (expected PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")",
+                "{}: no private key (expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)",
                 key.display()
             ))
         })?;
@@ -103,7 +103,7 @@ pub fn crls(
             };
         if found.is_empty() {
             return Err(format!(
-                "{}: no CRL (expected PEM \"BEGIN X509 CRL\" blocks or one DER CRL)",
+                "{}: no CRL (expected PEM X509 CRL blocks or one DER CRL)",
                 path.display()
             ));
         }
