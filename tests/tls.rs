@@ -1016,6 +1016,9 @@ async fn until_refused(env: &Env, leaf: &Leaf) {
             let a = env.attempt(Some(leaf)).await;
             match &a.outcome {
                 Err(_) => Some(()),
+                // A handshake verified just before the new CRL was read: its first request
+                // is checked again and refused. Not yet the handshake failure waited for.
+                Ok(r) if r.status == 401 && r.code == "invalid_client_certificate" => None,
                 Ok(r) => {
                     assert_eq!(r.status, 200, "before the reload: {r:?}");
                     None
