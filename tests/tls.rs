@@ -629,7 +629,8 @@ async fn each_certificate_outcome_with_curl() {
     let c = curl(&url, &ca, Some(&p.valid), &[]).await;
     assert_eq!((c.exit, c.status), (0, 200), "{} {}", c.stderr, c.body);
     assert_eq!(c.http_version, "2", "curl --http2 negotiates h2 by ALPN");
-    // Over HTTP/1.1 here: the same refusal over h2 is the next test's.
+    // Over HTTP/1.1: curl 7.88 sometimes drops an h2 response followed by RST_STREAM
+    // NO_ERROR (exit 92); the next test checks the h2 framing itself.
     let c = curl_as("--http1.1", &url, &ca, Some(&p.unbound), &[]).await;
     assert_eq!(c.status, 403, "exit {}: {} {}", c.exit, c.stderr, c.body);
     let v: Value = serde_json::from_str(&c.body).unwrap();
@@ -671,25 +672,44 @@ async fn each_certificate_outcome_with_curl() {
     assert_eq!((c.exit, c.status), (0, 200), "{} {}", c.stderr, c.body);
 }
 
-/// A refusal answered before the request body is read must still reach an HTTP/2 client
-/// whole (RFC 9113 8.1: a complete response, then RST_STREAM NO_ERROR at most). Repeated,
-/// because whether the body has arrived when the gateway answers is a race.
+/// A refusal answered before the request body is read reaches an HTTP/2 client whole
+/// (RFC 9113 8.1): the response ends its stream before any RST_STREAM, and a reset after it
+/// says NO_ERROR. Watched frame by frame with the `h2` library, with and without the body
+/// sent, many times (whether the body has arrived when the gateway answers is a race).
+/// curl 7.88 drops such a response now and then (exit 92), which is why the curl matrix
+/// checks the refusal over HTTP/1.1.
 #[tokio::test]
-async fn a_certificate_refusal_over_http2_reaches_curl_every_time() {
+async fn a_certificate_refusal_over_http2_is_a_complete_response() {
     let env = Env::standard("optional").await;
     let p = &env.pki;
-    for i in 0..100 {
-        let c = curl(&env.https(), &p.server_ca(), Some(&p.unbound), &[]).await;
-        assert_eq!(
-            (c.status, c.http_version.as_str()),
-            (403, "2"),
-            "attempt {i}: exit {}: {} {}",
-            c.exit,
-            c.stderr,
-            c.body
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/h2_early_refusal.py");
+    let run = tokio::process::Command::new(python())
+        .arg(&script)
+        .env("GATEWAY_PORT", env.gw.running.addr.port().to_string())
+        .env("GATEWAY_CA", p.server_ca())
+        .env("CLIENT_CERT", &p.unbound.chain_file)
+        .env("CLIENT_KEY", &p.unbound.key_file)
+        .env("ATTEMPTS", "60")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "h2_early_refusal.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 60);
+    for line in stdout.lines() {
+        let seen: Vec<String> = serde_json::from_str(line).unwrap();
+        let seen: Vec<&str> = seen.iter().map(String::as_str).collect();
+        assert!(
+            seen == ["status:403", "data", "end"]
+                || seen == ["status:403", "data", "end", "reset:0"],
+            "{seen:?}"
         );
-        let v: Value = serde_json::from_str(&c.body).unwrap();
-        assert_eq!(v["error"]["code"], "client_not_allowed");
     }
 }
 
