@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=(jwt route h1_response multipart json_model config)
+TARGETS=(jwt route h1_response multipart json_model config forwarded)
 seconds="${2:-${FUZZ_SECONDS:-30}}"
 if [ $# -ge 1 ]; then TARGETS=("$1"); fi
 

@@ -13,6 +13,26 @@ pub fn jwt(data: &[u8]) {
     }
 }
 
+/// `tls::forwarded::parse` (first byte picks the format): whatever it returns is at most
+/// `MAX_CERTIFICATES` non-empty DER blobs, and nothing is read from a header over the size
+/// bound.
+pub fn forwarded(data: &[u8]) {
+    use crate::tls::forwarded::{parse, ForwardedFormat, MAX_CERTIFICATES, MAX_HEADER_BYTES};
+    let Some((&f, value)) = data.split_first() else {
+        return;
+    };
+    let format = if f % 2 == 0 {
+        ForwardedFormat::Xfcc
+    } else {
+        ForwardedFormat::PemUrlencoded
+    };
+    if let Ok(chain) = parse(format, value) {
+        assert!(value.len() <= MAX_HEADER_BYTES);
+        assert!(!chain.is_empty() && chain.len() <= MAX_CERTIFICATES);
+        assert!(chain.iter().all(|c| !c.as_ref().is_empty()));
+    }
+}
+
 /// `route::parse`: whatever it accepts means exactly what it says.
 pub fn route(data: &[u8]) {
     let Some((&m, rest)) = data.split_first() else {
