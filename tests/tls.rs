@@ -7,11 +7,13 @@
 //! certificate outcome (bound, unbound, expired, not yet valid, unknown CA, self-signed,
 //! wrong EKU, revoked, none) in `optional` and `required` modes; binding by each matcher;
 //! a certificate together with an API key or a JWT; CRLs replaced on disk reaching new
-//! handshakes, resumed sessions (TLS 1.3 and 1.2) and open keep-alive connections; an
-//! expired CRL; the server certificate rotated on disk (by rename, by a Kubernetes-style
-//! symlink swap, and a broken file that keeps the old one, on the real binary); forwarded
-//! certificates (`xfcc`, `pem-urlencoded`, base64 DER) honoured only from trusted peers;
-//! garbage and stalled handshakes; the metrics; `[admin.tls]`; configuration errors.
+//! handshakes, resumed sessions (TLS 1.3 and 1.2) and open keep-alive connections; a
+//! certificate expiring during a session; an expired CRL; the server certificate rotated
+//! on disk (by rename, by a Kubernetes-style symlink swap, and a broken file that keeps the
+//! old one, on the real binary); forwarded certificates (`xfcc`, its last element,
+//! `pem-urlencoded`, base64 DER) honoured only from trusted peers; an early refusal's
+//! HTTP/2 framing; garbage and stalled handshakes; the metrics; `[admin.tls]`;
+//! configuration errors.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -1214,6 +1216,54 @@ async fn a_crl_replaced_on_disk_reaches_open_keep_alive_connections() {
     );
 }
 
+/// rustls does not verify a certificate again on resumption, nor on later requests of a
+/// keep-alive connection: one that expires after its handshake must still stop working.
+#[tokio::test]
+async fn a_certificate_that_expires_during_a_session_is_refused_on_resumption_and_keep_alive() {
+    let pki = Pki::new();
+    let not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    let short = pki.client_until("short-lived", &BATCH, not_after);
+    let tls = server_tls(&pki, "optional", "");
+    let env = Env::start(pki, "", &tls, &[BATCH_CLIENT, ANYONE].concat()).await;
+    let addr = env.gw.running.addr;
+    let config = rustls_client(&env.pki, Some(&short), TLS13, H1);
+    let mut kept = open(addr, &config).await.unwrap();
+    assert_eq!(kept.chat(&[]).await.unwrap().status, 200);
+    let resumed = attempt(addr, &config, &[]).await;
+    assert_eq!(resumed.kind, Some(HandshakeKind::Resumed));
+    resumed.reply(200, "resumed while the certificate is valid");
+
+    // Wait for the clock to pass notAfter (whole seconds in the certificate), not a guess.
+    let expired_at =
+        std::time::UNIX_EPOCH + Duration::from_secs(not_after.unix_timestamp() as u64 + 1);
+    while std::time::SystemTime::now() < expired_at {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = kept
+        .chat(&[])
+        .await
+        .expect("the keep-alive connection answers");
+    assert_eq!(
+        (r.status, r.code.as_str()),
+        (401, "invalid_client_certificate"),
+        "{r:?}"
+    );
+    assert!(r.message.contains("expired"), "{r:?}");
+    let resumed = attempt(addr, &config, &[]).await;
+    assert_eq!(resumed.kind, Some(HandshakeKind::Resumed), "{resumed:?}");
+    if let Ok(r) = &resumed.outcome {
+        assert_eq!(
+            (r.status, r.code.as_str()),
+            (401, "invalid_client_certificate"),
+            "{r:?}"
+        );
+        assert!(r.message.contains("expired"), "{r:?}");
+    }
+    env.attempt(Some(&short))
+        .await
+        .refused("a full handshake after notAfter");
+}
+
 #[tokio::test]
 async fn an_expired_crl_is_denied_by_default_and_allowed_when_configured() {
     for (setting, allowed) in [
@@ -1645,6 +1695,27 @@ async fn a_forwarded_certificate_is_validated_by_the_gateway() {
     .await;
 }
 
+/// XFCC carries one element per proxy hop, and a client can put its own in front: the
+/// element the trusted proxy added (the last) is the one read.
+#[tokio::test]
+async fn the_last_xfcc_element_is_the_trusted_proxys() {
+    let pki = Pki::new();
+    let tls = forwarded_tls(&pki, "x-forwarded-client-cert", "xfcc");
+    let env = Env::start(pki, "", &tls, &[BATCH_CLIENT, ANYONE].concat()).await;
+    let header = "x-forwarded-client-cert";
+    let p = &env.pki;
+    let forged_then_real = format!("{},{}", xfcc(&p.unbound), xfcc(&p.valid));
+    let (status, _, _, rid) = forwarded(&env.gw, [127, 0, 0, 1], header, &forged_then_real).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        env.gw.audit_for(&rid).await["client_certificate"]["sha256"],
+        p.valid.sha256()
+    );
+    let real_then_other = format!("{},{}", xfcc(&p.valid), xfcc(&p.unbound));
+    let (status, code, _, _) = forwarded(&env.gw, [127, 0, 0, 1], header, &real_then_other).await;
+    assert_eq!((status, code.as_str()), (403, "client_not_allowed"));
+}
+
 #[tokio::test]
 async fn pem_urlencoded_and_base64_der_forwarded_certificates() {
     use base64::Engine;
@@ -1955,6 +2026,26 @@ fn tls_configuration_errors_name_the_key() {
             format!("[server.tls]\ncert_file = {cert}\nkey_file = {key}\n[admin.tls]\ncert_file = {cert}\n"),
             ANYONE.into(),
             &["admin.tls", "key_file"][..],
+        ),
+        (
+            "client_auth optional without client_ca_file",
+            format!("[server.tls]\ncert_file = {cert}\nkey_file = {key}\nclient_auth = \"optional\"\n"),
+            ANYONE.into(),
+            &["client_ca_file"][..],
+        ),
+        (
+            "forwarded_cert on the admin listener",
+            format!(
+                "[server.tls]\ncert_file = {cert}\nkey_file = {key}\n[admin.tls]\ncert_file = {cert}\nkey_file = {key}\nforwarded_cert = {{ header = \"x-forwarded-client-cert\", format = \"xfcc\", trusted_proxies = [\"127.0.0.1/32\"] }}\n"
+            ),
+            ANYONE.into(),
+            &["admin.tls", "forwarded_cert"][..],
+        ),
+        (
+            "forwarded_cert without client_ca_file",
+            "[server.tls]\nforwarded_cert = { header = \"x-forwarded-client-cert\", format = \"xfcc\", trusted_proxies = [\"127.0.0.1/32\"] }\n".into(),
+            ANYONE.into(),
+            &["client_ca_file"][..],
         ),
         (
             "unknown client_auth",

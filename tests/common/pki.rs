@@ -281,6 +281,20 @@ impl Pki {
         )
     }
 
+    /// [`Pki::client`], valid until `not_after`.
+    pub fn client_until(&self, name: &str, names: &Names<'_>, not_after: OffsetDateTime) -> Leaf {
+        let mut p = params(names, self.next_serial());
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.not_after = not_after;
+        issue(
+            self.dir.path(),
+            name,
+            p,
+            Some(&self.intermediate),
+            Some(&self.intermediate),
+        )
+    }
+
     /// Replace `clients.crl` (atomically, by rename) with a CRL from the intermediate that
     /// revokes [`Pki::revoked`] and `also`, with the next CRL number.
     pub fn write_crl(&self, also: &[&Leaf]) {
