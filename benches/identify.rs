@@ -71,9 +71,9 @@ fn identify(c: &mut Criterion) {
         id
     });
     let warm = bearer(&sign(SigningAlg::Rs256));
-    assert!(rt.block_on(cached.identify(&warm)).is_ok());
+    assert!(rt.block_on(cached.identify(&warm, None)).is_ok());
     c.bench_function("jwt: verified-token cache hit", |b| {
-        b.iter(|| rt.block_on(cached.identify(&warm)).is_ok())
+        b.iter(|| rt.block_on(cached.identify(&warm, None)).is_ok())
     });
 
     // Cache disabled: every call verifies the signature and claims.
@@ -94,9 +94,9 @@ fn identify(c: &mut Criterion) {
         ),
     ] {
         let h = bearer(&sign(alg));
-        assert!(rt.block_on(uncached.identify(&h)).is_ok());
+        assert!(rt.block_on(uncached.identify(&h, None)).is_ok());
         c.bench_function(name, |b| {
-            b.iter(|| rt.block_on(uncached.identify(&h)).is_ok())
+            b.iter(|| rt.block_on(uncached.identify(&h, None)).is_ok())
         });
     }
 
@@ -126,9 +126,9 @@ fn identify(c: &mut Criterion) {
         Identifier::build(&v, Some(keys.clone() as Arc<dyn KeyCheck>), metrics.clone())
     });
     let h = bearer(&key);
-    assert!(rt.block_on(with_keys.identify(&h)).is_ok());
+    assert!(rt.block_on(with_keys.identify(&h, None)).is_ok());
     c.bench_function("api key: identify (header to caller)", |b| {
-        b.iter(|| rt.block_on(with_keys.identify(&h)).is_ok())
+        b.iter(|| rt.block_on(with_keys.identify(&h, None)).is_ok())
     });
 }
 
