@@ -729,7 +729,7 @@ fn tls_sections_are_checked_file_by_file_and_key_by_key() {
         (format!("[admin.tls]\nclient_ca_file = \"{ca}\"\n"), "admin.tls", "cert_file and key_file are required"),
         ("[[clients]]\nid = \"a\"\ncertificates = [{ san_dns = \"x\" }]\n".to_owned(), "clients[0].certificates", "no listener verifies client certificates"),
         (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"a\"\ncertificates = [{{ san_dns = \"x\", subject_cn = \"y\" }}]\n"), "clients[0].certificates[0]", "exactly one of"),
-        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"a\"\ncertificates = [{{ sha256 = \"abc\" }}]\n"), "clients[0].certificates[0].sha256", "not a SHA-256 thumbprint"),
+        (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"a\"\ncertificates = [{{ sha256 = \"abc\" }}]\n"), "clients[0].certificates[0].sha256", "where a SHA-256 thumbprint has 64"),
         (format!("[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_auth = \"optional\"\nclient_ca_file = \"{ca}\"\n[[clients]]\nid = \"a\"\ncertificates = [{{ san_uri = \"spiffe://x\" }}]\n[[clients]]\nid = \"b\"\ncertificates = [{{ san_uri = \"spiffe://x\" }}]\n"), "clients[1].certificates[0].san_uri", "already bound by client 'a'"),
     ];
     for (text, path, message) in cases {

@@ -231,6 +231,10 @@ fn pem_certs(pem: &str, part: Part) -> Result<Vec<CertificateDer<'static>>, Forw
     // The parser's own errors may quote the text: never show them.
     for item in rustls_pemfile::read_all(&mut pem.as_bytes()) {
         match item.map_err(|_| ForwardedError::BadPem(part))? {
+            // An empty block is no certificate (found by the `forwarded` fuzz target).
+            rustls_pemfile::Item::X509Certificate(c) if c.is_empty() => {
+                return Err(ForwardedError::BadPem(part));
+            }
             rustls_pemfile::Item::X509Certificate(c) => {
                 if certs.len() == MAX_CERTIFICATES {
                     return Err(ForwardedError::TooManyCertificates);
@@ -668,6 +672,12 @@ mod tests {
         );
         let e = pem_url(b"-----BEGIN CERTIFICATE-----\nsecretish\n").unwrap_err();
         assert_eq!(e, ForwardedError::BadPem(Part::Value));
+        // An empty certificate block (the fuzz target's first finding).
+        let empty = "-----BEGIN%20CERTIFICATE-----%0A%0A-----END%20CERTIFICATE-----%0A";
+        assert_eq!(
+            parse(ForwardedFormat::PemUrlencoded, empty.as_bytes()),
+            Err(ForwardedError::BadPem(Part::Value))
+        );
         assert!(!e.to_string().contains("secretish"), "{e}");
         let key =
             "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
