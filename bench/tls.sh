@@ -1,0 +1,345 @@
+#!/usr/bin/env bash
+# Benchmark: TLS on the client listener, nginx vs Portcullis with the same certificate and key,
+# in one run.
+#
+#   bench/tls.sh [duration-seconds]       (default 5)
+#   ROUNDS=3 bench/tls.sh 5                (rounds; default 2)
+#   PORTCULLIS_BIN=path bench/tls.sh 5     (an already-built binary)
+#   KEYS=ecdsa bench/tls.sh 5              (server keys: "ecdsa rsa", the default, or one of them)
+#
+# A throwaway PKI in bench/out/tls: per key type a CA and a server certificate for
+# 127.0.0.1 / localhost (ECDSA P-256; RSA 2048), and an ECDSA client CA with one client
+# certificate. The upstream is nginx answering a canned chat completion (`return 200`).
+# Targets, per key type:
+#   nginx          nginx as a TLS reverse proxy (`listen ... ssl`, TLSv1.2 TLSv1.3,
+#                  `ssl_session_cache shared:SSL:10m`, session tickets on as by default,
+#                  keepalive upstream, proxy_buffering off)
+#   nginx-noresume the same with `ssl_session_cache off; ssl_session_tickets off`
+#                  (every handshake a full one)
+#   nginx-mtls     the same as nginx with `ssl_verify_client optional` and the client CA
+#   portcullis     bench/run.sh's gateway with `[server.tls]` (the same files), client_auth off
+#   portcullis-optional  the same with client_auth = "optional" and the client CA
+# and, once, nginx-plain / portcullis-plain (no TLS) for what TLS adds.
+# Measurements, every target once per round, the rounds interleaved (medians reported):
+#   (1) keep-alive: wrk -t2 -c64, POSTs (bench/run.sh's), req/s, p50/p99, proxy CPU per
+#       request (user + system from /proc), TCP connections accepted per request (the
+#       kernel's Tcp PassiveOpens counter: system-wide, so other work on the box adds to it)
+#   (2) new connections: the same with `Connection: close`: wrk opens a new TLS connection
+#       for every request; it keeps the OpenSSL session (SSL_clear) and offers it again, so
+#       its reconnections resume when the server lets them. A check before the rounds
+#       counts, on the wire, the ServerHellos that accepted a pre-shared key (resumed) and
+#       those that did not (full), for each target.
+#   (3) handshakes: `openssl s_time`, one connection at a time, handshake only: `-new` (full
+#       TLS 1.3 handshakes) and `-reuse -tls1_2` (resumed TLS 1.2 handshakes; under TLS 1.3
+#       s_time never reads the session ticket, which comes after the handshake, so it has
+#       nothing to resume), with the client certificate for nginx-mtls and
+#       portcullis-optional; handshakes/s and server CPU per handshake.
+# wrk cannot present a client certificate: there is no wrk row for client_auth = "optional".
+# Everything listens on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DUR="${1:-5}"
+ROUNDS="${ROUNDS:-2}"
+KEYS="${KEYS:-ecdsa rsa}"
+. bench/common.sh
+bench_setup nginx:nginx-light wrk:wrk openssl:openssl
+PKI="$OUT/tls"
+rm -rf "$PKI"; mkdir -p "$PKI"
+
+# A CA and a leaf signed by it in DIR: KIND (ecdsa = P-256, rsa = 2048 bits), DIR, the leaf's
+# subject CN, extendedKeyUsage, subjectAltName.
+pki() {
+  local alg=(-newkey ec -pkeyopt ec_paramgen_curve:P-256) ku=digitalSignature d="$2"
+  [ "$1" = rsa ] && alg=(-newkey rsa:2048) && ku=digitalSignature,keyEncipherment
+  mkdir -p "$d"
+  openssl req -x509 "${alg[@]}" -nodes -keyout "$d/ca.key" -out "$d/ca.pem" -days 7 \
+    -subj "/CN=Portcullis bench $1 CA" -addext basicConstraints=critical,CA:TRUE \
+    -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+  openssl req "${alg[@]}" -nodes -keyout "$d/leaf.key" -out "$d/leaf.csr" -subj "/CN=$3" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,%s\nextendedKeyUsage=%s\nsubjectAltName=%s\n' \
+    "$ku" "$4" "$5" > "$d/leaf.ext"
+  openssl x509 -req -in "$d/leaf.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
+    -days 7 -extfile "$d/leaf.ext" -out "$d/leaf.pem" 2>/dev/null
+}
+for k in $KEYS; do
+  case "$k" in ecdsa | rsa) ;; *) echo "error: KEYS takes ecdsa and/or rsa, not $k"; exit 1 ;; esac
+  pki "$k" "$PKI/$k" localhost serverAuth "IP:127.0.0.1,DNS:localhost"
+  echo "==> $k: $(openssl x509 -in "$PKI/$k/leaf.pem" -noout -text | awk '/Public Key Algorithm|Public-Key:|NIST CURVE/ {$1=$1; printf "%s ", $0}')" \
+    "server certificate (CN=localhost, SAN IP:127.0.0.1 DNS:localhost) from its own CA, in $PKI/$k"
+done
+pki ecdsa "$PKI/client" bench-client clientAuth "DNS:bench-client.internal"
+echo "==> client certificate: ECDSA P-256, CN=bench-client, clientAuth, from its own CA (bench/out/tls/client)"
+
+UP_PORT=$(free_port)
+declare -A PORT PID
+TARGETS_KA="" TARGETS_NEW="" TARGETS_HS=""
+for k in $KEYS; do
+  for t in nginx nginx-noresume nginx-mtls portcullis portcullis-optional; do PORT[$t.$k]=$(free_port); done
+  TARGETS_KA+=" nginx.$k portcullis.$k"
+  TARGETS_NEW+=" nginx.$k nginx-noresume.$k portcullis.$k"
+  TARGETS_HS+=" nginx.$k portcullis.$k nginx-mtls.$k portcullis-optional.$k"
+done
+PORT[nginx-plain]=$(free_port); PORT[portcullis-plain]=$(free_port)
+TARGETS_KA+=" nginx-plain portcullis-plain"
+
+upstream_conf tls-upstream auto "$UP_PORT"
+# One nginx for every nginx target: a server block each, one upstream pool.
+location='location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }'
+blocks="  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache shared:SSL:10m;
+  server { listen 127.0.0.1:${PORT[nginx-plain]}; $location }"
+for k in $KEYS; do
+  cert="ssl_certificate $PKI/$k/leaf.pem; ssl_certificate_key $PKI/$k/leaf.key;"
+  blocks+="
+  server { listen 127.0.0.1:${PORT[nginx.$k]} ssl; $cert $location }
+  server { listen 127.0.0.1:${PORT[nginx-noresume.$k]} ssl; $cert
+    ssl_session_cache off; ssl_session_tickets off; $location }
+  server { listen 127.0.0.1:${PORT[nginx-mtls.$k]} ssl; $cert
+    ssl_verify_client optional; ssl_client_certificate $PKI/client/ca.pem; $location }"
+done
+nginx_conf tls-proxy auto "$blocks"
+
+gateway_conf "$OUT/tls-portcullis-plain.toml" "${PORT[portcullis-plain]}" "$UP_PORT" tls-plain- ""
+for k in $KEYS; do
+  tls="[server.tls]
+cert_file = \"$PKI/$k/leaf.pem\"
+key_file = \"$PKI/$k/leaf.key\""
+  gateway_conf "$OUT/tls-portcullis-$k.toml" "${PORT[portcullis.$k]}" "$UP_PORT" "tls-$k-" "$tls
+client_auth = \"off\""
+  gateway_conf "$OUT/tls-portcullis-optional-$k.toml" "${PORT[portcullis-optional.$k]}" "$UP_PORT" "tls-opt-$k-" "$tls
+client_auth = \"optional\"
+client_ca_file = \"$PKI/client/ca.pem\""
+done
+rm -f "$OUT"/tls-*keys.db* "$OUT"/tls-*audit.log
+post_lua "$OUT/tls-post.lua"
+post_lua "$OUT/tls-close.lua" Connection close
+
+cleanup() {
+  "$NGINX" -c "$OUT/tls-upstream.conf" -s stop 2>/dev/null || true
+  "$NGINX" -c "$OUT/tls-proxy.conf" -s stop 2>/dev/null || true
+  local p; for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+"$NGINX" -c "$OUT/tls-upstream.conf"
+"$NGINX" -c "$OUT/tls-proxy.conf"
+"$BIN" serve --config "$OUT/tls-portcullis-plain.toml" 2>"$OUT/tls-portcullis-plain.log" &
+PID[portcullis-plain]=$!
+for k in $KEYS; do
+  "$BIN" serve --config "$OUT/tls-portcullis-$k.toml" 2>"$OUT/tls-portcullis-$k.log" &
+  PID[portcullis.$k]=$!
+  "$BIN" serve --config "$OUT/tls-portcullis-optional-$k.toml" 2>"$OUT/tls-portcullis-optional-$k.log" &
+  PID[portcullis-optional.$k]=$!
+done
+
+url() { # target: its URL
+  case "$1" in *-plain) echo "http://127.0.0.1:${PORT[$1]}$PATH_Q" ;; *) echo "https://127.0.0.1:${PORT[$1]}$PATH_Q" ;; esac
+}
+# Every target answers, and over TLS with the key type's certificate (checked against its CA).
+for t in "${!PORT[@]}"; do
+  k=${t##*.}; ca=(); [ "$k" != "$t" ] && ca=(--cacert "$PKI/$k/ca.pem")
+  ok=0
+  for _ in $(seq 1 100); do
+    curl -fsS "${ca[@]}" -o /dev/null -X POST "$(url "$t")" -d '{"model":"gpt-4o"}' 2>/dev/null && ok=1 && break
+    sleep 0.1
+  done
+  [ "$ok" = 1 ] || { echo "error: $t does not answer on $(url "$t")"; exit 1; }
+done
+for t in "${!PORT[@]}"; do
+  [ "${t##*.}" = "$t" ] && continue
+  served=$(openssl s_client -connect "127.0.0.1:${PORT[$t]}" </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256)
+  [ "$served" = "$(openssl x509 -in "$PKI/${t##*.}/leaf.pem" -noout -fingerprint -sha256)" ] ||
+    { echo "error: $t serves another certificate: $served"; exit 1; }
+done
+echo "==> every target answers; the TLS ones serve their key type's certificate (same SHA-256 on nginx and portcullis)"
+
+tree() { local p; echo "$1"; for p in $(pgrep -P "$1"); do tree "$p"; done; }
+# CPU time (clock ticks, user + system) of the process serving TARGET: the Portcullis
+# process, or the nginx proxy's master and workers (one nginx serves every nginx target).
+cpu_ticks() {
+  local pids p total=0
+  case "$1" in
+    nginx*) pids=$(tree "$(cat "$OUT/tls-proxy.pid")") ;;
+    *) pids=${PID[$1]} ;;
+  esac
+  for p in $pids; do total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) )); done
+  echo "$total"
+}
+passive_opens() { awk '/^Tcp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "PassiveOpens") c = i; h = 1 } else print $c }' /proc/net/snmp; }
+
+# Resumption check: ServerHellos on the wire from PORT for SECONDS (AF_PACKET on lo; root).
+SNIFF=$(cat <<'PY'
+import socket, struct, sys, time
+port, dur = int(sys.argv[1]), float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 25)
+s.bind(("lo", 0)); s.settimeout(0.2)
+seen = {"full": 0, "resumed": 0, "tls12": 0}; suites = {}
+end = time.time() + dur
+while time.time() < end:
+    try:
+        pkt, addr = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    if addr[2] == socket.PACKET_OUTGOING or pkt[12:14] != b"\x08\x00" or pkt[23] != 6:
+        continue  # lo shows each packet twice; IPv4 TCP only
+    tcp = pkt[14 + (pkt[14] & 15) * 4:]
+    if struct.unpack("!H", tcp[0:2])[0] != port:
+        continue
+    p = tcp[(tcp[12] >> 4) * 4:]
+    if len(p) < 50 or p[0] != 0x16 or p[5] != 0x02:
+        continue  # not a record starting with a ServerHello
+    i = 9 + 2 + 32; i += 1 + p[i]
+    suite = struct.unpack("!H", p[i:i + 2])[0]; i += 3
+    end_ext = i + 2 + struct.unpack("!H", p[i:i + 2])[0]; i += 2
+    exts = set()
+    while i + 4 <= min(end_ext, len(p)):
+        t, n = struct.unpack("!HH", p[i:i + 4]); exts.add(t); i += 4 + n
+    kind = "tls12" if 43 not in exts else "resumed" if 41 in exts else "full"
+    seen[kind] += 1; suites[suite] = suites.get(suite, 0) + 1
+names = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384", 0x1303: "TLS_CHACHA20_POLY1305_SHA256"}
+print(seen["full"], seen["resumed"], seen["tls12"], ",".join(f"{names.get(k, hex(k))}" for k in suites))
+PY
+)
+SNIFFING=0
+if [ "$(id -u)" = 0 ]; then SNIFFING=1; else echo "==> resumption check skipped: capturing on lo needs root"; fi
+: > "$OUT/tls-resumption.txt"
+if [ "$SNIFFING" = 1 ]; then
+  echo "==> resumption check: wrk -c64 with Connection: close for 2 s per target, ServerHellos counted on lo"
+  for t in $TARGETS_NEW; do
+    python3 -c "$SNIFF" "${PORT[$t]}" 3 > "$OUT/tls-sniff.out" &
+    sniffer=$!
+    sleep 0.5
+    o=$(passive_opens)
+    reqs=$(wrk -t2 -c64 -d2s -s "$OUT/tls-close.lua" "$(url "$t")" | awk '/requests in/ {print $1}')
+    opens=$(( $(passive_opens) - o ))
+    wait "$sniffer"
+    read -r full resumed tls12 suites < "$OUT/tls-sniff.out"
+    echo "$t $reqs $opens $full $resumed $tls12 $suites" >> "$OUT/tls-resumption.txt"
+    echo "    $t: $reqs requests, $opens TCP connections accepted, ServerHellos seen: $full full, $resumed resumed (TLS 1.3), $tls12 TLS 1.2; $suites"
+  done
+fi
+
+run_wrk() { # target mode(ka|new)   (uses $ROUND)
+  local script="$OUT/tls-post.lua" f="$OUT/tls-$1.$2-r$ROUND"
+  [ "$2" = new ] && script="$OUT/tls-close.lua"
+  wrk -t2 -c64 -d1s -s "$script" "$(url "$1")" > "$f.warm"
+  local before o; before=$(cpu_ticks "$1"); o=$(passive_opens)
+  wrk -t2 -c64 -d"${DUR}s" --latency -s "$script" "$(url "$1")" > "$f.txt"
+  echo "$(( $(cpu_ticks "$1") - before )) $(( $(passive_opens) - o ))" > "$f.cpu"
+}
+run_stime() { # target mode(full|resumed)   (uses $ROUND)
+  local f="$OUT/tls-$1.$2-r$ROUND" args=(-new)
+  [ "$2" = resumed ] && args=(-reuse -tls1_2)
+  case "$1" in *-mtls.* | *-optional.*) args+=(-cert "$PKI/client/leaf.pem" -key "$PKI/client/leaf.key") ;; esac
+  local before t0 t1; before=$(cpu_ticks "$1"); t0=$(date +%s.%N)
+  openssl s_time -connect "127.0.0.1:${PORT[$1]}" -time "$DUR" "${args[@]}" > "$f.stime" 2>&1 || true
+  t1=$(date +%s.%N)
+  echo "$(( $(cpu_ticks "$1") - before )) $t0 $t1" > "$f.cpu"
+}
+rm -f "$OUT"/tls-*-r[0-9]*.*
+for ROUND in $(seq 1 "$ROUNDS"); do
+  echo "==> round $ROUND of $ROUNDS"
+  for t in $TARGETS_KA; do run_wrk "$t" ka; done
+  for t in $TARGETS_NEW; do run_wrk "$t" new; done
+  for t in $TARGETS_HS; do run_stime "$t" full; run_stime "$t" resumed; done
+done
+# A client certificate really was asked for and verified: the optional gateways logged no
+# handshake failure, and nginx-mtls's handshakes carried it (checked once, with curl).
+for k in $KEYS; do
+  code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$PKI/$k/ca.pem" --cert "$PKI/client/leaf.pem" \
+    --key "$PKI/client/leaf.key" -X POST "$(url "portcullis-optional.$k")" -d '{"model":"gpt-4o"}' || true)
+  echo "==> portcullis-optional.$k with the client certificate: HTTP $code (403 client_not_allowed = verified, bound by no client)"
+done
+
+export TARGETS_KA TARGETS_NEW TARGETS_HS KEYS
+python3 - "$OUT" "$DUR" "$ROUNDS" <<'PY'
+import os, re, sys, datetime
+from statistics import median
+out, dur, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tick = 1e6 / os.sysconf("SC_CLK_TCK")
+KA, NEW, HS = (tuple(os.environ[v].split()) for v in ("TARGETS_KA", "TARGETS_NEW", "TARGETS_HS"))
+KEYS = os.environ["KEYS"].split()
+def ms(v):
+    n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
+def wrk(t, mode, k):
+    f = f"{out}/tls-{t}.{mode}-r{k}"
+    txt = open(f"{f}.txt").read()
+    cpu, opens = map(int, open(f"{f}.cpu").read().split())
+    p = {q: ms(v) for q, v in re.findall(r"^\s+(50|99)%\s+(\S+)", txt, re.M)}
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", txt)
+    sock = re.search(r"Socket errors: (.*)", txt)
+    reqs = int(re.search(r"(\d+) requests in", txt).group(1))
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", txt).group(1)), "p50": p["50"], "p99": p["99"],
+            "cpu": cpu * tick / max(reqs, 1), "opens": opens / max(reqs, 1), "errs": int(errs.group(1)) if errs else 0,
+            "sock": sock.group(1) if sock else ""}
+def stime(t, mode, k):
+    f = f"{out}/tls-{t}.{mode}-r{k}"
+    txt = open(f"{f}.stime").read()
+    cpu, t0, t1 = open(f"{f}.cpu").read().split()
+    m = re.search(r"(\d+) connections in [\d.]+ real seconds", txt)
+    n = int(m.group(1)) if m else 0
+    marks = "".join(re.findall(r"^[r*]+$", txt, re.M))
+    return {"hps": n / (float(t1) - float(t0)), "cpu": int(cpu) * tick / max(n, 1), "n": n,
+            "reused": marks.count("r") / max(len(marks), 1)}
+W = {(t, m, k): wrk(t, m, k) for m, ts in (("ka", KA), ("new", NEW)) for t in ts for k in range(1, rounds + 1)}
+S = {(t, m, k): stime(t, m, k) for t in HS for m in ("full", "resumed") for k in range(1, rounds + 1)}
+rs = range(1, rounds + 1)
+med = lambda D, t, m, f: median(D[(t, m, k)][f] for k in rs)
+print(f"\n## {datetime.date.today()} — TLS: {rounds} interleaved rounds of {dur}s per target, wrk -t2 -c64 / openssl s_time, "
+      f"{os.cpu_count()}-core machine; medians\n")
+print("| target | key | connections | req/s | p50 ms | p99 ms | proxy CPU µs/req | TCP conns/req | non-2xx |")
+print("|---|---|---|---|---|---|---|---|---|")
+for m, ts in (("ka", KA), ("new", NEW)):
+    for t in ts:
+        name, _, key = t.partition(".")
+        errs = sum(W[(t, m, k)]["errs"] for k in rs)
+        sock = "; ".join(s for k in rs if (s := W[(t, m, k)]["sock"]))
+        print(f"| {name} | {key or 'plain'} | {'keep-alive' if m == 'ka' else 'new per request'} | {med(W, t, m, 'rps'):,.0f} "
+              f"| {med(W, t, m, 'p50'):.3f} | {med(W, t, m, 'p99'):.3f} | {med(W, t, m, 'cpu'):.1f} "
+              f"| {med(W, t, m, 'opens'):.3f} | {errs}{' ' + sock if sock else ''} |")
+print()
+print("| target | key | handshake (s_time, 1 at a time) | client cert | handshakes/s | server CPU µs/handshake | resumed |")
+print("|---|---|---|---|---|---|---|")
+for m in ("full", "resumed"):
+    for t in HS:
+        name, _, key = t.partition(".")
+        cert = "yes" if name in ("nginx-mtls", "portcullis-optional") else "–"
+        print(f"| {name} | {key} | {'full, TLS 1.3 (-new)' if m == 'full' else 'resumed, TLS 1.2 (-reuse)'} | {cert} "
+              f"| {med(S, t, m, 'hps'):,.0f} | {med(S, t, m, 'cpu'):.1f} | {med(S, t, m, 'reused') * 100:.0f}% |")
+print()
+def ratio(D, a, b, m, f):
+    each = [D[(a, m, k)][f] / D[(b, m, k)][f] for k in rs]
+    return f"{median(each):.2f}x (rounds: {', '.join(f'{e:.2f}' for e in each)})"
+for key in KEYS:
+    p, n = f"portcullis.{key}", f"nginx.{key}"
+    print(f"- {key}, keep-alive: portcullis vs nginx throughput {ratio(W, p, n, 'ka', 'rps')}, "
+          f"proxy CPU per request {ratio(W, p, n, 'ka', 'cpu')}")
+    print(f"- {key}, new connection per request (both resuming): portcullis vs nginx throughput {ratio(W, p, n, 'new', 'rps')}, "
+          f"proxy CPU per request {ratio(W, p, n, 'new', 'cpu')}; nginx without resumption vs nginx "
+          f"{ratio(W, f'nginx-noresume.{key}', n, 'new', 'rps')}")
+    for m, what in (("full", "full TLS 1.3 handshakes"), ("resumed", "resumed TLS 1.2 handshakes")):
+        print(f"- {key}, {what} (s_time): portcullis vs nginx {ratio(S, p, n, m, 'hps')} per second, "
+              f"server CPU per handshake {ratio(S, p, n, m, 'cpu')}; with a client certificate "
+              f"(portcullis-optional vs nginx-mtls) {ratio(S, f'portcullis-optional.{key}', f'nginx-mtls.{key}', m, 'hps')}, "
+              f"CPU {ratio(S, f'portcullis-optional.{key}', f'nginx-mtls.{key}', m, 'cpu')}")
+for key in KEYS:
+    for name in ("nginx", "portcullis"):
+        tls = med(W, f"{name}.{key}", "ka", "cpu"); plain = med(W, f"{name}-plain", "ka", "cpu")
+        new = med(W, f"{name}.{key}", "new", "cpu")
+        print(f"- {key}, {name}: CPU per request plain {plain:.1f} µs, TLS keep-alive {tls:.1f} µs (+{tls - plain:.1f}), "
+              f"TLS new connection {new:.1f} µs (+{new - plain:.1f})")
+res = [l.split() for l in open(f"{out}/tls-resumption.txt")]
+if res:
+    print("- resumption check (wrk -c64, Connection: close, 2 s; ServerHellos counted on lo): " + "; ".join(
+        f"{r[0]} {int(r[4]) / max(int(r[3]) + int(r[4]) + int(r[5]), 1) * 100:.0f}% resumed "
+        f"({r[4]} of {int(r[3]) + int(r[4]) + int(r[5])}, {int(r[2]) / max(int(r[1]), 1):.2f} TCP conns/req, {r[6] if len(r) > 6 else '?'})"
+        for r in res))
+print("- wrk cannot present a client certificate: client_auth = \"optional\" is measured by s_time only")
+PY
