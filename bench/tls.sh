@@ -6,6 +6,7 @@
 #   ROUNDS=3 bench/tls.sh 5                (rounds; default 2)
 #   PORTCULLIS_BIN=path bench/tls.sh 5     (an already-built binary)
 #   KEYS=ecdsa bench/tls.sh 5              (server keys: "ecdsa rsa", the default, or one of them)
+#   RESUME_CONNS="64 256 512" bench/tls.sh  (connection counts of the resumption check; default "64 256")
 #
 # A throwaway PKI in bench/out/tls: per key type a CA and a server certificate for
 # 127.0.0.1 / localhost (ECDSA P-256; RSA 2048), and an ECDSA client CA with one client
@@ -28,7 +29,9 @@
 #       for every request; it keeps the OpenSSL session (SSL_clear) and offers it again, so
 #       its reconnections resume when the server lets them. A check before the rounds
 #       counts, on the wire, the ServerHellos that accepted a pre-shared key (resumed) and
-#       those that did not (full), for each target.
+#       those that did not (full), for each target, at 64 and 256 connections; nginx and
+#       portcullis are also measured at 256 connections (a server's session cache must hold a
+#       session per client for all of them to resume).
 #   (3) handshakes: `openssl s_time`, one connection at a time, handshake only: `-new` (full
 #       TLS 1.3 handshakes) and `-reuse -tls1_2` (resumed TLS 1.2 handshakes; under TLS 1.3
 #       s_time never reads the session ticket, which comes after the handshake, so it has
@@ -41,6 +44,7 @@ cd "$(dirname "$0")/.."
 DUR="${1:-5}"
 ROUNDS="${ROUNDS:-2}"
 KEYS="${KEYS:-ecdsa rsa}"
+RESUME_CONNS="${RESUME_CONNS:-64 256}"
 . bench/common.sh
 bench_setup nginx:nginx-light wrk:wrk openssl:openssl
 PKI="$OUT/tls"
@@ -72,11 +76,12 @@ echo "==> client certificate: ECDSA P-256, CN=bench-client, clientAuth, from its
 
 UP_PORT=$(free_port)
 declare -A PORT PID
-TARGETS_KA="" TARGETS_NEW="" TARGETS_HS=""
+TARGETS_KA="" TARGETS_NEW="" TARGETS_NEW256="" TARGETS_HS=""
 for k in $KEYS; do
   for t in nginx nginx-noresume nginx-mtls portcullis portcullis-optional; do PORT[$t.$k]=$(free_port); done
   TARGETS_KA+=" nginx.$k portcullis.$k"
   TARGETS_NEW+=" nginx.$k nginx-noresume.$k portcullis.$k"
+  TARGETS_NEW256+=" nginx.$k portcullis.$k"
   TARGETS_HS+=" nginx.$k portcullis.$k nginx-mtls.$k portcullis-optional.$k"
 done
 PORT[nginx-plain]=$(free_port); PORT[portcullis-plain]=$(free_port)
@@ -179,7 +184,7 @@ port, dur = int(sys.argv[1]), float(sys.argv[2])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 25)
 s.bind(("lo", 0)); s.settimeout(0.2)
-seen = {"full": 0, "resumed": 0, "tls12": 0}; suites = {}
+seen = {"full": 0, "resumed": 0, "tls12": 0}; suites = {}; groups = {}
 end = time.time() + dur
 while time.time() < end:
     try:
@@ -199,38 +204,46 @@ while time.time() < end:
     end_ext = i + 2 + struct.unpack("!H", p[i:i + 2])[0]; i += 2
     exts = set()
     while i + 4 <= min(end_ext, len(p)):
-        t, n = struct.unpack("!HH", p[i:i + 4]); exts.add(t); i += 4 + n
+        t, n = struct.unpack("!HH", p[i:i + 4]); exts.add(t)
+        if t == 51 and i + 6 <= len(p):
+            g = struct.unpack("!H", p[i + 4:i + 6])[0]; groups[g] = groups.get(g, 0) + 1
+        i += 4 + n
     kind = "tls12" if 43 not in exts else "resumed" if 41 in exts else "full"
     seen[kind] += 1; suites[suite] = suites.get(suite, 0) + 1
-names = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384", 0x1303: "TLS_CHACHA20_POLY1305_SHA256"}
-print(seen["full"], seen["resumed"], seen["tls12"], ",".join(f"{names.get(k, hex(k))}" for k in suites))
+names = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384", 0x1303: "TLS_CHACHA20_POLY1305_SHA256",
+         0x1d: "X25519", 0x17: "P-256", 0x18: "P-384"}
+print(seen["full"], seen["resumed"], seen["tls12"],
+      ",".join(names.get(k, hex(k)) for k in list(suites) + list(groups)))
 PY
 )
 SNIFFING=0
 if [ "$(id -u)" = 0 ]; then SNIFFING=1; else echo "==> resumption check skipped: capturing on lo needs root"; fi
 : > "$OUT/tls-resumption.txt"
 if [ "$SNIFFING" = 1 ]; then
-  echo "==> resumption check: wrk -c64 with Connection: close for 2 s per target, ServerHellos counted on lo"
-  for t in $TARGETS_NEW; do
-    python3 -c "$SNIFF" "${PORT[$t]}" 3 > "$OUT/tls-sniff.out" &
-    sniffer=$!
-    sleep 0.5
-    o=$(passive_opens)
-    reqs=$(wrk -t2 -c64 -d2s -s "$OUT/tls-close.lua" "$(url "$t")" | awk '/requests in/ {print $1}')
-    opens=$(( $(passive_opens) - o ))
-    wait "$sniffer"
-    read -r full resumed tls12 suites < "$OUT/tls-sniff.out"
-    echo "$t $reqs $opens $full $resumed $tls12 $suites" >> "$OUT/tls-resumption.txt"
-    echo "    $t: $reqs requests, $opens TCP connections accepted, ServerHellos seen: $full full, $resumed resumed (TLS 1.3), $tls12 TLS 1.2; $suites"
+  echo "==> resumption check: wrk with Connection: close for 2 s per target, at $RESUME_CONNS connections; ServerHellos counted on lo"
+  for c in $RESUME_CONNS; do
+    for t in $TARGETS_NEW; do
+      python3 -c "$SNIFF" "${PORT[$t]}" 3 > "$OUT/tls-sniff.out" &
+      sniffer=$!
+      sleep 0.5
+      o=$(passive_opens)
+      reqs=$(wrk -t2 -c"$c" -d2s -s "$OUT/tls-close.lua" "$(url "$t")" | awk '/requests in/ {print $1}')
+      opens=$(( $(passive_opens) - o ))
+      wait "$sniffer"
+      read -r full resumed tls12 suites < "$OUT/tls-sniff.out"
+      echo "$t $c $reqs $opens $full $resumed $tls12 $suites" >> "$OUT/tls-resumption.txt"
+      echo "    $t -c$c: $reqs requests, $opens TCP connections accepted; ServerHellos seen: $full full, $resumed resumed (TLS 1.3), $tls12 TLS 1.2; $suites"
+    done
   done
 fi
 
-run_wrk() { # target mode(ka|new)   (uses $ROUND)
-  local script="$OUT/tls-post.lua" f="$OUT/tls-$1.$2-r$ROUND"
-  [ "$2" = new ] && script="$OUT/tls-close.lua"
-  wrk -t2 -c64 -d1s -s "$script" "$(url "$1")" > "$f.warm"
+run_wrk() { # target mode(ka|new|new256)   (uses $ROUND)
+  local script="$OUT/tls-post.lua" f="$OUT/tls-$1.$2-r$ROUND" c=64
+  [ "$2" != ka ] && script="$OUT/tls-close.lua"
+  [ "$2" = new256 ] && c=256
+  wrk -t2 -c"$c" -d1s -s "$script" "$(url "$1")" > "$f.warm"
   local before o; before=$(cpu_ticks "$1"); o=$(passive_opens)
-  wrk -t2 -c64 -d"${DUR}s" --latency -s "$script" "$(url "$1")" > "$f.txt"
+  wrk -t2 -c"$c" -d"${DUR}s" --latency -s "$script" "$(url "$1")" > "$f.txt"
   echo "$(( $(cpu_ticks "$1") - before )) $(( $(passive_opens) - o ))" > "$f.cpu"
 }
 run_stime() { # target mode(full|resumed)   (uses $ROUND)
@@ -247,6 +260,7 @@ for ROUND in $(seq 1 "$ROUNDS"); do
   echo "==> round $ROUND of $ROUNDS"
   for t in $TARGETS_KA; do run_wrk "$t" ka; done
   for t in $TARGETS_NEW; do run_wrk "$t" new; done
+  for t in $TARGETS_NEW256; do run_wrk "$t" new256; done
   for t in $TARGETS_HS; do run_stime "$t" full; run_stime "$t" resumed; done
 done
 # A client certificate really was asked for and verified: the optional gateways logged no
@@ -257,13 +271,14 @@ for k in $KEYS; do
   echo "==> portcullis-optional.$k with the client certificate: HTTP $code (403 client_not_allowed = verified, bound by no client)"
 done
 
-export TARGETS_KA TARGETS_NEW TARGETS_HS KEYS
+export TARGETS_KA TARGETS_NEW TARGETS_NEW256 TARGETS_HS KEYS
 python3 - "$OUT" "$DUR" "$ROUNDS" <<'PY'
 import os, re, sys, datetime
 from statistics import median
 out, dur, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tick = 1e6 / os.sysconf("SC_CLK_TCK")
-KA, NEW, HS = (tuple(os.environ[v].split()) for v in ("TARGETS_KA", "TARGETS_NEW", "TARGETS_HS"))
+KA, NEW, NEW256, HS = (tuple(os.environ[v].split()) for v in ("TARGETS_KA", "TARGETS_NEW", "TARGETS_NEW256", "TARGETS_HS"))
+MODES = (("ka", KA, "keep-alive", 64), ("new", NEW, "new per request", 64), ("new256", NEW256, "new per request", 256))
 KEYS = os.environ["KEYS"].split()
 def ms(v):
     n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
@@ -288,20 +303,20 @@ def stime(t, mode, k):
     marks = "".join(re.findall(r"^[r*]+$", txt, re.M))
     return {"hps": n / (float(t1) - float(t0)), "cpu": int(cpu) * tick / max(n, 1), "n": n,
             "reused": marks.count("r") / max(len(marks), 1)}
-W = {(t, m, k): wrk(t, m, k) for m, ts in (("ka", KA), ("new", NEW)) for t in ts for k in range(1, rounds + 1)}
+W = {(t, m, k): wrk(t, m, k) for m, ts, _, _ in MODES for t in ts for k in range(1, rounds + 1)}
 S = {(t, m, k): stime(t, m, k) for t in HS for m in ("full", "resumed") for k in range(1, rounds + 1)}
 rs = range(1, rounds + 1)
 med = lambda D, t, m, f: median(D[(t, m, k)][f] for k in rs)
-print(f"\n## {datetime.date.today()} — TLS: {rounds} interleaved rounds of {dur}s per target, wrk -t2 -c64 / openssl s_time, "
+print(f"\n## {datetime.date.today()} — TLS: {rounds} interleaved rounds of {dur}s per target, wrk -t2 / openssl s_time, "
       f"{os.cpu_count()}-core machine; medians\n")
-print("| target | key | connections | req/s | p50 ms | p99 ms | proxy CPU µs/req | TCP conns/req | non-2xx |")
-print("|---|---|---|---|---|---|---|---|---|")
-for m, ts in (("ka", KA), ("new", NEW)):
+print("| target | key | conns | connections | req/s | p50 ms | p99 ms | proxy CPU µs/req | TCP conns/req | non-2xx |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for m, ts, what, conns in MODES:
     for t in ts:
         name, _, key = t.partition(".")
         errs = sum(W[(t, m, k)]["errs"] for k in rs)
         sock = "; ".join(s for k in rs if (s := W[(t, m, k)]["sock"]))
-        print(f"| {name} | {key or 'plain'} | {'keep-alive' if m == 'ka' else 'new per request'} | {med(W, t, m, 'rps'):,.0f} "
+        print(f"| {name} | {key or 'plain'} | {conns} | {what} | {med(W, t, m, 'rps'):,.0f} "
               f"| {med(W, t, m, 'p50'):.3f} | {med(W, t, m, 'p99'):.3f} | {med(W, t, m, 'cpu'):.1f} "
               f"| {med(W, t, m, 'opens'):.3f} | {errs}{' ' + sock if sock else ''} |")
 print()
@@ -324,6 +339,8 @@ for key in KEYS:
     print(f"- {key}, new connection per request (both resuming): portcullis vs nginx throughput {ratio(W, p, n, 'new', 'rps')}, "
           f"proxy CPU per request {ratio(W, p, n, 'new', 'cpu')}; nginx without resumption vs nginx "
           f"{ratio(W, f'nginx-noresume.{key}', n, 'new', 'rps')}")
+    print(f"- {key}, new connection per request at 256 connections: portcullis vs nginx throughput "
+          f"{ratio(W, p, n, 'new256', 'rps')}, proxy CPU per request {ratio(W, p, n, 'new256', 'cpu')}")
     for m, what in (("full", "full TLS 1.3 handshakes"), ("resumed", "resumed TLS 1.2 handshakes")):
         print(f"- {key}, {what} (s_time): portcullis vs nginx {ratio(S, p, n, m, 'hps')} per second, "
               f"server CPU per handshake {ratio(S, p, n, m, 'cpu')}; with a client certificate "
@@ -337,9 +354,9 @@ for key in KEYS:
               f"TLS new connection {new:.1f} µs (+{new - plain:.1f})")
 res = [l.split() for l in open(f"{out}/tls-resumption.txt")]
 if res:
-    print("- resumption check (wrk -c64, Connection: close, 2 s; ServerHellos counted on lo): " + "; ".join(
-        f"{r[0]} {int(r[4]) / max(int(r[3]) + int(r[4]) + int(r[5]), 1) * 100:.0f}% resumed "
-        f"({r[4]} of {int(r[3]) + int(r[4]) + int(r[5])}, {int(r[2]) / max(int(r[1]), 1):.2f} TCP conns/req, {r[6] if len(r) > 6 else '?'})"
-        for r in res))
+    print("- resumption check (wrk, Connection: close, 2 s; ServerHellos counted on lo): " + "; ".join(
+        f"{r[0]} -c{r[1]} {int(r[5]) / max(int(r[4]) + int(r[5]) + int(r[6]), 1) * 100:.0f}% resumed "
+        f"({r[5]} of {int(r[4]) + int(r[5]) + int(r[6])}, {int(r[3]) / max(int(r[2]), 1):.2f} TCP conns/req"
+        f"{', ' + r[7] if len(r) > 7 else ''})" for r in res))
 print("- wrk cannot present a client certificate: client_auth = \"optional\" is measured by s_time only")
 PY
