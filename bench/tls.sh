@@ -75,16 +75,23 @@ pki ecdsa "$PKI/client" bench-client clientAuth "DNS:bench-client.internal"
 echo "==> client certificate: ECDSA P-256, CN=bench-client, clientAuth, from its own CA (bench/out/tls/client)"
 
 UP_PORT=$(free_port)
-declare -A PORT PID
-TARGETS_KA="" TARGETS_NEW="" TARGETS_NEW256="" TARGETS_HS=""
+# Targets (name.key) in the order each round measures them, and what each is measured by:
+# ka = keep-alive, new / new256 = a new connection per request at 64 / 256 connections,
+# full / resumed = s_time handshakes.
+declare -A PORT PID MODES
+TARGETS="" TARGETS_KA="" TARGETS_NEW="" TARGETS_NEW256="" TARGETS_HS=""
 for k in $KEYS; do
-  for t in nginx nginx-noresume nginx-mtls portcullis portcullis-optional; do PORT[$t.$k]=$(free_port); done
+  for t in nginx portcullis nginx-noresume nginx-mtls portcullis-optional; do
+    PORT[$t.$k]=$(free_port); TARGETS+=" $t.$k"
+  done
+  MODES[nginx.$k]="ka new new256 full resumed"; MODES[portcullis.$k]="ka new new256 full resumed"
+  MODES[nginx-noresume.$k]="new"; MODES[nginx-mtls.$k]="full resumed"; MODES[portcullis-optional.$k]="full resumed"
   TARGETS_KA+=" nginx.$k portcullis.$k"
   TARGETS_NEW+=" nginx.$k nginx-noresume.$k portcullis.$k"
   TARGETS_NEW256+=" nginx.$k portcullis.$k"
   TARGETS_HS+=" nginx.$k portcullis.$k nginx-mtls.$k portcullis-optional.$k"
 done
-PORT[nginx-plain]=$(free_port); PORT[portcullis-plain]=$(free_port)
+for t in nginx-plain portcullis-plain; do PORT[$t]=$(free_port); TARGETS+=" $t"; MODES[$t]=ka; done
 TARGETS_KA+=" nginx-plain portcullis-plain"
 
 upstream_conf tls-upstream auto "$UP_PORT"
@@ -97,15 +104,17 @@ location='location / {
     }'
 blocks="  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
   ssl_protocols TLSv1.2 TLSv1.3;
-  ssl_session_cache shared:SSL:10m;
   server { listen 127.0.0.1:${PORT[nginx-plain]}; $location }"
+# Each TLS server its own session cache zone, as if it were the only one.
 for k in $KEYS; do
   cert="ssl_certificate $PKI/$k/leaf.pem; ssl_certificate_key $PKI/$k/leaf.key;"
   blocks+="
-  server { listen 127.0.0.1:${PORT[nginx.$k]} ssl; $cert $location }
+  server { listen 127.0.0.1:${PORT[nginx.$k]} ssl; $cert
+    ssl_session_cache shared:SSL-$k:10m; $location }
   server { listen 127.0.0.1:${PORT[nginx-noresume.$k]} ssl; $cert
     ssl_session_cache off; ssl_session_tickets off; $location }
   server { listen 127.0.0.1:${PORT[nginx-mtls.$k]} ssl; $cert
+    ssl_session_cache shared:SSL-mtls-$k:10m;
     ssl_verify_client optional; ssl_client_certificate $PKI/client/ca.pem; $location }"
 done
 nginx_conf tls-proxy auto "$blocks"
@@ -133,35 +142,58 @@ cleanup() {
 trap cleanup EXIT
 "$NGINX" -c "$OUT/tls-upstream.conf"
 "$NGINX" -c "$OUT/tls-proxy.conf"
-"$BIN" serve --config "$OUT/tls-portcullis-plain.toml" 2>"$OUT/tls-portcullis-plain.log" &
-PID[portcullis-plain]=$!
-for k in $KEYS; do
-  "$BIN" serve --config "$OUT/tls-portcullis-$k.toml" 2>"$OUT/tls-portcullis-$k.log" &
-  PID[portcullis.$k]=$!
-  "$BIN" serve --config "$OUT/tls-portcullis-optional-$k.toml" 2>"$OUT/tls-portcullis-optional-$k.log" &
-  PID[portcullis-optional.$k]=$!
-done
 
 url() { # target: its URL
   case "$1" in *-plain) echo "http://127.0.0.1:${PORT[$1]}$PATH_Q" ;; *) echo "https://127.0.0.1:${PORT[$1]}$PATH_Q" ;; esac
 }
-# Every target answers, and over TLS with the key type's certificate (checked against its CA).
-for t in "${!PORT[@]}"; do
-  k=${t##*.}; ca=(); [ "$k" != "$t" ] && ca=(--cacert "$PKI/$k/ca.pem")
-  ok=0
+# Wait (up to 10 s) until TARGET answers a POST, over TLS checked against its key type's CA.
+answering() {
+  local k=${1##*.} ca=()
+  [ "$k" != "$1" ] && ca=(--cacert "$PKI/$k/ca.pem")
   for _ in $(seq 1 100); do
-    curl -fsS "${ca[@]}" -o /dev/null -X POST "$(url "$t")" -d '{"model":"gpt-4o"}' 2>/dev/null && ok=1 && break
+    curl -fsS "${ca[@]}" -o /dev/null -X POST "$(url "$1")" -d '{"model":"gpt-4o"}' 2>/dev/null && return 0
     sleep 0.1
   done
-  [ "$ok" = 1 ] || { echo "error: $t does not answer on $(url "$t")"; exit 1; }
+  echo "error: $1 does not answer on $(url "$1")"; exit 1
+}
+# A gateway runs only while it is measured, so that no idle gateway's timers share the two
+# cores with the target under test (nginx, idle, wakes for nothing). Its session cache starts
+# empty each time: the warm-up fills it.
+start() { # target
+  case "$1" in nginx*) return 0 ;; esac
+  local conf="$OUT/tls-${1%.*}.toml"
+  case "$1" in *.*) conf="$OUT/tls-${1%.*}-${1##*.}.toml" ;; esac
+  "$BIN" serve --config "$conf" 2>>"$OUT/tls-$1.log" &
+  PID[$1]=$!
+  answering "$1"
+}
+stop() { # target
+  [ -n "${PID[$1]:-}" ] || return 0
+  kill "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; unset "PID[$1]"
+}
+rm -f "$OUT"/tls-*.log
+# Every target answers, and the TLS ones with their key type's certificate.
+for t in $TARGETS; do
+  start "$t"; answering "$t"
+  k=${t##*.}
+  if [ "$k" != "$t" ]; then
+    served=$(openssl s_client -connect "127.0.0.1:${PORT[$t]}" </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256)
+    [ "$served" = "$(openssl x509 -in "$PKI/$k/leaf.pem" -noout -fingerprint -sha256)" ] ||
+      { echo "error: $t serves another certificate: $served"; exit 1; }
+  fi
+  if [ "${t%.*}" = portcullis-optional ]; then
+    # A client certificate is asked for and verified: bound by no client, it is refused
+    # with 403 client_not_allowed (a handshake-only s_time run never gets that far). HTTP/1.1:
+    # over h2 the refusal comes before the body is read, with RST_STREAM(NO_ERROR) after the
+    # answer, which curl 7.88 sometimes reports as error 92 instead of the 403.
+    code=$(curl -sS --http1.1 -o /dev/null -w '%{http_code}' --cacert "$PKI/$k/ca.pem" --cert "$PKI/client/leaf.pem" \
+      --key "$PKI/client/leaf.key" -X POST "$(url "$t")" -d '{"model":"gpt-4o"}' || true)
+    [ "$code" = 403 ] || { echo "error: $t answered $code to a request with the client certificate, not 403"; exit 1; }
+  fi
+  stop "$t"
 done
-for t in "${!PORT[@]}"; do
-  [ "${t##*.}" = "$t" ] && continue
-  served=$(openssl s_client -connect "127.0.0.1:${PORT[$t]}" </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256)
-  [ "$served" = "$(openssl x509 -in "$PKI/${t##*.}/leaf.pem" -noout -fingerprint -sha256)" ] ||
-    { echo "error: $t serves another certificate: $served"; exit 1; }
-done
-echo "==> every target answers; the TLS ones serve their key type's certificate (same SHA-256 on nginx and portcullis)"
+echo "==> every target answers; the TLS ones serve their key type's certificate (same SHA-256 on nginx and portcullis);"
+echo "    portcullis-optional verifies the client certificate (403 client_not_allowed: verified, bound by no client)"
 
 tree() { local p; echo "$1"; for p in $(pgrep -P "$1"); do tree "$p"; done; }
 # CPU time (clock ticks, user + system) of the process serving TARGET: the Portcullis
@@ -170,7 +202,7 @@ cpu_ticks() {
   local pids p total=0
   case "$1" in
     nginx*) pids=$(tree "$(cat "$OUT/tls-proxy.pid")") ;;
-    *) pids=${PID[$1]} ;;
+    *) pids=${PID[$1]:-} ;;
   esac
   for p in $pids; do total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) )); done
   echo "$total"
@@ -223,6 +255,7 @@ if [ "$SNIFFING" = 1 ]; then
   echo "==> resumption check: wrk with Connection: close for 2 s per target, at $RESUME_CONNS connections; ServerHellos counted on lo"
   for c in $RESUME_CONNS; do
     for t in $TARGETS_NEW; do
+      start "$t"
       python3 -c "$SNIFF" "${PORT[$t]}" 3 > "$OUT/tls-sniff.out" &
       sniffer=$!
       sleep 0.5
@@ -230,6 +263,7 @@ if [ "$SNIFFING" = 1 ]; then
       reqs=$(wrk -t2 -c"$c" -d2s -s "$OUT/tls-close.lua" "$(url "$t")" | awk '/requests in/ {print $1}')
       opens=$(( $(passive_opens) - o ))
       wait "$sniffer"
+      stop "$t"
       read -r full resumed tls12 suites < "$OUT/tls-sniff.out"
       echo "$t $c $reqs $opens $full $resumed $tls12 $suites" >> "$OUT/tls-resumption.txt"
       echo "    $t -c$c: $reqs requests, $opens TCP connections accepted; ServerHellos seen: $full full, $resumed resumed (TLS 1.3), $tls12 TLS 1.2; $suites"
@@ -258,17 +292,21 @@ run_stime() { # target mode(full|resumed)   (uses $ROUND)
 rm -f "$OUT"/tls-*-r[0-9]*.*
 for ROUND in $(seq 1 "$ROUNDS"); do
   echo "==> round $ROUND of $ROUNDS"
-  for t in $TARGETS_KA; do run_wrk "$t" ka; done
-  for t in $TARGETS_NEW; do run_wrk "$t" new; done
-  for t in $TARGETS_NEW256; do run_wrk "$t" new256; done
-  for t in $TARGETS_HS; do run_stime "$t" full; run_stime "$t" resumed; done
+  for t in $TARGETS; do
+    start "$t"
+    for m in ${MODES[$t]}; do
+      case "$m" in ka | new | new256) run_wrk "$t" "$m" ;; *) run_stime "$t" "$m" ;; esac
+    done
+    stop "$t"
+  done
 done
-# A client certificate really was asked for and verified: the optional gateways logged no
-# handshake failure, and nginx-mtls's handshakes carried it (checked once, with curl).
-for k in $KEYS; do
-  code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$PKI/$k/ca.pem" --cert "$PKI/client/leaf.pem" \
-    --key "$PKI/client/leaf.key" -X POST "$(url "portcullis-optional.$k")" -d '{"model":"gpt-4o"}' || true)
-  echo "==> portcullis-optional.$k with the client certificate: HTTP $code (403 client_not_allowed = verified, bound by no client)"
+# nginx's complaints, by target (e.g. a full session cache zone).
+: > "$OUT/tls-nginx-alerts.txt"
+for t in $TARGETS; do
+  case "$t" in nginx*)
+    n=$(grep -c "server: 127.0.0.1:${PORT[$t]}\$" "$OUT/tls-proxy.err" || true)
+    if [ "$n" != 0 ]; then echo "$t $n $(grep "server: 127.0.0.1:${PORT[$t]}\$" "$OUT/tls-proxy.err" | sed -E 's/^.*\] [0-9#]+: (\*[0-9]+ )?//; s/, client:.*//' | sort | uniq -c | sort -rn | head -1 | sed -E 's/^ *[0-9]+ //')" >> "$OUT/tls-nginx-alerts.txt"; fi
+  esac
 done
 
 export TARGETS_KA TARGETS_NEW TARGETS_NEW256 TARGETS_HS KEYS
@@ -358,5 +396,8 @@ if res:
         f"{r[0]} -c{r[1]} {int(r[5]) / max(int(r[4]) + int(r[5]) + int(r[6]), 1) * 100:.0f}% resumed "
         f"({r[5]} of {int(r[4]) + int(r[5]) + int(r[6])}, {int(r[3]) / max(int(r[2]), 1):.2f} TCP conns/req"
         f"{', ' + r[7] if len(r) > 7 else ''})" for r in res))
+for l in open(f"{out}/tls-nginx-alerts.txt"):
+    t, n, what = l.rstrip("\n").split(" ", 2)
+    print(f"- nginx error log, {t}: {int(n):,} lines, mostly: {what}")
 print("- wrk cannot present a client certificate: client_auth = \"optional\" is measured by s_time only")
 PY
