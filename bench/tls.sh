@@ -13,25 +13,27 @@
 # certificate. The upstream is nginx answering a canned chat completion (`return 200`).
 # Targets, per key type:
 #   nginx          nginx as a TLS reverse proxy (`listen ... ssl`, TLSv1.2 TLSv1.3,
-#                  `ssl_session_cache shared:SSL:10m`, session tickets on as by default,
-#                  keepalive upstream, proxy_buffering off)
+#                  `ssl_session_cache shared:...:10m` (a zone per server), session tickets
+#                  on as by default, keepalive upstream, proxy_buffering off)
 #   nginx-noresume the same with `ssl_session_cache off; ssl_session_tickets off`
 #                  (every handshake a full one)
 #   nginx-mtls     the same as nginx with `ssl_verify_client optional` and the client CA
 #   portcullis     bench/run.sh's gateway with `[server.tls]` (the same files), client_auth off
 #   portcullis-optional  the same with client_auth = "optional" and the client CA
 # and, once, nginx-plain / portcullis-plain (no TLS) for what TLS adds.
-# Measurements, every target once per round, the rounds interleaved (medians reported):
+# Every target is measured once per round (its measurements back to back), the rounds
+# interleaved, and the report gives medians; a gateway runs only while it is measured.
 #   (1) keep-alive: wrk -t2 -c64, POSTs (bench/run.sh's), req/s, p50/p99, proxy CPU per
 #       request (user + system from /proc), TCP connections accepted per request (the
 #       kernel's Tcp PassiveOpens counter: system-wide, so other work on the box adds to it)
 #   (2) new connections: the same with `Connection: close`: wrk opens a new TLS connection
 #       for every request; it keeps the OpenSSL session (SSL_clear) and offers it again, so
-#       its reconnections resume when the server lets them. A check before the rounds
-#       counts, on the wire, the ServerHellos that accepted a pre-shared key (resumed) and
-#       those that did not (full), for each target, at 64 and 256 connections; nginx and
-#       portcullis are also measured at 256 connections (a server's session cache must hold a
-#       session per client for all of them to resume).
+#       its reconnections resume when the server lets them. wrk's latency starts when the
+#       request is written, after the handshake: p50/p99 leave the handshake out, req/s does
+#       not. A check before the rounds counts, on the wire, the ServerHellos that accepted a
+#       pre-shared key (resumed) and those that did not (full), for each target, at 64 and
+#       256 connections; nginx and portcullis are also measured at 256 connections (a
+#       server's session cache must hold a session per client for all of them to resume).
 #   (3) handshakes: `openssl s_time`, one connection at a time, handshake only: `-new` (full
 #       TLS 1.3 handshakes) and `-reuse -tls1_2` (resumed TLS 1.2 handshakes; under TLS 1.3
 #       s_time never reads the session ticket, which comes after the handshake, so it has
