@@ -50,6 +50,9 @@ pub struct ClientLimits {
     own: LimitSet,
     deployments: Vec<DeploymentRule>,
     per_subject: Option<LimitSet>,
+    /// Whether any of the limits counts tokens (see [`ClientLimits::counts_tokens`]): read
+    /// by every request, so worked out once.
+    counts_tokens: bool,
 }
 
 #[derive(Debug)]
@@ -68,7 +71,7 @@ impl ClientLimits {
     /// The limits of `c` after a reload: the requests in flight are those counted by
     /// `previous` (the same client's limits in the configuration being replaced).
     pub fn new_from(c: &ClientConfig, previous: Option<&ClientLimits>) -> Self {
-        Self {
+        let mut limits = Self {
             client: Arc::from(c.id.as_str()),
             max_concurrent: c.max_concurrent_requests,
             in_flight: previous.map_or_else(Arc::default, |p| p.in_flight.clone()),
@@ -92,7 +95,15 @@ impl ClientLimits {
                 })
                 .collect(),
             per_subject: c.per_subject.clone().filter(|s| !s.is_empty()),
-        }
+            counts_tokens: false,
+        };
+        limits.counts_tokens = limits.own.counts_tokens()
+            || limits.deployments.iter().any(|d| d.set.counts_tokens())
+            || limits
+                .per_subject
+                .as_ref()
+                .is_some_and(LimitSet::counts_tokens);
+        limits
     }
 
     /// Requests of this client admitted and not yet finished (0 when it has no limit:
@@ -109,9 +120,7 @@ impl ClientLimits {
     /// Whether a token limit, token quota or budget applies (so admission needs the
     /// request's token estimate).
     pub fn counts_tokens(&self) -> bool {
-        self.own.counts_tokens()
-            || self.deployments.iter().any(|d| d.set.counts_tokens())
-            || self.per_subject.as_ref().is_some_and(|s| s.counts_tokens())
+        self.counts_tokens
     }
 
     /// Whether a budget applies (so the request must be priced).

@@ -85,10 +85,7 @@ impl Snapshot {
             v.config.limits.estimate == crate::config::limits::EstimateWhen::Always;
         let estimates_tokens = estimate_always
             || backends.weighs_any_tokens()
-            || v.config
-                .clients
-                .iter()
-                .any(|c| crate::admit::ClientLimits::new(c).counts_tokens());
+            || identity.clients().any(|c| c.limits.counts_tokens());
         Ok(Self {
             backends,
             identity,
@@ -133,6 +130,15 @@ impl Snapshot {
     /// pool of two or more. When not, the tokenizer's tables need not be loaded.
     pub fn estimates_tokens(&self) -> bool {
         self.estimates_tokens
+    }
+
+    /// Whether something reads this request's estimate before it is answered: `[limits]
+    /// estimate = "always"`, a token limit, quota or budget of its client, or headroom
+    /// routing over `deployment`'s pool of two or more.
+    fn needs_estimate(&self, caller: &Caller, deployment: Option<&str>) -> bool {
+        self.estimate_always
+            || caller.client.limits.counts_tokens()
+            || self.backends.weighs_tokens(deployment)
     }
 
     /// This gateway's resource URL: `auth.resource`, else from the request's `Host`.
@@ -476,22 +482,9 @@ impl Gateway {
         if let Ok(r) = &route {
             rec.operation = r.operation.as_str();
         }
-        let cert = match &self.tls {
-            Some(tls) => {
-                // A forwarded certificate's header never reaches a backend, whoever sent it.
-                let forwarded: Vec<HeaderValue> = match &tls.settings().forwarded {
-                    Some(f) => match parts.headers.entry(&f.header) {
-                        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-                        http::header::Entry::Vacant(_) => Vec::new(),
-                    },
-                    None => Vec::new(),
-                };
-                let from_tls = parts.extensions.get::<Arc<crate::tls::ClientCert>>();
-                crate::identify::certificate::presented(from_tls, &forwarded, peer.ip(), tls)
-                    .inspect_err(|_| rec.auth_method = "certificate")?
-            }
-            None => None,
-        };
+        let cert =
+            crate::identify::certificate::from_request(&mut parts, peer.ip(), self.tls.as_deref())
+                .inspect_err(|_| rec.auth_method = "certificate")?;
         rec.client_certificate = cert.clone();
         let caller = snap
             .identity
@@ -500,11 +493,6 @@ impl Gateway {
             .map_err(|r| {
                 rec.auth_method = r.method;
                 rec.identity = r.principal;
-                if r.method == "certificate" {
-                    if let Some(v) = self.tls.as_ref().and_then(|t| t.verifier()) {
-                        v.count_reason("unbound");
-                    }
-                }
                 r.error
             })?;
         rec.note_caller(&caller);
@@ -567,9 +555,7 @@ impl Gateway {
                     body: &body.bytes,
                     content_type,
                 },
-                snap.estimate_always
-                    || caller.client.limits.counts_tokens()
-                    || snap.backends.weighs_tokens(deployment.as_deref()),
+                snap.needs_estimate(&caller, deployment.as_deref()),
                 &snap.estimate,
                 &snap.prices,
             )
@@ -616,15 +602,21 @@ impl Gateway {
         // The body (and its room in the budget) is needed until a backend has answered;
         // when it was not estimated, until the answer has shown whether its usage must be
         // estimated after all (see `account::Deferred`).
-        let deferred = match estimate {
-            None if parts.method == http::Method::POST => Some(account::Deferred {
-                body,
-                form: crate::tokens::is_form(content_type),
-                options: snap.estimate,
-            }),
-            _ => {
+        let estimate = match estimate {
+            Some(e) => {
                 drop(body);
-                None
+                account::Estimated::Admitted(e)
+            }
+            None if parts.method == http::Method::POST => {
+                account::Estimated::Deferred(account::Deferred {
+                    body,
+                    form: crate::tokens::is_form(content_type),
+                    options: snap.estimate,
+                })
+            }
+            None => {
+                drop(body);
+                account::Estimated::Unknown
             }
         };
         let answer = match forwarded {
@@ -676,7 +668,6 @@ impl Gateway {
                 encoding: crate::tokens::encoding_for(model),
                 deployment,
                 estimate,
-                deferred,
                 reservation,
                 price,
                 injected_usage,

@@ -57,10 +57,8 @@ pub struct Plan {
     pub operation: Operation,
     pub deployment: Option<String>,
     pub encoding: Encoding,
-    /// The admission estimate; none when nothing needed it before the answer.
-    pub estimate: Option<Estimate>,
-    /// Without an estimate: what to make one from, should the answer not report its usage.
-    pub deferred: Option<Deferred>,
+    /// The request's estimate, or what to make one from.
+    pub estimate: Estimated,
     pub reservation: Option<Reservation>,
     pub price: Option<Price>,
     /// The gateway added `stream_options.include_usage` to the request.
@@ -68,6 +66,16 @@ pub struct Plan {
     pub client: Arc<str>,
     pub subject: Option<String>,
     pub key_id: Option<Arc<str>>,
+}
+
+/// What the account stage knows of a request's estimate.
+pub enum Estimated {
+    /// Admission estimated it.
+    Admitted(Estimate),
+    /// Nothing needed an estimate before the answer; it can be made from the body.
+    Deferred(Deferred),
+    /// Neither (not estimated, and no body worth estimating: not a POST).
+    Unknown,
 }
 
 /// A request not estimated before it was forwarded (its client has no token limit): its
@@ -82,19 +90,27 @@ pub struct Deferred {
 }
 
 impl Plan {
+    /// The admission's estimate, if it made one.
+    fn admitted(&self) -> Option<Estimate> {
+        match &self.estimate {
+            Estimated::Admitted(e) => Some(*e),
+            _ => None,
+        }
+    }
+
     /// The request's estimate: the admission's, or one made now from the deferred body.
     fn estimate(&self) -> Option<Estimate> {
-        self.estimate.or_else(|| {
-            let d = self.deferred.as_ref()?;
-            let model = self.deployment.as_deref().unwrap_or_default();
-            Some(tokens::estimate_body(
+        match &self.estimate {
+            Estimated::Admitted(e) => Some(*e),
+            Estimated::Deferred(d) => Some(tokens::estimate_body(
                 self.operation,
-                model,
+                self.deployment.as_deref().unwrap_or_default(),
                 &d.body.bytes,
                 d.form,
                 &d.options,
-            ))
-        })
+            )),
+            Estimated::Unknown => None,
+        }
     }
 
     /// Whether this operation's answers report token usage.
@@ -139,16 +155,19 @@ impl Meter {
         } else {
             Tap::None
         };
-        plan.deferred = match plan.deferred.take() {
+        let reports = ok && plan.reports_usage();
+        plan.estimate = match std::mem::replace(&mut plan.estimate, Estimated::Unknown) {
             // A failure or an operation without usage: nothing will be estimated.
-            _ if !ok || !plan.reports_usage() => None,
-            // A JSON answer is read to its end at once.
-            d if matches!(tap, Tap::Json(_)) => d,
-            // A stream may last long: its own allocation, not the connection's buffer.
-            d => d.map(|d| Deferred {
-                body: d.body.detach(),
-                ..d
-            }),
+            Estimated::Deferred(_) if !reports => Estimated::Unknown,
+            // A stream may last long: its own allocation, not the connection's buffer (a
+            // JSON answer is read to its end at once).
+            Estimated::Deferred(d) if !matches!(tap, Tap::Json(_)) => {
+                Estimated::Deferred(Deferred {
+                    body: d.body.detach(),
+                    ..d
+                })
+            }
+            kept => kept,
         };
         Self { plan, tap, status }
     }
@@ -198,14 +217,14 @@ impl Meter {
             Tap::None => None,
         };
         if let Some(u) = reported {
-            return (u, "reported", self.plan.estimate);
+            return (u, "reported", self.plan.admitted());
         }
         if !(200..300).contains(&self.status) {
             // Refused or failed: backends do not bill it.
-            return (Usage::default(), "none", self.plan.estimate);
+            return (Usage::default(), "none", self.plan.admitted());
         }
         if !self.plan.reports_usage() {
-            return (Usage::default(), "none", self.plan.estimate);
+            return (Usage::default(), "none", self.plan.admitted());
         }
         let estimate = self.plan.estimate();
         let e = estimate.unwrap_or_default();

@@ -26,10 +26,31 @@ use crate::error::GatewayError;
 use crate::tls::server::ServerTls;
 use crate::tls::ClientCert;
 
+/// The certificate that came with a request on a listener with `tls` (see [`presented`]).
+/// Removes the `forwarded_cert` header from the request, whoever sent it: it never reaches
+/// a backend.
+pub fn from_request(
+    parts: &mut http::request::Parts,
+    peer: IpAddr,
+    tls: Option<&ServerTls>,
+) -> Result<Option<Arc<ClientCert>>, GatewayError> {
+    let Some(tls) = tls else {
+        return Ok(None);
+    };
+    let forwarded: Vec<HeaderValue> = match &tls.settings().forwarded {
+        Some(f) => match parts.headers.entry(&f.header) {
+            http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+            http::header::Entry::Vacant(_) => Vec::new(),
+        },
+        None => Vec::new(),
+    };
+    presented(parts.extensions.get(), &forwarded, peer, tls)
+}
+
 /// The certificate that came with a request: `Ok(None)` when none did, an error when one
 /// did and does not verify (401 `invalid_client_certificate`). `forwarded` holds the values
 /// of the `forwarded_cert` header (removed from the request by the caller).
-pub fn presented(
+fn presented(
     from_tls: Option<&Arc<ClientCert>>,
     forwarded: &[HeaderValue],
     peer: IpAddr,

@@ -319,6 +319,11 @@ impl Identifier {
         }
     }
 
+    /// Every configured client's policy (in no particular order).
+    pub fn clients(&self) -> impl Iterator<Item = &Arc<ClientPolicy>> {
+        self.clients.values()
+    }
+
     /// The configured issuers (for RFC 9728 metadata and readiness).
     pub fn issuers(&self) -> &[Issuer] {
         &self.issuers.list
@@ -403,10 +408,16 @@ impl Identifier {
         headers: &HeaderMap,
         cert: &crate::tls::ClientCert,
     ) -> Result<Arc<Caller>, Refusal> {
-        let by_cert = self.certs.client(cert).map_err(|error| Refusal {
-            principal: None,
-            method: "certificate",
-            error,
+        let by_cert = self.certs.client(cert).map_err(|error| {
+            self.metrics
+                .client_cert_failures
+                .get_or_create(&crate::metrics::CertFailureLabels { reason: "unbound" })
+                .inc();
+            Refusal {
+                principal: None,
+                method: "certificate",
+                error,
+            }
         })?;
         match credential(headers) {
             Ok(None) => Ok(Arc::new(Caller {
