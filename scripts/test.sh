@@ -4,6 +4,10 @@
 #     for tests/sdk.rs and tests/tls.rs
 #   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
 #     lock file), for the tests that use tests/common/idp.rs
+#   - the admin console's browser test: playwright-core (tests/browser/node_modules, from the
+#     committed lock file) and Chromium (Debian package `chromium`, /usr/bin/chromium), for
+#     tests/console_browser.rs; PORTCULLIS_REQUIRE_BROWSER=1 makes that test fail instead of
+#     skipping when either is missing
 #   - redis-server (Debian package), which tests/limits.rs starts on ports of its own to
 #     stop it mid-test (the shared Redis at PORTCULLIS_TEST_REDIS_URL, default
 #     127.0.0.1:6379, and PostgreSQL at PORTCULLIS_TEST_POSTGRES_URL are expected to run)
@@ -20,19 +24,29 @@ export PORTCULLIS_PYTHON="$PWD/.venv/bin/python"
 
 # `npm ci` only when node_modules was not installed from this exact lock file.
 if ! command -v "${PORTCULLIS_TEST_NODE:-node}" >/dev/null || ! command -v npm >/dev/null; then
-  echo "error: node and npm are needed for the test IdP (tests/idp)" >&2
+  echo "error: node and npm are needed for the test IdP (tests/idp) and the browser test (tests/browser)" >&2
   exit 1
 fi
-if ! cmp -s tests/idp/package-lock.json tests/idp/node_modules/.installed-lock.json 2>/dev/null; then
-  echo "==> npm ci (tests/idp)"
-  npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
-  cp tests/idp/package-lock.json tests/idp/node_modules/.installed-lock.json
-fi
+for dir in tests/idp tests/browser; do
+  if ! cmp -s "$dir/package-lock.json" "$dir/node_modules/.installed-lock.json" 2>/dev/null; then
+    echo "==> npm ci ($dir)"
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+    cp "$dir/package-lock.json" "$dir/node_modules/.installed-lock.json"
+  fi
+done
 
 if ! command -v redis-server >/dev/null; then
   echo "==> installing redis-server (Debian package)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
+
+# Debian's Chromium for tests/console_browser.rs (playwright-core drives it; it downloads no
+# browser of its own).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "==> installing chromium (Debian package)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+export PORTCULLIS_REQUIRE_BROWSER=1
 
 echo "==> cargo test"
 log="$(mktemp)"
