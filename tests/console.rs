@@ -45,7 +45,7 @@ operations = ["*"]
     )
 }
 
-async fn start() -> (common::SimHandle, Gateway) {
+async fn start() -> (portcullis::sim::SimHandle, Gateway) {
     let s = sim().await;
     let b = common::backend(
         "sim",
@@ -166,10 +166,10 @@ async fn every_endpoint_needs_its_scope_and_every_admin_request_is_audited_by_na
     };
     assert_eq!(
         refused_by_name("reader"),
-        3,
-        "reader lacks keys twice and config once"
+        4,
+        "reader lacks keys thrice and config once"
     );
-    assert_eq!(refused_by_name("keyer"), cases.len() - 3);
+    assert_eq!(refused_by_name("keyer"), cases.len() - 4);
     let anonymous = admin_lines
         .iter()
         .filter(|l| l["admin_token"].is_null())
@@ -378,7 +378,10 @@ async fn usage_and_remaining_limits_equal_what_the_test_sent() {
         .unwrap();
     assert_eq!(r.headers()["content-type"], "image/svg+xml");
     let svg = r.text().await.unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains(">app<"), "{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.contains(">app · 3<"),
+        "{svg}"
+    );
 
     // A refusal is counted by reason.
     let r = chat_with_key(&g, "pcl_aaaaaaaa_nottherightsecretatallxxxxxxxxxxxx").await;
