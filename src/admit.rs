@@ -520,6 +520,122 @@ impl Limiter {
     }
 }
 
+/// One limit of a client and what it has left now (the admin API's view).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LimitView {
+    /// `client` (written on the client) or `deployments` (a `limits` entry).
+    pub scope: &'static str,
+    /// The entry's deployment globs (`null` for the client's own limits).
+    pub deployments: Option<Vec<String>>,
+    /// `requests_per_minute`, `tokens_per_minute`, `token_quota` or `budget`.
+    pub kind: &'static str,
+    /// Requests, tokens, or USD for a budget.
+    pub limit: f64,
+    /// What is left now; `null` when the counters did not answer.
+    pub remaining: Option<f64>,
+    /// `requests`, `tokens` or `usd`.
+    pub unit: &'static str,
+    /// A quota's or budget's calendar period.
+    pub period: Option<&'static str>,
+    /// When everything counted so far has left the window, or the period ends (RFC 3339).
+    pub resets_at: Option<String>,
+}
+
+impl Limiter {
+    /// What each of the client's own and per-deployment limits has left now (per-subject
+    /// limits are per user and not listed), and where that was read: `memory`, `redis`,
+    /// `unavailable` (Redis did not answer) or `none` (no such limit). Nothing is charged.
+    pub async fn remaining(&self, limits: &ClientLimits) -> (Vec<LimitView>, &'static str) {
+        let now = counters::now_ms();
+        let now_s = now.div_euclid(1000);
+        let mut items = Vec::new();
+        let mut metas = Vec::new();
+        // Per item: the deployment globs of its `limits` entry.
+        let mut globs: Vec<Option<Vec<String>>> = Vec::new();
+        let zero = Demand::default();
+        push_set(
+            &mut items,
+            &mut metas,
+            "",
+            Scope::Client,
+            &limits.own,
+            zero,
+            now_s,
+        );
+        globs.resize(items.len(), None);
+        for (i, r) in limits.deployments.iter().enumerate() {
+            let prefix = format!("d:{}:", r.label);
+            let scope = Scope::Deployments(i);
+            push_set(&mut items, &mut metas, &prefix, scope, &r.set, zero, now_s);
+            let names: Vec<String> = r.label.split(',').map(str::to_owned).collect();
+            globs.resize(items.len(), Some(names));
+        }
+        if items.is_empty() {
+            return (Vec::new(), "none");
+        }
+        for it in &mut items {
+            it.amount = 0;
+        }
+        let (admitted, source) = match &self.redis {
+            None => (self.memory.reserve(&limits.client, &items), "memory"),
+            Some(redis) => match redis.reserve(&limits.client, &to_redis(&items)).await {
+                Ok(r) => (from_redis(r), "redis"),
+                Err(_) => {
+                    self.metrics.backend_errors.inc();
+                    (
+                        Outcome::Refused {
+                            index: 0,
+                            retry_after_ms: 0,
+                        },
+                        "unavailable",
+                    )
+                }
+            },
+        };
+        let admitted = match admitted {
+            Outcome::Admitted(a) => Some(a),
+            Outcome::Refused { .. } => None,
+        };
+        let views = items
+            .iter()
+            .zip(&metas)
+            .enumerate()
+            .map(|(i, (it, m))| {
+                let usd = matches!(m.kind, Kind::Budget(_));
+                let amount = |v: u64| if usd { v as f64 / 1e6 } else { v as f64 };
+                let (kind, unit, period) = match m.kind {
+                    Kind::Requests => ("requests_per_minute", "requests", None),
+                    Kind::Tokens => ("tokens_per_minute", "tokens", None),
+                    Kind::Quota(p) => ("token_quota", "tokens", Some(period::name(p))),
+                    Kind::Budget(p) => ("budget", "usd", Some(period::name(p))),
+                };
+                let resets_at = match (it.window, &admitted) {
+                    (Window::Period { end_s, .. }, _) => Some(period::rfc3339(end_s)),
+                    (Window::Sliding { .. }, Some(a)) => Some(period::rfc3339(
+                        (a.now_ms + a.reset_ms[i] as i64).div_euclid(1000),
+                    )),
+                    (Window::Sliding { .. }, None) => None,
+                };
+                LimitView {
+                    scope: if m.scope == Scope::Client {
+                        "client"
+                    } else {
+                        "deployments"
+                    },
+                    deployments: globs.get(i).cloned().flatten(),
+                    kind,
+                    limit: amount(it.limit),
+                    remaining: admitted.as_ref().map(|a| amount(a.remaining[i])),
+                    unit,
+                    period,
+                    resets_at,
+                }
+            })
+            .collect();
+        (views, source)
+    }
+}
+
 fn window_to_redis(w: Window) -> redis::Window {
     match w {
         Window::Sliding { secs } => redis::Window::Sliding { secs },

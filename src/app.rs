@@ -192,6 +192,7 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
         }
         _ => None,
     };
+    let usage_store = store.clone().filter(|_| st.record_usage);
     let usage = match &store {
         Some(store) if st.record_usage => Some(Arc::new(UsageWriter::start(
             store.clone(),
@@ -296,12 +297,22 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
     }
     let mut tasks = Vec::new();
     if let Some(l) = admin_listener {
-        let admin = Admin::new(gateway.clone(), reloader.clone());
+        let stores = crate::admin::Stores {
+            keys: match (&keys, &v.key_hmac_secret) {
+                (Some(k), Some(secret)) => Some((
+                    KeyAdmin::new(k.admin.store().clone(), secret),
+                    k.api_keys.clone(),
+                )),
+                _ => None,
+            },
+            usage: usage_store,
+        };
+        let admin = Admin::new(gateway.clone(), reloader.clone(), stores);
         tasks.push(tokio::spawn(listener::serve(
             l,
-            move |req: Request<Incoming>, _peer| {
+            move |req: Request<Incoming>, peer| {
                 let admin = admin.clone();
-                async move { admin.handle(req).await }
+                async move { admin.handle(req, peer).await }
             },
             ServeOptions {
                 drain_timeout: Duration::from_secs(1),

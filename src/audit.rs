@@ -131,11 +131,44 @@ pub struct AuditUsage {
     pub cost_usd: f64,
 }
 
+/// One admin API request: who (the admin token's name, never the token), what, and the
+/// answer. Written as a line with `"kind": "admin"`, in the same output as requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminAuditRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub kind: &'static str,
+    pub request_id: String,
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// The TCP peer.
+    pub peer: String,
+    /// The admin token's `name`; `null` when none (or no valid one) was presented.
+    pub admin_token: Option<String>,
+    /// The scope the endpoint needs (`null` for open endpoints).
+    pub scope: Option<&'static str>,
+    /// `allowed`, or `refused` (401/403).
+    pub decision: &'static str,
+    pub status: u16,
+    /// What a change did: the key id and client of a created, rotated or revoked key,
+    /// the reload's outcome (never a key or a token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+/// What the writer thread receives.
+enum Entry {
+    Request(AuditRecord),
+    Admin(Box<AdminAuditRecord>),
+}
+
 /// Handle used by request tasks to emit records. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<AuditRecord>,
+    tx: mpsc::Sender<Entry>,
     metrics: Arc<Metrics>,
+    activity: Arc<crate::activity::Activity>,
 }
 
 /// Capacity of the queue between request tasks and the writer.
@@ -171,18 +204,43 @@ impl AuditSink {
         let thread = std::thread::Builder::new()
             .name("portcullis-audit".into())
             .spawn(move || write_loop(rx, out))?;
-        Ok((Self { tx, metrics }, AuditWriter(thread)))
+        let activity = Arc::default();
+        Ok((
+            Self {
+                tx,
+                metrics,
+                activity,
+            },
+            AuditWriter(thread),
+        ))
     }
 
-    /// Queue a record; never waits.
+    /// Queue a record; never waits. An answer of 400 or more is also counted by reason
+    /// in [`Self::activity`].
     pub fn emit(&self, record: AuditRecord) {
-        if self.tx.try_send(record).is_err() {
+        if record.status >= 400 {
+            let code = record.error_code.unwrap_or(crate::activity::BACKEND_ERROR);
+            self.activity.count(code, record.status);
+        }
+        if self.tx.try_send(Entry::Request(record)).is_err() {
             self.metrics.audit_dropped.inc();
         }
     }
+
+    /// Queue an admin API request's record; never waits.
+    pub fn emit_admin(&self, record: AdminAuditRecord) {
+        if self.tx.try_send(Entry::Admin(Box::new(record))).is_err() {
+            self.metrics.audit_dropped.inc();
+        }
+    }
+
+    /// This replica's refusals and errors by reason.
+    pub fn activity(&self) -> &Arc<crate::activity::Activity> {
+        &self.activity
+    }
 }
 
-fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, out: Box<dyn Write + Send>) {
+fn write_loop(mut rx: mpsc::Receiver<Entry>, out: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     // Each line is serialised into this buffer, then written in one call: the line writer's many
     // small appends cost far less into a `Vec` than through `BufWriter<Box<dyn Write>>`.
@@ -192,10 +250,14 @@ fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, out: Box<dyn Write + Send>) {
         let mut wrote = false;
         let closed = loop {
             match rx.try_recv() {
-                Ok(rec) => {
+                Ok(entry) => {
                     wrote = true;
                     line.clear();
-                    if writer.write(&rec, &mut line).is_ok() {
+                    let written = match &entry {
+                        Entry::Request(rec) => writer.write(rec, &mut line),
+                        Entry::Admin(rec) => serde_json::to_writer(&mut line, rec),
+                    };
+                    if written.is_ok() {
                         line.push(b'\n');
                         let _ = out.write_all(&line);
                     }

@@ -55,6 +55,8 @@ pub struct Snapshot {
     /// `auth.resource`: this gateway's URL as clients know it (RFC 9728).
     resource: Option<String>,
     scopes_supported: Vec<String>,
+    /// `[[clients]]` as written, for the admin API.
+    pub client_configs: Arc<Vec<crate::config::ClientConfig>>,
 }
 
 impl Snapshot {
@@ -122,6 +124,7 @@ impl Snapshot {
                 .iter()
                 .map(|s| s.as_str().to_owned())
                 .collect(),
+            client_configs: Arc::new(v.config.clients.clone()),
         })
     }
 
@@ -232,6 +235,16 @@ impl Gateway {
             health,
             tls: None,
         }
+    }
+
+    /// The audit sink (the admin API writes its own lines to it).
+    pub fn audit(&self) -> &AuditSink {
+        &self.audit
+    }
+
+    /// The limit counters (the admin API reads what each client has left).
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
     }
 
     /// The client listener's TLS, whose client certificates (or, with `forwarded_cert`,

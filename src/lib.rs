@@ -16,12 +16,14 @@
 #![deny(rust_2018_idioms)]
 
 pub mod account;
+pub mod activity;
 pub mod admin;
 pub mod admit;
 pub mod app;
 pub mod audit;
 pub mod authorize;
 pub mod buffer;
+pub mod chart;
 pub mod config;
 pub mod demo;
 pub mod digest;

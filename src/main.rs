@@ -320,8 +320,9 @@ async fn run_demo(port: u16, token_latency_ms: u64) -> ExitCode {
 /// `portcullis keys ...`. Errors come back as the text to print (ending in a newline).
 async fn keys(command: KeysCommand) -> Result<(), String> {
     let path = command.config().clone();
-    let validated = config::load_file(&path).map_err(|e| e.to_string())?;
-    let Some(secret) = validated.key_hmac_secret.clone() else {
+    // `[store]` and the client ids only: the backends' secrets are not this command's.
+    let view = config::operator::load(&path).map_err(|e| format!("error: {e}\n"))?;
+    let Some(secret) = view.key_hmac_secret.clone() else {
         return Err(format!(
             "error: {}: store.key_hmac_secret (or store.key_hmac_secret_file) is not set; \
              API keys are stored as an HMAC under it (e.g. `openssl rand -hex 32`)\n",
@@ -329,12 +330,7 @@ async fn keys(command: KeysCommand) -> Result<(), String> {
         ));
     };
     if let Some(client) = command.issued_to() {
-        if !validated
-            .config
-            .clients
-            .iter()
-            .any(|c| c.id.as_str() == client)
-        {
+        if !view.client_ids.iter().any(|id| id == client) {
             return Err(format!(
                 "error: {}: no [[clients]] entry has the id '{}'\n",
                 path.display(),
@@ -342,7 +338,7 @@ async fn keys(command: KeysCommand) -> Result<(), String> {
             ));
         }
     }
-    let store = store::open(validated.config.store.url.as_str(), &validated.base_dir)
+    let store = store::open(view.store.url.as_str(), &view.base_dir)
         .await
         .map_err(|e| format!("error: {e}\n"))?;
     let admin = KeyAdmin::new(store.clone(), &secret);
@@ -450,22 +446,10 @@ fn rfc3339(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
-/// `keys list --json`: an array of objects; times are RFC 3339 strings or null.
+/// `keys list --json`: an array of the admin API's key objects (times RFC 3339 or null).
 fn keys_json(keys: &[KeyRecord]) -> String {
-    let list: Vec<serde_json::Value> = keys
-        .iter()
-        .map(|k| {
-            serde_json::json!({
-                "id": k.id,
-                "client": k.client,
-                "name": k.name,
-                "created": rfc3339(k.created_at),
-                "expires": k.expires_at.map(rfc3339),
-                "last_used": k.last_used_at.map(rfc3339),
-                "revoked": k.revoked_at.map(rfc3339),
-            })
-        })
-        .collect();
+    let now = api_key::unix_now();
+    let list: Vec<serde_json::Value> = keys.iter().map(|k| k.view(now)).collect();
     serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into())
 }
 

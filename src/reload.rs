@@ -27,7 +27,7 @@
 //!
 //! New and changed `[[clients]]`, `[[backends]]`, `[[issuers]]`, `[limits]` estimates,
 //! per-client limits, `[prices]`, `[auth]`, `server.max_body_bytes`, `server.body_timeout`,
-//! `server.trusted_proxies` and `admin.token` take effect for the next request.
+//! `server.trusted_proxies`, `admin.token` and `[[admin.tokens]]` take effect for the next request.
 //!
 //! Some keys are read once at start ([`START_ONLY`]): the listeners, the worker threads,
 //! the drain timings, the body-memory budget, the audit output, the store and the limit
@@ -39,10 +39,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{self, Problem, Secret, Validated};
+use crate::config::admin::AdminToken;
+use crate::config::{self, Problem, Validated};
 use crate::gateway::{Gateway, Snapshot};
 use crate::identify::{Identifier, KeyCheck};
 use crate::upstream_auth::BackendCredentials;
@@ -187,8 +188,8 @@ pub struct Reloader {
     source: Option<PathBuf>,
     gateway: Arc<Gateway>,
     api_keys: Option<Arc<dyn KeyCheck>>,
-    /// `admin.token`, read by the admin listener for every request.
-    admin_token: Arc<ArcSwapOption<Secret>>,
+    /// The admin credentials, read by the admin listener for every request.
+    admin_tokens: Arc<ArcSwap<Vec<AdminToken>>>,
     state: tokio::sync::Mutex<State>,
     /// The listeners' TLS states: their files are read again on every reload too.
     tls: Vec<Arc<crate::tls::server::ServerTls>>,
@@ -207,7 +208,7 @@ impl Reloader {
             source,
             gateway,
             api_keys,
-            admin_token: Arc::new(ArcSwapOption::from(v.admin_token.clone().map(Arc::new))),
+            admin_tokens: Arc::new(ArcSwap::from_pointee(v.admin_tokens.clone())),
             state: tokio::sync::Mutex::new(State {
                 started: v.clone(),
                 current: v.clone(),
@@ -229,9 +230,9 @@ impl Reloader {
         self.source.as_deref()
     }
 
-    /// The current `admin.token` (changed by reloads).
-    pub fn admin_token(&self) -> Arc<ArcSwapOption<Secret>> {
-        self.admin_token.clone()
+    /// The current admin credentials (changed by reloads).
+    pub fn admin_tokens(&self) -> Arc<ArcSwap<Vec<AdminToken>>> {
+        self.admin_tokens.clone()
     }
 
     /// Read the configuration file again and apply it (see the module docs).
@@ -350,7 +351,7 @@ impl Reloader {
             // File reads and parsing, off the runtime's threads.
             let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
         }
-        self.admin_token.store(v.admin_token.clone().map(Arc::new));
+        self.admin_tokens.store(Arc::new(v.admin_tokens.clone()));
         // The replaced credentials go: refreshers no configuration uses any more stop.
         state.credentials = credentials;
         state.current = v;

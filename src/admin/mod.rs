@@ -1,121 +1,243 @@
-//! The admin listener: `/metrics` (Prometheus text), `/health`, `/ready` (with every
-//! reason in full), `GET /admin/backends` (each backend's pool position, credential,
-//! circuit, probe, in-flight requests, last error, and per deployment its cool-down and
-//! last reported rate-limit room) and `POST /admin/reload`.
+//! The admin listener: the operator's console. Never on the request path.
 //!
-//! It only reads gateway state and never sits on the request path. When `admin.token` is
-//! set, `/metrics` and `/admin/*` require `Authorization: Bearer <token>` (compared in
-//! constant time; the token is the one of the configuration applied last); health and
-//! readiness stay open for probes.
+//! - Open: `/health`, `/ready` (probes), `/admin/openapi.json` (the API's OpenAPI 3.1
+//!   document) and the dashboard's static files under `/dashboard/` (embedded in the
+//!   binary, served with a Content-Security-Policy that allows nothing but themselves).
+//! - Behind an admin token ([`access`]): the JSON API of [`api`] — clients with what their
+//!   limits have left, API keys (list, create, rotate, revoke), usage reports and series,
+//!   server-rendered charts, refusals by reason, backends, reload — and `/metrics`.
 //!
-//! `POST /admin/reload` reloads the configuration file ([`crate::reload`]) and answers its
-//! [`crate::reload::Outcome`] as JSON: 200 when applied (with `restart_required` listing
-//! start-time-only keys that changed), 422 when rejected (with `errors`, each with its key
-//! path and line).
+//! Every request to `/admin/*` and `/metrics`, allowed or refused, gets an audit line
+//! naming the admin token (never the token itself).
 
+mod access;
+mod api;
+mod assets;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use subtle::ConstantTimeEq;
 
-use crate::error::{full, json_response, Body};
+use crate::audit::AdminAuditRecord;
+use crate::config::admin::Scope;
+use crate::error::{json_response, Body, BoxError};
 use crate::gateway::{self, Gateway};
-use crate::reload::{Reloader, Trigger};
+use crate::identify::api_key::{ApiKeys, KeyAdmin};
+use crate::reload::Reloader;
+use crate::store::Store;
 
-/// Admin request handler.
+pub use access::Grant;
+
+/// What the admin API manages beyond the gateway itself.
+#[derive(Default)]
+pub struct Stores {
+    /// Issue and revoke keys, and the table this replica checks them against.
+    pub keys: Option<(KeyAdmin, Arc<ApiKeys>)>,
+    /// Usage records, for reports and charts.
+    pub usage: Option<Arc<dyn Store>>,
+}
+
+/// Admin request handler. Cheap to clone.
 #[derive(Clone)]
 pub struct Admin {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     gateway: Arc<Gateway>,
     reloader: Arc<Reloader>,
+    stores: Stores,
+}
+
+/// One admin endpoint, as routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Endpoint {
+    WhoAmI,
+    Clients,
+    Client(String),
+    Keys,
+    CreateKey,
+    RotateKey,
+    RevokeKey(String),
+    Usage,
+    Series,
+    UsageChart,
+    Refusals,
+    RefusalsChart,
+    Backends,
+    Reload,
+    Metrics,
+}
+
+impl Endpoint {
+    /// The scope an admin token needs for it (`whoami`: any valid token).
+    fn scope(&self) -> Option<Scope> {
+        match self {
+            Endpoint::WhoAmI => None,
+            Endpoint::CreateKey | Endpoint::RotateKey | Endpoint::RevokeKey(_) => Some(Scope::Keys),
+            Endpoint::Reload => Some(Scope::Config),
+            _ => Some(Scope::Read),
+        }
+    }
+}
+
+/// An answer before any scope was checked: the endpoint, or what to answer instead.
+enum Routed {
+    Open(Response<Body>),
+    Api(Endpoint),
 }
 
 impl Admin {
-    pub fn new(gateway: Arc<Gateway>, reloader: Arc<Reloader>) -> Self {
-        Self { gateway, reloader }
-    }
-
-    /// Answer one admin request.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/health") => gateway::health(),
-            (&Method::GET, "/ready") => gateway::ready(self.gateway.readiness()),
-            (&Method::GET, "/admin/backends") => {
-                if !self.authorized(req.headers()) {
-                    return unauthorized();
-                }
-                json_response(
-                    StatusCode::OK,
-                    Bytes::from(self.gateway.backends_view().to_string()),
-                )
-            }
-            (&Method::GET, "/metrics") => {
-                if !self.authorized(req.headers()) {
-                    return unauthorized();
-                }
-                let mut r = Response::new(full(self.gateway.metrics.render()));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                r
-            }
-            (&Method::POST, "/admin/reload") => {
-                if !self.authorized(req.headers()) {
-                    return unauthorized();
-                }
-                let outcome = self.reloader.reload(Trigger::Admin).await;
-                let status = if outcome.applied() {
-                    StatusCode::OK
-                } else {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                };
-                let body = serde_json::to_vec(&outcome).unwrap_or_default();
-                json_response(status, Bytes::from(body))
-            }
-            (_, "/admin/reload") => admin_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use POST /admin/reload",
-            ),
-            _ => admin_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+    pub fn new(gateway: Arc<Gateway>, reloader: Arc<Reloader>, stores: Stores) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                gateway,
+                reloader,
+                stores,
+            }),
         }
     }
 
-    fn authorized(&self, headers: &http::HeaderMap) -> bool {
-        let token = self.reloader.admin_token();
-        let token = token.load();
-        let Some(token) = token.as_ref() else {
-            return true;
+    /// Answer one admin request from `peer`.
+    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Body>
+    where
+        B: http_body::Body + Send,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let endpoint = match self.route(req.method(), req.uri().path()) {
+            Routed::Open(r) => return with_security_headers(r),
+            Routed::Api(e) => e,
         };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        bool::from(given.as_bytes().ct_eq(token.expose().as_bytes()))
+        let started = SystemTime::now();
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let scope = endpoint.scope();
+        let tokens = self.inner.reloader.admin_tokens().load_full();
+        let grant = access::authenticate(&tokens, req.headers());
+        let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+        let (resp, detail, refused) = match access::check(grant.as_ref(), scope) {
+            Err(refusal) => (refusal, None, true),
+            Ok(grant) => {
+                let (r, d) = api::answer(&self.inner, grant, endpoint, req).await;
+                (r, d, false)
+            }
+        };
+        let status = resp.status().as_u16();
+        self.inner.gateway.audit().emit_admin(AdminAuditRecord {
+            time: started,
+            kind: "admin",
+            request_id: request_id.clone(),
+            method,
+            path,
+            peer: peer.to_string(),
+            admin_token: grant.as_ref().and_then(|g| g.name.clone()),
+            scope: scope.map(Scope::as_str),
+            decision: if refused { "refused" } else { "allowed" },
+            status,
+            detail,
+        });
+        let mut resp = with_security_headers(resp);
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        resp
+    }
+
+    fn route(&self, method: &Method, path: &str) -> Routed {
+        let get = method == Method::GET || method == Method::HEAD;
+        let only = |allowed: &'static str, e: Endpoint, ok: bool| {
+            if ok {
+                Routed::Api(e)
+            } else {
+                Routed::Open(method_not_allowed(allowed))
+            }
+        };
+        match path {
+            "/health" if get => Routed::Open(gateway::health()),
+            "/ready" if get => Routed::Open(gateway::ready(self.inner.gateway.readiness())),
+            "/admin/openapi.json" if get => Routed::Open(assets::openapi()),
+            "/" | "/dashboard" if get => Routed::Open(assets::redirect_to_dashboard()),
+            p if p.starts_with("/dashboard/") && get => Routed::Open(assets::dashboard(p)),
+            "/health" | "/ready" | "/admin/openapi.json" => Routed::Open(method_not_allowed("GET")),
+            "/metrics" => only("GET", Endpoint::Metrics, get),
+            "/admin/whoami" => only("GET", Endpoint::WhoAmI, get),
+            "/admin/clients" => only("GET", Endpoint::Clients, get),
+            "/admin/keys" if method == Method::POST => Routed::Api(Endpoint::CreateKey),
+            "/admin/keys" => only("GET, POST", Endpoint::Keys, get),
+            "/admin/keys/rotate" => only("POST", Endpoint::RotateKey, method == Method::POST),
+            "/admin/usage" => only("GET", Endpoint::Usage, get),
+            "/admin/usage/series" => only("GET", Endpoint::Series, get),
+            "/admin/usage/chart.svg" => only("GET", Endpoint::UsageChart, get),
+            "/admin/refusals" => only("GET", Endpoint::Refusals, get),
+            "/admin/refusals/chart.svg" => only("GET", Endpoint::RefusalsChart, get),
+            "/admin/backends" => only("GET", Endpoint::Backends, get),
+            "/admin/reload" => only("POST", Endpoint::Reload, method == Method::POST),
+            p => {
+                if let Some(id) = segment(p, "/admin/clients/") {
+                    return only("GET", Endpoint::Client(id), get);
+                }
+                if let Some(id) = segment(p, "/admin/keys/") {
+                    return only("DELETE", Endpoint::RevokeKey(id), method == Method::DELETE);
+                }
+                Routed::Open(error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such admin endpoint (the API is described at /admin/openapi.json)",
+                ))
+            }
+        }
     }
 }
 
-/// 401 for a missing or wrong admin token, with its challenge.
-fn unauthorized() -> Response<Body> {
-    let mut r = admin_error(
-        StatusCode::UNAUTHORIZED,
-        "missing_credentials",
-        "admin token required",
+/// The one path segment after `prefix`, percent-decoded (`None` if there are more, or the
+/// segment is empty or not UTF-8).
+fn segment(path: &str, prefix: &str) -> Option<String> {
+    let rest = path.strip_prefix(prefix)?;
+    if rest.is_empty() || rest.contains('/') {
+        return None;
+    }
+    percent_encoding::percent_decode_str(rest)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+fn method_not_allowed(allowed: &'static str) -> Response<Body> {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("this endpoint answers {allowed}"),
     );
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
-    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
     r
 }
 
-fn admin_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+/// An OpenAI-shaped error.
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let body = serde_json::json!({
         "error": { "message": message, "type": "invalid_request_error", "code": code, "param": null }
     });
     json_response(status, Bytes::from(body.to_string()))
+}
+
+/// Headers every admin answer carries: nothing is cached (answers hold keys and usage),
+/// sniffed, framed or sent on as a referrer.
+fn with_security_headers(mut r: Response<Body>) -> Response<Body> {
+    let h = r.headers_mut();
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
 }

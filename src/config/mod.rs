@@ -4,10 +4,12 @@
 //! [`load_str`] is the single entry point: it either returns a [`Validated`] configuration
 //! (every secret resolved, every address parsed) or a [`ConfigErrors`] listing all problems.
 
+pub mod admin;
 pub mod backend_auth;
 pub mod identity;
 pub mod limits;
 mod model;
+pub mod operator;
 pub mod routing;
 pub mod tls;
 mod values;
@@ -76,6 +78,9 @@ pub struct Validated {
     /// `None` when the admin listener is disabled (`admin.listen = ""`).
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<Secret>,
+    /// Every admin credential: `admin.token` (as `admin`, every scope), then
+    /// `[[admin.tokens]]`.
+    pub admin_tokens: Vec<admin::AdminToken>,
     /// Resolved backend credentials, index-aligned with `config.backends`.
     pub backend_auth: Vec<ResolvedAuth>,
     /// `store.key_hmac_secret`, resolved; API keys are disabled without it.
@@ -163,7 +168,7 @@ fn parse(text: &str) -> Result<Config, Problem> {
     })
 }
 
-fn line_at(text: &str, offset: usize) -> usize {
+pub(crate) fn line_at(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
         .filter(|&&b| b == b'\n')
@@ -393,15 +398,13 @@ fn validate(
     } else {
         parse_addr(config.admin.listen.as_str(), "admin.listen", problems)
     };
-    let admin_token = resolve_secret(
-        &config.admin.token,
-        &config.admin.token_file,
-        "admin",
-        "token",
-        false,
-        base_dir,
-        problems,
-    );
+    let admin_tokens = admin::resolve(&config.admin, base_dir, problems);
+    // The single `[admin] token`, when given, is the first entry.
+    let legacy = config.admin.token.is_some() || config.admin.token_file.is_some();
+    let admin_token = admin_tokens
+        .first()
+        .filter(|_| legacy)
+        .map(|t| t.secret.clone());
     if config.audit.path.as_str().is_empty() {
         problem(
             problems,
@@ -548,6 +551,7 @@ fn validate(
         listen: listen?,
         admin_listen,
         admin_token,
+        admin_tokens,
         backend_auth,
         base_dir: base_dir.to_path_buf(),
         config,

@@ -139,6 +139,9 @@ pub struct AdminConfig {
     /// TLS on the admin listener.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Scoped admin credentials (`[[admin.tokens]]`).
+    #[serde(default)]
+    pub tokens: Vec<super::admin::AdminTokenConfig>,
 }
 
 impl Default for AdminConfig {
@@ -148,6 +151,7 @@ impl Default for AdminConfig {
             token: None,
             token_file: None,
             tls: None,
+            tokens: Vec::new(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `portcullis reload`: ask a running gateway to reload its configuration file.
 //!
 //! Reads only the `[admin]` section of the configuration (`listen`, and `token` or
-//! `token_file`), so it works even when the rest of the file is the invalid change being
+//! `token_file`, or the first `[[admin.tokens]]` entry with the `config` scope), so it works even when the rest of the file is the invalid change being
 //! tried: the gateway itself validates the file and answers with every problem. It sends
 //! `POST /admin/reload` to the admin listener (an unspecified listen address such as
 //! `0.0.0.0` is reached on loopback) and reads the [`super::Outcome`] it answers.
@@ -83,15 +83,11 @@ pub fn admin_target(path: &Path, admin: Option<&str>) -> Result<Target, String> 
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut problems = Vec::new();
-    let token = config::resolve_secret(
-        &section.token,
-        &section.token_file,
-        "admin",
-        "token",
-        false,
-        base,
-        &mut problems,
-    );
+    // `[admin] token`, or else the first `[[admin.tokens]]` entry with the `config` scope.
+    let token = config::admin::resolve(&section, base, &mut problems)
+        .into_iter()
+        .find(|t| t.scopes.contains(config::admin::Scope::Config))
+        .map(|t| t.secret);
     if let Some(p) = problems.first() {
         return Err(format!("{}: {p}", path.display()));
     }

@@ -1,12 +1,13 @@
 //! Usage records in the store: one row per answered request, written in batches
 //! ([`UsageStore::insert_usage`], fed by [`crate::usage_log::UsageWriter`]) and summed by
-//! [`UsageStore::usage_report`] (`portcullis usage`).
+//! [`UsageStore::usage_report`] (`portcullis usage`) or bucketed in time by
+//! [`UsageStore::usage_series`] (the dashboard's charts).
 //!
 //! Like the key store, both backends run the same SQL text ([`impl_usage_store!`] is
-//! instantiated in `sqlite.rs` and `postgres.rs`). Grouping by UTC day or hour is integer
-//! arithmetic on `time_ms`, never the database's date functions or time zone, so SQLite and
-//! PostgreSQL give the same answer; keys are sorted in Rust (byte order), not by the
-//! database's collation, for the same reason.
+//! instantiated in `sqlite.rs` and `postgres.rs`). Grouping by UTC day or hour, or by a
+//! series' time bucket, is integer arithmetic on `time_ms`, never the database's date
+//! functions or time zone, so SQLite and PostgreSQL give the same answer; keys are sorted in
+//! Rust (byte order), not by the database's collation, for the same reason.
 //!
 //! A record holds counts, names and ids only: never prompt or answer text.
 
@@ -120,6 +121,115 @@ pub struct UsageRow {
     pub cost_usd: f64,
 }
 
+/// What a series' points are split by, besides their time bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Client,
+    Deployment,
+}
+
+impl Split {
+    /// The split column (a constant: never text from the caller).
+    fn column(self) -> &'static str {
+        match self {
+            Split::Client => "client",
+            Split::Deployment => "deployment",
+        }
+    }
+}
+
+/// The most buckets one series may have (a chart draws no more; a bigger query is a
+/// mistake, or an attempt to make the store do a lot of work).
+pub const MAX_SERIES_BUCKETS: i64 = 1_000;
+
+/// Which records a series sums, into which time buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesQuery {
+    /// Only this client's records.
+    pub client: Option<String>,
+    /// Only records for this deployment.
+    pub deployment: Option<String>,
+    /// Unix milliseconds, inclusive; the first bucket starts here.
+    pub since_ms: i64,
+    /// Unix milliseconds, exclusive.
+    pub until_ms: i64,
+    /// Bucket length in milliseconds. Buckets are aligned on `since_ms`, not on the clock:
+    /// the last 24 hours in 1-hour buckets are 24 full buckets.
+    pub bucket_ms: i64,
+    /// One point per bucket and client or deployment, instead of one per bucket.
+    pub split: Option<Split>,
+}
+
+impl SeriesQuery {
+    /// The number of buckets, counting a partial last one; [`StoreError::Invalid`] when
+    /// `bucket_ms` is not positive, the window is empty, or there would be more than
+    /// [`MAX_SERIES_BUCKETS`].
+    pub fn buckets(&self) -> Result<i64, StoreError> {
+        if self.bucket_ms <= 0 {
+            return Err(StoreError::Invalid(format!(
+                "bucket length must be positive, not {} ms",
+                self.bucket_ms
+            )));
+        }
+        if self.since_ms >= self.until_ms {
+            return Err(StoreError::Invalid(format!(
+                "since ({} ms) must be before until ({} ms)",
+                self.since_ms, self.until_ms
+            )));
+        }
+        // i128: `until - since` may not fit in an i64; when it does not, neither would the
+        // statement's `time_ms - since`.
+        let span = i128::from(self.until_ms) - i128::from(self.since_ms);
+        if i64::try_from(span).is_err() {
+            return Err(StoreError::Invalid(format!(
+                "the window from {} ms to {} ms is too long",
+                self.since_ms, self.until_ms
+            )));
+        }
+        let bucket = i128::from(self.bucket_ms);
+        let buckets = (span + bucket - 1) / bucket;
+        i64::try_from(buckets)
+            .ok()
+            .filter(|&n| n <= MAX_SERIES_BUCKETS)
+            .ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "{buckets} buckets of {} ms between since and until; at most \
+                     {MAX_SERIES_BUCKETS}",
+                    self.bucket_ms
+                ))
+            })
+    }
+
+    /// The start of bucket `index` (0 is `since_ms`); [`StoreError::Corrupt`] outside the
+    /// window.
+    pub(super) fn bucket_start(&self, index: i64) -> Result<i64, StoreError> {
+        index
+            .checked_mul(self.bucket_ms)
+            .and_then(|offset| self.since_ms.checked_add(offset))
+            .filter(|start| (self.since_ms..self.until_ms).contains(start))
+            .ok_or_else(|| StoreError::Corrupt(format!("series bucket {index} is out of range")))
+    }
+}
+
+/// One time bucket of a series (of one client or deployment when the series is split).
+/// Buckets without records have no point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesPoint {
+    /// Unix milliseconds: `since_ms + k * bucket_ms`.
+    pub bucket_start_ms: i64,
+    /// The client or deployment of a split series; `None` when the series is not split, or
+    /// for records without a deployment.
+    pub key: Option<String>,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// `prompt_tokens + completion_tokens`.
+    pub total_tokens: i64,
+    pub cost_usd: f64,
+    /// Requests answered with a status of 400 or more.
+    pub errors: i64,
+}
+
 /// Usage records: written in batches, read as summed reports.
 pub trait UsageStore: Send + Sync {
     /// Insert every record in one transaction: all of them or none.
@@ -134,6 +244,15 @@ pub trait UsageStore: Send + Sync {
         &'a self,
         query: &'a UsageQuery,
     ) -> BoxFuture<'a, Result<Vec<UsageRow>, StoreError>>;
+
+    /// Sum the records `query` selects per time bucket (and client or deployment when
+    /// split): points in bucket order, then by key (byte order), records without a
+    /// deployment last. [`StoreError::Invalid`] for a query [`SeriesQuery::buckets`]
+    /// refuses.
+    fn usage_series<'a>(
+        &'a self,
+        query: &'a SeriesQuery,
+    ) -> BoxFuture<'a, Result<Vec<SeriesPoint>, StoreError>>;
 }
 
 /// Columns of `usage_records` in the order [`impl_usage_store!`] binds them.
@@ -306,13 +425,61 @@ pub(super) fn sort_rows(by: GroupBy, rows: &mut [(i64, UsageRow)]) {
     if by.bucket_ms().is_some() {
         rows.sort_by_key(|(bucket, _)| *bucket);
     } else {
-        rows.sort_by(|(_, a), (_, b)| match (&a.key, &b.key) {
-            (Some(x), Some(y)) => x.as_bytes().cmp(y.as_bytes()),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (None, None) => std::cmp::Ordering::Equal,
-        });
+        rows.sort_by(|(_, a), (_, b)| cmp_keys(&a.key, &b.key));
     }
+}
+
+/// Keys in byte order (not the database's collation), `None` last.
+fn cmp_keys(a: &Option<String>, b: &Option<String>) -> std::cmp::Ordering {
+    match (a, b) {
+        (Some(x), Some(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    }
+}
+
+/// The series statement for `q`; the caller binds `since_ms`, `until_ms`, `bucket_ms`,
+/// then the client and the deployment when `q` has them, in that order. Column `b` is the
+/// bucket's index from `since_ms` (records before `since_ms` are not selected, so integer
+/// division is the floor); `k` is the split column, absent when not split.
+pub(super) fn series_sql(q: &SeriesQuery) -> String {
+    let key = match q.split {
+        Some(split) => format!(", {} AS k", split.column()),
+        None => String::new(),
+    };
+    let mut sql = format!(
+        "SELECT (time_ms - $1) / $3 AS b{key}, COUNT(*) AS requests, \
+         CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, \
+         CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens, \
+         CAST(SUM(cost_usd) AS DOUBLE PRECISION) AS cost_usd, \
+         CAST(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS BIGINT) AS errors \
+         FROM usage_records WHERE time_ms >= $1 AND time_ms < $2"
+    );
+    let mut n = 3;
+    if q.client.is_some() {
+        n += 1;
+        let _ = write!(sql, " AND client = ${n}");
+    }
+    if q.deployment.is_some() {
+        n += 1;
+        let _ = write!(sql, " AND deployment = ${n}");
+    }
+    sql.push_str(if q.split.is_some() {
+        " GROUP BY 1, 2"
+    } else {
+        " GROUP BY 1"
+    });
+    sql
+}
+
+/// Points in series order: bucket, then key (byte order, `None` last).
+pub(super) fn sort_points(points: &mut [SeriesPoint]) {
+    points.sort_by(|a, b| {
+        a.bucket_start_ms
+            .cmp(&b.bucket_start_ms)
+            .then_with(|| cmp_keys(&a.key, &b.key))
+    });
 }
 
 /// Implements [`UsageStore`] for `$store` (fields `pool: sqlx::Pool<_>`, `scrub:
@@ -427,6 +594,58 @@ macro_rules! impl_usage_store {
                     Ok(out.into_iter().map(|(_, r)| r).collect())
                 })
             }
+
+            fn usage_series<'a>(
+                &'a self,
+                query: &'a $crate::store::usage::SeriesQuery,
+            ) -> $crate::store::BoxFuture<
+                'a,
+                Result<Vec<$crate::store::usage::SeriesPoint>, $crate::store::StoreError>,
+            > {
+                Box::pin(async move {
+                    use sqlx::Row as _;
+                    use $crate::store::usage::{series_sql, sort_points, SeriesPoint};
+                    query.buckets()?;
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(series_sql(query)))
+                        .bind(query.since_ms)
+                        .bind(query.until_ms)
+                        .bind(query.bucket_ms);
+                    if let Some(c) = &query.client {
+                        q = q.bind(c.as_str());
+                    }
+                    if let Some(d) = &query.deployment {
+                        q = q.bind(d.as_str());
+                    }
+                    let rows = q
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(|e| self.scrub.error(e))?;
+                    let get =
+                        |e: sqlx::Error| $crate::store::StoreError::Corrupt(self.scrub.scrub(e));
+                    let mut out = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        let key = match query.split {
+                            Some(_) => row.try_get::<Option<String>, _>("k").map_err(get)?,
+                            None => None,
+                        };
+                        let prompt_tokens: i64 = row.try_get("prompt_tokens").map_err(get)?;
+                        let completion_tokens: i64 =
+                            row.try_get("completion_tokens").map_err(get)?;
+                        out.push(SeriesPoint {
+                            bucket_start_ms: query.bucket_start(row.try_get("b").map_err(get)?)?,
+                            key,
+                            requests: row.try_get("requests").map_err(get)?,
+                            prompt_tokens,
+                            completion_tokens,
+                            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+                            cost_usd: row.try_get("cost_usd").map_err(get)?,
+                            errors: row.try_get("errors").map_err(get)?,
+                        });
+                    }
+                    sort_points(&mut out);
+                    Ok(out)
+                })
+            }
         }
     };
 }
@@ -489,6 +708,70 @@ mod tests {
             sql.ends_with("client = $3 AND deployment = $4 GROUP BY 1"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn series_bind_the_bucket_third_and_group_by_the_split() {
+        let mut q = SeriesQuery {
+            client: Some("a".into()),
+            deployment: None,
+            since_ms: 0,
+            until_ms: 10,
+            bucket_ms: 5,
+            split: None,
+        };
+        let sql = series_sql(&q);
+        assert!(
+            sql.starts_with("SELECT (time_ms - $1) / $3 AS b, COUNT(*)"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("time_ms < $2 AND client = $4 GROUP BY 1"),
+            "{sql}"
+        );
+        q.deployment = Some("gpt-4o".into());
+        q.split = Some(Split::Deployment);
+        let sql = series_sql(&q);
+        assert!(sql.starts_with("SELECT (time_ms - $1) / $3 AS b, deployment AS k,"));
+        assert!(
+            sql.ends_with("client = $4 AND deployment = $5 GROUP BY 1, 2"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn series_windows_are_checked() {
+        let q = |since_ms, until_ms, bucket_ms| SeriesQuery {
+            client: None,
+            deployment: None,
+            since_ms,
+            until_ms,
+            bucket_ms,
+            split: None,
+        };
+        let hour = 3_600_000;
+        assert_eq!(q(7, 7 + 24 * hour, hour).buckets().unwrap(), 24);
+        // A partial last bucket counts.
+        assert_eq!(q(0, 90 * 60_000, hour).buckets().unwrap(), 2);
+        assert_eq!(q(0, 1_000, 1).buckets().unwrap(), 1_000);
+        assert_eq!(q(-5, 5, 10).buckets().unwrap(), 1);
+        for bad in [
+            q(0, 1_001, 1),
+            q(0, 10, 0),
+            q(0, 10, -1),
+            q(10, 10, 1),
+            q(11, 10, 1),
+            q(i64::MIN, i64::MAX, i64::MAX),
+        ] {
+            let e = bad.buckets().unwrap_err();
+            assert!(matches!(e, StoreError::Invalid(_)), "{bad:?}: {e:?}");
+        }
+        let w = q(1_000, 2_000, 300);
+        assert_eq!(w.bucket_start(0).unwrap(), 1_000);
+        assert_eq!(w.bucket_start(3).unwrap(), 1_900);
+        assert!(w.bucket_start(4).is_err());
+        assert!(w.bucket_start(-1).is_err());
+        assert!(w.bucket_start(i64::MAX).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::*;
+use crate::store::usage::{SeriesPoint, SeriesQuery};
 use crate::store::{BoxFuture, StoreError, UsageQuery, UsageRow};
 
 /// Keeps every committed batch; `fail` makes the next inserts fail, `gate` holds them.
@@ -72,6 +73,13 @@ impl UsageStore for FakeStore {
         &'a self,
         _query: &'a UsageQuery,
     ) -> BoxFuture<'a, Result<Vec<UsageRow>, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn usage_series<'a>(
+        &'a self,
+        _query: &'a SeriesQuery,
+    ) -> BoxFuture<'a, Result<Vec<SeriesPoint>, StoreError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
 }
