@@ -142,8 +142,13 @@
     }).format(n);
   }
 
+  // Budgets: cents are not enough to see a few requests' cost.
   function amount(n, unit) {
-    if (unit === 'usd') return usd(n);
+    if (unit === 'usd') {
+      return n === null || n === undefined ? '—' : new Intl.NumberFormat(undefined, {
+        style: 'currency', currency: 'USD', minimumFractionDigits: 2, maximumFractionDigits: Math.abs(n) < 1000 ? 4 : 2,
+      }).format(n);
+    }
     return `${num(n)} ${unit}`;
   }
 
@@ -384,6 +389,7 @@
       else a.removeAttribute('aria-current');
     }
     document.title = `${page[0].toUpperCase()}${page.slice(1)} · Portcullis`;
+    if (!quiet && $('toast')) $('toast').hidden = true;
     const root = el('div', { class: `view view-${page}`, dataset: { page } });
     const target = $('page');
     const done = render(root, params);
@@ -1066,7 +1072,7 @@
           ? [el('div', { class: 'small bad-text last-error' }, hl.last_error), hl.last_error_at ? el('div', { class: 'muted small' }, relative(hl.last_error_at)) : null]
           : el('span', { class: 'muted' }, 'none'))),
       deployments.length
-        ? el('table', { class: 'data compact' },
+        ? el('table', { class: 'data compact deployments' },
           el('thead', {}, el('tr', {},
             el('th', {}, 'Deployment'), el('th', {}, 'Upstream name'), el('th', {}, 'Cool-down'),
             el('th', { class: 'num' }, 'Tokens left'), el('th', { class: 'num' }, 'Requests left'), el('th', { class: 'num' }, 'Reported'))),
