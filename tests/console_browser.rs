@@ -16,6 +16,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
+use portcullis::sim::{Behavior, RetryForm};
+use portcullis::store::UsageRecord;
 
 const ADMIN_TOKEN: &str = "console-test-admin-token-read-keys-0123456789";
 const READ_TOKEN: &str = "console-test-admin-token-read-only-0123456789";
@@ -45,6 +47,7 @@ operations = ["*"]
 requests_per_minute = 600
 tokens_per_minute = 200000
 max_concurrent_requests = 32
+per_subject = {{ requests_per_minute = 60 }}
 
 [[clients]]
 id = "team-b"
@@ -57,6 +60,65 @@ input = 2.5
 output = 10.0
 "#
     )
+}
+
+const MINUTE_MS: i64 = 60_000;
+
+/// A day of earlier usage in 30-minute buckets, the last one ending 61 minutes before `now_ms`, so the overview's chart has
+/// a history to draw (the screenshots in `docs/` show it). The last hour holds only what the
+/// test sends through the gateway.
+fn history(now_ms: i64) -> Vec<UsageRecord> {
+    let mut out = Vec::new();
+    for bucket in 0..46i64 {
+        let start = now_ms - 24 * 60 * MINUTE_MS + bucket * 30 * MINUTE_MS;
+        // A working day's shape: quiet at night, busy in the afternoon.
+        let phase = (bucket as f64 / 46.0 * std::f64::consts::TAU).sin();
+        let a = (4.0 + 3.5 * (1.0 + phase)).round() as i64;
+        let b = (1.0 + 1.5 * (1.0 - phase)).round() as i64;
+        for (client, n) in [("team-a", a), ("team-b", b)] {
+            for i in 0..n {
+                let embeddings = client == "team-a" && i % 4 == 3;
+                let prompt = 300 + (bucket * 37 + i * 91) % 900;
+                let completion = if embeddings {
+                    0
+                } else {
+                    80 + (bucket * 53 + i * 29) % 320
+                };
+                let refused = client == "team-b" && bucket % 9 == 4 && i == 0;
+                out.push(UsageRecord {
+                    time_ms: start + i * 97_000 % (29 * MINUTE_MS),
+                    request_id: format!("history-{bucket}-{client}-{i}"),
+                    client: client.to_owned(),
+                    subject: None,
+                    key_id: None,
+                    operation: if embeddings { "embeddings" } else { "chat" }.to_owned(),
+                    deployment: Some(
+                        if embeddings {
+                            "text-embedding-3-small"
+                        } else {
+                            "gpt-4o"
+                        }
+                        .to_owned(),
+                    ),
+                    backend: Some("ptu".to_owned()),
+                    prompt_tokens: if refused { 0 } else { prompt },
+                    cached_tokens: 0,
+                    completion_tokens: if refused { 0 } else { completion },
+                    reasoning_tokens: 0,
+                    estimated_tokens: None,
+                    usage_source: if refused { "none" } else { "reported" }.to_owned(),
+                    cost_usd: if refused || embeddings {
+                        0.0
+                    } else {
+                        (prompt as f64 * 2.5 + completion as f64 * 10.0) / 1e6
+                    },
+                    status: if refused { 429 } else { 200 },
+                    stream: false,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The browser and node to run, or why the test cannot run here.
@@ -129,14 +191,39 @@ async fn the_console_works_in_a_real_browser() {
         "playwright-core is not installed: run scripts/test.sh, or `npm ci --prefix tests/browser`"
     );
 
-    let s = sim().await;
-    let b = backend(
-        "sim",
-        &s.url(),
-        "azure",
-        "api_version = \"2024-06-01\"\ndeployments = { \"gpt-4o\" = \"gpt-4o-ptu\", \"text-embedding-3-small\" = \"emb\" }",
-    );
+    // `ptu` first, `paygo` after it; a 429 below cools `ptu`'s gpt-4o for the backends page.
+    let (ptu, paygo) = (sim().await, sim().await);
+    let b = [
+        backend(
+            "ptu",
+            &ptu.url(),
+            "azure",
+            "priority = 0\napi_version = \"2024-06-01\"\ndeployments = { \"gpt-4o\" = \"gpt-4o-ptu\", \"text-embedding-3-small\" = \"emb\" }",
+        ),
+        backend(
+            "paygo",
+            &paygo.url(),
+            "azure",
+            "priority = 1\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }",
+        ),
+    ]
+    .concat();
     let gw = Gateway::start_with("", &identity(), &b).await;
+
+    // The gateway's store (the harness keeps it beside the audit file): a day of history.
+    let dir = gw.audit_path.parent().unwrap();
+    let store =
+        portcullis::store::open_store(&format!("sqlite://{}", dir.join("keys.db").display()), dir)
+            .await
+            .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for batch in history(now_ms).chunks(100) {
+        store.insert_usage(batch).await.unwrap();
+    }
+
     let team_a = gw.issue_key("team-a").await;
     let team_b = gw.issue_key("team-b").await;
 
@@ -155,6 +242,14 @@ async fn the_console_works_in_a_real_browser() {
             .unwrap();
         assert_eq!(r.status(), 200, "team-a embeddings");
     }
+    // One 429 asking for two minutes: `ptu` cools, the request is answered by `paygo`.
+    ptu.set_burst(
+        1,
+        Behavior::RateLimited {
+            retry_after_ms: 120_000,
+            form: RetryForm::Ms,
+        },
+    );
     for _ in 0..3 {
         let r = gw.chat(true, &[("api-key", &team_b)]).await;
         assert_eq!(r.status(), 200, "team-b chat");
@@ -178,7 +273,16 @@ async fn the_console_works_in_a_real_browser() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let report = usage_requests(&gw).await;
-        if requests_of(&report, "team-a") >= 8 && requests_of(&report, "team-b") >= 3 {
+        let (a, b) = (
+            requests_of(&report, "team-a"),
+            requests_of(&report, "team-b"),
+        );
+        if a >= 8 && b >= 3 {
+            assert_eq!(
+                (a, b),
+                (8, 3),
+                "the last hour holds what the test sent: {report}"
+            );
             break;
         }
         assert!(
@@ -200,7 +304,7 @@ async fn the_console_works_in_a_real_browser() {
         .env("PORTCULLIS_READ_TOKEN", READ_TOKEN)
         .env("PORTCULLIS_CLIENT", "team-a")
         .env("PORTCULLIS_DEPLOYMENT", "gpt-4o")
-        .env("PORTCULLIS_BACKEND", "sim")
+        .env("PORTCULLIS_BACKEND", "ptu")
         .env("PORTCULLIS_SCREENSHOTS", &shots)
         .env("PORTCULLIS_CHROMIUM", &chromium)
         .stdin(Stdio::null())

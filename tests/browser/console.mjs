@@ -186,6 +186,7 @@ try {
     await page.waitForSelector('#usage-chart svg');
     const drawn = await page.$eval('#usage-chart svg', (svg) => ({
       rects: svg.querySelectorAll('rect').length,
+      bars: svg.querySelectorAll('rect.bar').length,
       text: svg.textContent,
       ns: svg.namespaceURI,
     }));
@@ -198,15 +199,32 @@ try {
     });
     const svg = await res.text();
     const served = (svg.match(/<rect\b/g) || []).length;
+    const servedBars = (svg.match(/<rect class="bar"/g) || []).length;
     assert(drawn.rects === served, `the page drew ${drawn.rects} rects, the API's SVG has ${served}`);
-    assert(served >= 2, `the chart has ${served} rects: no bar segments`);
+    assert(drawn.bars > 0 && drawn.bars === servedBars, `the page drew ${drawn.bars} bar segments, the API's SVG has ${servedBars}`);
     const requests = await page.$eval('.tile .tile-value', (t) => t.textContent);
     assert(Number(requests.replace(/[^0-9]/g, '')) > 0, `the requests tile shows ${requests}`);
     const row = await page.$$eval('[data-table="usage-client"] tbody tr td:first-child', (tds) => tds.map((t) => t.textContent));
     assert(row.includes(CLIENT), `the by-client table lists ${row}`);
     await page.waitForSelector('#refusals-chart svg');
     await page.screenshot({ path: path.join(SHOTS, 'overview.png') });
-    return `${drawn.rects} rects, requests tile ${requests}`;
+    return `${drawn.bars} bar segments, requests tile ${requests}`;
+  });
+
+  await check('the 1-hour range shows what the test sent in the last hour', async () => {
+    await page.click('[aria-label="Time range"] [data-value="1h"]');
+    await page.waitForFunction(() => location.hash.includes('since=1h'));
+    await ready('overview');
+    await page.waitForSelector('#usage-chart svg');
+    const report = (await adminJson('/admin/usage?by=client&since=1h', TOKEN)).body;
+    const expected = report.data.reduce((n, r) => n + r.requests, 0);
+    const tile = await page.$eval('.tile .tile-value', (t) => t.textContent);
+    assert(Number(tile.replace(/[^0-9]/g, '')) === expected, `the requests tile shows ${tile}, the API ${expected}`);
+    const bars = await page.$$eval('#usage-chart svg rect.bar', (r) => r.length);
+    assert(bars > 0, 'no bar in the last hour');
+    const legend = await page.$eval('#usage-chart svg', (svg) => svg.textContent);
+    assert(legend.includes(CLIENT), `the 1-hour chart does not name ${CLIENT}`);
+    return `${expected} requests, ${bars} bar segments`;
   });
 
   let key = null;
