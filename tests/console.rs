@@ -126,9 +126,10 @@ async fn every_endpoint_needs_its_scope_and_every_admin_request_is_audited_by_na
     for (method, path, body, with, without) in &cases {
         let (s, v) = call(&g, method, path, None, body.clone()).await;
         assert_eq!(s, 401, "{method} {path} without a token: {v}");
-        assert_eq!(v["error"]["code"], "invalid_admin_token", "{v}");
-        let (s, _) = call(&g, method, path, Some(WRONG), body.clone()).await;
+        assert_eq!(v["error"]["code"], "missing_credentials", "{v}");
+        let (s, v) = call(&g, method, path, Some(WRONG), body.clone()).await;
         assert_eq!(s, 401, "{method} {path} with a wrong token");
+        assert_eq!(v["error"]["code"], "invalid_admin_token", "{v}");
         let (s, v) = call(&g, method, path, Some(without), body.clone()).await;
         assert_eq!(s, 403, "{method} {path} without the scope: {v}");
         assert_eq!(v["error"]["code"], "insufficient_scope", "{v}");
