@@ -380,7 +380,10 @@ async fn usage_and_remaining_limits_equal_what_the_test_sent() {
     assert_eq!(r.headers()["content-type"], "image/svg+xml");
     let svg = r.text().await.unwrap();
     assert!(
-        svg.starts_with("<svg") && svg.contains(">app · 3<"),
+        svg.starts_with("<svg")
+            && svg.contains(">app<")
+            && svg.contains("<title>app · ")
+            && svg.contains("· 3</title>"),
         "{svg}"
     );
 
