@@ -10,7 +10,8 @@
 //! [`metrics`], [`reload`] (live configuration), [`sim`], [`demo`], [`worker`] and [`app`]
 //! surround the path; [`report`] is
 //! `portcullis usage`; [`shown`], [`digest`], [`pricing`] and [`tokens`] (token counts and
-//! estimates) are leaf helpers several stages use.
+//! estimates) are leaf helpers several stages use, and [`chart`] draws the dashboard's SVG
+//! charts.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

@@ -53,14 +53,23 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// `grant` if it may use an endpoint needing `scope`; otherwise the 401 or 403 to answer.
-pub fn check(grant: Option<&Grant>, scope: Option<Scope>) -> Result<&Grant, http::Response<Body>> {
+/// `grant` if it may use an endpoint needing `scope`; otherwise the 401 (`missing_credentials`
+/// when `headers` carry no bearer token, `invalid_admin_token` for a wrong one) or the 403.
+pub fn check<'a>(
+    grant: Option<&'a Grant>,
+    headers: &HeaderMap,
+    scope: Option<Scope>,
+) -> Result<&'a Grant, http::Response<Body>> {
     let Some(grant) = grant else {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_admin_token",
-            "a valid admin token is required (Authorization: Bearer <token>)",
-        );
+        let (code, message) = if bearer(headers).is_some() {
+            ("invalid_admin_token", "this admin token is not valid")
+        } else {
+            (
+                "missing_credentials",
+                "an admin token is required (Authorization: Bearer <token>)",
+            )
+        };
+        let mut r = error(StatusCode::UNAUTHORIZED, code, message);
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
@@ -117,12 +126,12 @@ mod tests {
         let t = tokens();
         let g = authenticate(&t, &with("Bearer ops-token-0123456789ab")).unwrap();
         assert_eq!(g.name.as_deref(), Some("ops"));
-        assert!(check(Some(&g), Some(Scope::Keys)).is_ok());
-        let r = check(Some(&g), Some(Scope::Config)).unwrap_err();
+        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Keys)).is_ok());
+        let r = check(Some(&g), &HeaderMap::new(), Some(Scope::Config)).unwrap_err();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         let g = authenticate(&t, &with("bearer reader-token-0123456789")).unwrap();
         assert_eq!(g.name.as_deref(), Some("reader"));
-        assert!(check(Some(&g), Some(Scope::Keys)).is_err());
+        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Keys)).is_err());
     }
 
     #[test]
@@ -138,7 +147,7 @@ mod tests {
         ] {
             let g = authenticate(&t, &h);
             assert!(g.is_none(), "{h:?}");
-            let r = check(g.as_ref(), None).unwrap_err();
+            let r = check(g.as_ref(), &h, None).unwrap_err();
             assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
             assert!(r.headers().contains_key(header::WWW_AUTHENTICATE));
         }
@@ -148,9 +157,9 @@ mod tests {
     fn without_admin_credentials_reading_is_open_but_keys_are_not() {
         let g = authenticate(&[], &HeaderMap::new()).unwrap();
         assert_eq!(g.name, None);
-        assert!(check(Some(&g), Some(Scope::Read)).is_ok());
-        assert!(check(Some(&g), Some(Scope::Config)).is_ok());
-        let r = check(Some(&g), Some(Scope::Keys)).unwrap_err();
+        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Read)).is_ok());
+        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Config)).is_ok());
+        let r = check(Some(&g), &HeaderMap::new(), Some(Scope::Keys)).unwrap_err();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
     }
 }

@@ -31,10 +31,18 @@ pub fn load(path: &Path) -> Result<StoreView, String> {
         None => format!("{shown}: {}", e.message()),
     })?;
     let store: StoreConfig = match table.get("store") {
-        Some(v) => v
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("{shown}: [store]: {}", e.message()))?,
+        Some(v) => serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                String::new()
+            } else {
+                format!(".{key}")
+            };
+            format!(
+                "invalid configuration {shown}: store{key}: {}",
+                e.into_inner().message()
+            )
+        })?,
         None => StoreConfig::default(),
     };
     let base_dir = path
