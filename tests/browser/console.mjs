@@ -184,12 +184,14 @@ try {
   await check('the overview draws the usage chart with the client\'s requests', async () => {
     await visit('overview');
     await page.waitForSelector('#usage-chart svg');
-    const drawn = await page.$eval('#usage-chart svg', (svg) => ({
+    // Bar segments: the rects of the chart's bar group (each with its tooltip).
+    const BARS = 'g.bars rect, rect.bar';
+    const drawn = await page.$eval('#usage-chart svg', (svg, sel) => ({
       rects: svg.querySelectorAll('rect').length,
-      bars: svg.querySelectorAll('rect.bar').length,
+      bars: svg.querySelectorAll(sel).length,
       text: svg.textContent,
       ns: svg.namespaceURI,
-    }));
+    }), BARS);
     assert(drawn.ns === 'http://www.w3.org/2000/svg', `chart root namespace ${drawn.ns}`);
     assert(drawn.text.includes(CLIENT), `the chart's legend does not name ${CLIENT}: "${drawn.text.slice(0, 200)}"`);
     assert(!drawn.text.includes('No usage in this time range'), 'the chart says there is no usage');
@@ -197,11 +199,12 @@ try {
     const res = await fetch(`${ADMIN}/admin/usage/chart.svg?since=24h&metric=requests&split=client&buckets=48`, {
       headers: { Authorization: `Bearer ${TOKEN}` },
     });
-    const svg = await res.text();
-    const served = (svg.match(/<rect\b/g) || []).length;
-    const servedBars = (svg.match(/<rect class="bar"/g) || []).length;
-    assert(drawn.rects === served, `the page drew ${drawn.rects} rects, the API's SVG has ${served}`);
-    assert(drawn.bars > 0 && drawn.bars === servedBars, `the page drew ${drawn.bars} bar segments, the API's SVG has ${servedBars}`);
+    const served = await page.evaluate(([text, sel]) => {
+      const svg = new DOMParser().parseFromString(text, 'image/svg+xml').documentElement;
+      return { rects: svg.querySelectorAll('rect').length, bars: svg.querySelectorAll(sel).length };
+    }, [await res.text(), BARS]);
+    assert(drawn.rects === served.rects, `the page drew ${drawn.rects} rects, the API's SVG has ${served.rects}`);
+    assert(drawn.bars > 0 && drawn.bars === served.bars, `the page drew ${drawn.bars} bar segments, the API's SVG has ${served.bars}`);
     const requests = await page.$eval('.tile .tile-value', (t) => t.textContent);
     assert(Number(requests.replace(/[^0-9]/g, '')) > 0, `the requests tile shows ${requests}`);
     const row = await page.$$eval('[data-table="usage-client"] tbody tr td:first-child', (tds) => tds.map((t) => t.textContent));
@@ -220,7 +223,7 @@ try {
     const expected = report.data.reduce((n, r) => n + r.requests, 0);
     const tile = await page.$eval('.tile .tile-value', (t) => t.textContent);
     assert(Number(tile.replace(/[^0-9]/g, '')) === expected, `the requests tile shows ${tile}, the API ${expected}`);
-    const bars = await page.$$eval('#usage-chart svg rect.bar', (r) => r.length);
+    const bars = await page.$$eval('#usage-chart svg g.bars rect, #usage-chart svg rect.bar', (r) => r.length);
     assert(bars > 0, 'no bar in the last hour');
     const legend = await page.$eval('#usage-chart svg', (svg) => svg.textContent);
     assert(legend.includes(CLIENT), `the 1-hour chart does not name ${CLIENT}`);
