@@ -24,12 +24,15 @@ pub struct ReasonCount {
     pub count: u64,
 }
 
+/// Counts by `(code, status)`.
+type Counts = HashMap<(&'static str, u16), u64>;
+
 /// This replica's refusals and errors.
 #[derive(Debug)]
 pub struct Activity {
     started: SystemTime,
     /// `(minute since the epoch, counts by reason)`, oldest first.
-    minutes: Mutex<VecDeque<(i64, HashMap<(&'static str, u16), u64>)>>,
+    minutes: Mutex<VecDeque<(i64, Counts)>>,
 }
 
 impl Default for Activity {
@@ -82,7 +85,7 @@ impl Activity {
         let first = since_ms
             .div_euclid(60_000)
             .max(now_ms.div_euclid(60_000) - MINUTES + 1);
-        let mut sum: HashMap<(&'static str, u16), u64> = HashMap::new();
+        let mut sum = Counts::new();
         let minutes = self.minutes.lock().unwrap_or_else(|e| e.into_inner());
         for (_, counts) in minutes.iter().filter(|(m, _)| *m >= first) {
             for (k, n) in counts {

@@ -59,7 +59,7 @@ pub fn check<'a>(
     grant: Option<&'a Grant>,
     headers: &HeaderMap,
     scope: Option<Scope>,
-) -> Result<&'a Grant, http::Response<Body>> {
+) -> Result<&'a Grant, Box<http::Response<Body>>> {
     let Some(grant) = grant else {
         let (code, message) = if bearer(headers).is_some() {
             ("invalid_admin_token", "this admin token is not valid")
@@ -74,7 +74,7 @@ pub fn check<'a>(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
         );
-        return Err(r);
+        return Err(Box::new(r));
     };
     match scope {
         Some(s) if !grant.scopes.contains(s) => {
@@ -89,7 +89,11 @@ pub fn check<'a>(
                     s.as_str()
                 ),
             };
-            Err(error(StatusCode::FORBIDDEN, "insufficient_scope", &message))
+            Err(Box::new(error(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                &message,
+            )))
         }
         _ => Ok(grant),
     }

@@ -102,7 +102,7 @@ where
             let rotate = endpoint == Endpoint::RotateKey;
             let body = match read_json::<KeyRequest, B>(req).await {
                 Ok(b) => b,
-                Err(r) => return plain(r),
+                Err(r) => return plain(*r),
             };
             issue(inner, body, rotate).await
         }
@@ -311,17 +311,17 @@ struct KeyRequest {
     grace: Option<String>,
 }
 
-fn duration(field: &str, v: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
+fn duration(field: &str, v: Option<&str>) -> Result<Option<Duration>, Box<Response<Body>>> {
     let Some(v) = v else { return Ok(None) };
     match humantime::parse_duration(v) {
         Ok(d) if !d.is_zero() && d <= Duration::from_secs(10 * 366 * 86_400) => Ok(Some(d)),
-        Ok(_) => Err(bad(format!(
+        Ok(_) => Err(Box::new(bad(format!(
             "{field}: must be more than 0 and at most 10 years"
-        ))),
-        Err(_) => Err(bad(format!(
+        )))),
+        Err(_) => Err(Box::new(bad(format!(
             "{field}: '{}' is not a duration (e.g. 90d, 12h)",
             crate::shown::shown(v)
-        ))),
+        )))),
     }
 }
 
@@ -337,7 +337,7 @@ async fn issue(inner: &Inner, body: KeyRequest, rotate: bool) -> Answer {
     }
     let expires = match duration("expires_in", body.expires_in.as_deref()) {
         Ok(d) => d,
-        Err(r) => return plain(r),
+        Err(r) => return plain(*r),
     };
     if !rotate && body.grace.is_some() {
         return plain(bad("grace: only for POST /admin/keys/rotate"));
@@ -347,7 +347,7 @@ async fn issue(inner: &Inner, body: KeyRequest, rotate: bool) -> Answer {
     let (resp, record_id) = if rotate {
         let grace = match duration("grace", body.grace.as_deref()) {
             Ok(d) => d.unwrap_or(Duration::from_secs(86_400)),
-            Err(r) => return plain(r),
+            Err(r) => return plain(*r),
         };
         match admin.rotate(&body.client, grace, expires, name).await {
             Ok(r) => {
@@ -386,7 +386,7 @@ async fn refresh(table: &crate::identify::api_key::ApiKeys) {
     }
 }
 
-async fn read_json<T, B>(req: Request<B>) -> Result<T, Response<Body>>
+async fn read_json<T, B>(req: Request<B>) -> Result<T, Box<Response<Body>>>
 where
     T: for<'de> Deserialize<'de>,
     B: http_body::Body + Send,
@@ -400,17 +400,17 @@ where
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !json_type {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "send the body as application/json",
-        ));
+        )));
     }
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
     let bytes = match limited.collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return Err(if e.is::<http_body_util::LengthLimitError>() {
+            return Err(Box::new(if e.is::<http_body_util::LengthLimitError>() {
                 error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
@@ -418,25 +418,30 @@ where
                 )
             } else {
                 bad("the body could not be read")
-            })
+            }))
         }
     };
     serde_json::from_slice(&bytes).map_err(|e| {
         // serde's message names the field and the problem, never quotes the body.
-        bad(format!("invalid body: {}", e.to_string().escape_default()))
+        Box::new(bad(format!(
+            "invalid body: {}",
+            e.to_string().escape_default()
+        )))
     })
 }
 
 /// `since`, `until` (default now) of a query, as unix ms.
-fn window(q: &Query, default_since: &str, now_ms: i64) -> Result<(i64, i64), Response<Body>> {
+fn window(q: &Query, default_since: &str, now_ms: i64) -> Result<(i64, i64), Box<Response<Body>>> {
     let since = report::parse_time("since", q.get("since").unwrap_or(default_since), now_ms)
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| Box::new(bad(e.to_string())))?;
     let until = match q.get("until") {
-        Some(u) => report::parse_time("until", u, now_ms).map_err(|e| bad(e.to_string()))?,
+        Some(u) => {
+            report::parse_time("until", u, now_ms).map_err(|e| Box::new(bad(e.to_string())))?
+        }
         None => now_ms,
     };
     if since >= until {
-        return Err(bad("since: must be before until (default: now)"));
+        return Err(Box::new(bad("since: must be before until (default: now)")));
     }
     Ok((since, until))
 }
@@ -451,13 +456,13 @@ fn ms_rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-fn usage_store(inner: &Inner) -> Result<&Arc<dyn crate::store::Store>, Response<Body>> {
+fn usage_store(inner: &Inner) -> Result<&Arc<dyn crate::store::Store>, Box<Response<Body>>> {
     inner.stores.usage.as_ref().ok_or_else(|| {
-        error(
+        Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "usage_not_recorded",
             "usage is not recorded: set [store] record_usage = true",
-        )
+        ))
     })
 }
 
@@ -465,7 +470,7 @@ async fn usage(inner: &Inner, q: &Query) -> Response<Body> {
     let now = report::now_ms();
     let (since_ms, until_ms) = match window(q, "7d", now) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let by = match q.get("by").unwrap_or("day") {
         "day" => GroupBy::Day,
@@ -477,7 +482,7 @@ async fn usage(inner: &Inner, q: &Query) -> Response<Body> {
     };
     let store = match usage_store(inner) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let query = UsageQuery {
         client: q.get("client").map(str::to_owned),
@@ -535,7 +540,7 @@ async fn series(inner: &Inner, q: &Query, svg: bool) -> Response<Body> {
     let now = report::now_ms();
     let (since_ms, until_ms) = match window(q, "24h", now) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let split = match q.get("split").unwrap_or("none") {
         "none" => None,
@@ -557,7 +562,7 @@ async fn series(inner: &Inner, q: &Query, svg: bool) -> Response<Body> {
     };
     let store = match usage_store(inner) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let bucket_ms = ((until_ms - since_ms) + buckets - 1) / buckets;
     let query = SeriesQuery {

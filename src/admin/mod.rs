@@ -119,7 +119,7 @@ impl Admin {
         let grant = access::authenticate(&tokens, req.headers());
         let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
         let (resp, detail, refused) = match access::check(grant.as_ref(), req.headers(), scope) {
-            Err(refusal) => (refusal, None, true),
+            Err(refusal) => (*refusal, None, true),
             Ok(grant) => {
                 let (r, d) = api::answer(&self.inner, grant, endpoint, req).await;
                 (r, d, false)
