@@ -34,6 +34,8 @@ pub struct Demo {
     pub client_jwt: String,
     /// An API key issued to client `demo-app`.
     pub client_key: String,
+    /// The admin token (every scope) for the dashboard and the admin API.
+    pub admin_token: String,
 }
 
 /// The audience demo tokens are issued for.
@@ -49,6 +51,7 @@ pub fn demo_config(
     sim_url: &str,
     issuer: &DemoIssuer,
     store_secret: &str,
+    admin_token: &str,
     listen: SocketAddr,
 ) -> String {
     let issuer_url = issuer.issuer();
@@ -62,6 +65,11 @@ drain_timeout = "5s"
 
 [admin]
 listen = "127.0.0.1:0"
+
+[[admin.tokens]]
+name = "demo-operator"
+token = "{admin_token}"
+scopes = ["read", "keys", "config", "tokens"]
 
 [audit]
 path = "-"
@@ -120,7 +128,8 @@ pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    let text = demo_config(&sim.url(), &issuer, &store_secret, listen);
+    let admin_token = format!("pcl-admin-{}", uuid::Uuid::new_v4().simple());
+    let text = demo_config(&sim.url(), &issuer, &store_secret, &admin_token, listen);
     let validated = config::load_str(&text, "demo configuration", std::path::Path::new("."))?;
     let gateway = app::start(&validated).await?;
     gateway
@@ -167,6 +176,7 @@ pub async fn start(opts: &DemoOptions) -> Result<Demo, Box<dyn std::error::Error
         gateway,
         client_jwt,
         client_key,
+        admin_token,
     })
 }
 
@@ -183,6 +193,11 @@ pub fn instructions(demo: &Demo) -> String {
     );
     if let Some(a) = demo.gateway.admin_addr {
         let _ = writeln!(s, "Metrics: http://{a}/metrics   Health: {gw}/health");
+        let _ = writeln!(
+            s,
+            "Dashboard: http://{a}/dashboard/ (sign in with the admin token {})",
+            demo.admin_token
+        );
     }
     let _ = writeln!(s, "Deployments: gpt-4o, gpt-4o-mini, text-embedding-3-small. Audit lines follow below, one per request.");
     let _ = writeln!(

@@ -557,8 +557,12 @@ async fn schemathesis_finds_no_server_error_undocumented_status_or_schema_mismat
     let (_s, g) = start().await;
     let bin = schemathesis();
     let admin = g.admin_url.clone();
+    // schemathesis keeps a cache in its working directory: not in the checkout.
+    let work = tempfile::tempdir().unwrap();
+    let cwd = work.path().to_owned();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin)
+            .current_dir(cwd)
             .args(["run", &format!("{admin}/admin/openapi.json"), "--url", &admin])
             .args(["-H", &format!("Authorization: Bearer {OPS}")])
             .args([
