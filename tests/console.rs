@@ -242,6 +242,10 @@ async fn a_key_created_through_the_api_works_at_once_and_a_revoked_one_stops_at_
     assert_eq!(chat_with_key(&g, &key).await.status(), 401);
     assert_eq!(chat_with_key(&g, &new_key).await.status(), 200);
 
+    // Neither key ever reached the audit log.
+    let audit = std::fs::read_to_string(&g.audit_path).unwrap();
+    assert!(!audit.contains(&key) && !audit.contains(&new_key));
+
     // Mistakes get precise errors.
     let (s, v) = call(
         &g,
