@@ -576,64 +576,87 @@ impl Limiter {
         for it in &mut items {
             it.amount = 0;
         }
-        let (admitted, source) = match &self.redis {
-            None => (self.memory.reserve(&limits.client, &items), "memory"),
-            Some(redis) => match redis.reserve(&limits.client, &to_redis(&items)).await {
-                Ok(r) => (from_redis(r), "redis"),
-                Err(_) => {
-                    self.metrics.backend_errors.inc();
-                    (
-                        Outcome::Refused {
-                            index: 0,
-                            retry_after_ms: 0,
-                        },
-                        "unavailable",
-                    )
-                }
-            },
+        let peek = |items: Vec<Item>| async move {
+            match &self.redis {
+                None => Some((self.memory.reserve(&limits.client, &items), "memory")),
+                Some(redis) => redis
+                    .reserve(&limits.client, &to_redis(&items))
+                    .await
+                    .ok()
+                    .map(|r| (from_redis(r), "redis")),
+            }
         };
-        let admitted = match admitted {
-            Outcome::Admitted(a) => Some(a),
-            Outcome::Refused { .. } => None,
+        let Some((outcome, source)) = peek(items.clone()).await else {
+            return (views(&items, &metas, &globs, None), "unavailable");
         };
-        let views = items
-            .iter()
-            .zip(&metas)
-            .enumerate()
-            .map(|(i, (it, m))| {
-                let usd = matches!(m.kind, Kind::Budget(_));
-                let amount = |v: u64| if usd { v as f64 / 1e6 } else { v as f64 };
-                let (kind, unit, period) = match m.kind {
-                    Kind::Requests => ("requests_per_minute", "requests", None),
-                    Kind::Tokens => ("tokens_per_minute", "tokens", None),
-                    Kind::Quota(p) => ("token_quota", "tokens", Some(period::name(p))),
-                    Kind::Budget(p) => ("budget", "usd", Some(period::name(p))),
+        let admitted = match outcome {
+            Outcome::Admitted(a) => a,
+            // A limit already overdrawn (a reconciliation charged more than was left)
+            // refuses even nothing: read each limit alone; an overdrawn one has 0 left.
+            Outcome::Refused { .. } => {
+                let mut each = Admitted {
+                    now_ms: now,
+                    bucket_s: now_s,
+                    remaining: vec![0; items.len()],
+                    reset_ms: vec![0; items.len()],
                 };
-                let resets_at = match (it.window, &admitted) {
-                    (Window::Period { end_s, .. }, _) => Some(period::rfc3339(end_s)),
-                    (Window::Sliding { .. }, Some(a)) => Some(period::rfc3339(
-                        (a.now_ms + a.reset_ms[i] as i64).div_euclid(1000),
-                    )),
-                    (Window::Sliding { .. }, None) => None,
-                };
-                LimitView {
-                    scope: if m.scope == Scope::Client {
-                        "client"
-                    } else {
-                        "deployments"
-                    },
-                    deployments: globs.get(i).cloned().flatten(),
-                    kind,
-                    limit: amount(it.limit),
-                    remaining: admitted.as_ref().map(|a| amount(a.remaining[i])),
-                    unit,
-                    period,
-                    resets_at,
+                for (i, it) in items.iter().enumerate() {
+                    if let Some((Outcome::Admitted(a), _)) = peek(vec![it.clone()]).await {
+                        each.now_ms = a.now_ms;
+                        each.remaining[i] = a.remaining[0];
+                        each.reset_ms[i] = a.reset_ms[0];
+                    }
                 }
-            })
-            .collect();
-        (views, source)
+                each
+            }
+        };
+        (views(&items, &metas, &globs, Some(&admitted)), source)
     }
+}
+
+/// [`Limiter::remaining`]'s answer for `items`, with what `admitted` says is left.
+fn views(
+    items: &[Item],
+    metas: &[Meta],
+    globs: &[Option<Vec<String>>],
+    admitted: Option<&Admitted>,
+) -> Vec<LimitView> {
+    items
+        .iter()
+        .zip(metas)
+        .enumerate()
+        .map(|(i, (it, m))| {
+            let usd = matches!(m.kind, Kind::Budget(_));
+            let amount = |v: u64| if usd { v as f64 / 1e6 } else { v as f64 };
+            let (kind, unit, period) = match m.kind {
+                Kind::Requests => ("requests_per_minute", "requests", None),
+                Kind::Tokens => ("tokens_per_minute", "tokens", None),
+                Kind::Quota(p) => ("token_quota", "tokens", Some(period::name(p))),
+                Kind::Budget(p) => ("budget", "usd", Some(period::name(p))),
+            };
+            let resets_at = match (it.window, admitted) {
+                (Window::Period { end_s, .. }, _) => Some(period::rfc3339(end_s)),
+                (Window::Sliding { .. }, Some(a)) => Some(period::rfc3339(
+                    (a.now_ms + a.reset_ms[i] as i64).div_euclid(1000),
+                )),
+                (Window::Sliding { .. }, None) => None,
+            };
+            LimitView {
+                scope: if m.scope == Scope::Client {
+                    "client"
+                } else {
+                    "deployments"
+                },
+                deployments: globs.get(i).cloned().flatten(),
+                kind,
+                limit: amount(it.limit),
+                remaining: admitted.as_ref().map(|a| amount(a.remaining[i])),
+                unit,
+                period,
+                resets_at,
+            }
+        })
+        .collect()
 }
 
 fn window_to_redis(w: Window) -> redis::Window {
@@ -997,6 +1020,38 @@ mod tests {
             tokens: n,
             micro_usd: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn remaining_charges_nothing_and_reads_an_overdrawn_limit_as_zero() {
+        let l = limiter();
+        let extra = r#"
+            requests_per_minute = 10
+            tokens_per_minute = 1000
+            limits = [{ deployments = ["gpt-4o*"], tokens_per_minute = 500 }]
+        "#;
+        let c = limited(extra, None);
+        let r = l
+            .reserve(&c, Some("gpt-4o"), tokens(400))
+            .await
+            .unwrap()
+            .unwrap();
+        let left = |v: &[LimitView]| v.iter().map(|x| x.remaining).collect::<Vec<_>>();
+        let (views, source) = l.remaining(&c.client.limits).await;
+        assert_eq!(source, "memory");
+        assert_eq!(left(&views), vec![Some(9.0), Some(600.0), Some(100.0)]);
+        assert_eq!(views[2].deployments, Some(vec!["gpt-4o*".to_owned()]));
+        assert!(views.iter().all(|v| v.resets_at.is_some()));
+        // Reading again changes nothing.
+        let (again, _) = l.remaining(&c.client.limits).await;
+        assert_eq!(left(&again), left(&views));
+        // The answer used 800 tokens: the deployment limit is overdrawn (1200 of 500).
+        r.settle(tokens(1200));
+        let (views, _) = l.remaining(&c.client.limits).await;
+        assert_eq!(left(&views), vec![Some(9.0), Some(0.0), Some(0.0)]);
+        // A client without limits has nothing to show.
+        let free = limited("", None);
+        assert_eq!(l.remaining(&free.client.limits).await, (Vec::new(), "none"));
     }
 
     #[tokio::test]

@@ -360,7 +360,13 @@ impl Gateway {
                 let cred = b.credential.readiness();
                 serde_json::json!({
                     "name": b.name,
-                    "url": format!("{}://{}{}", b.scheme, b.authority, b.base_path),
+                    // Never a user or password the URL might carry.
+                    "url": format!(
+                        "{}://{}{}",
+                        b.scheme,
+                        b.authority.as_str().rsplit('@').next().unwrap_or_default(),
+                        b.base_path
+                    ),
                     "priority": b.priority,
                     "weight": b.weight,
                     "max_concurrent": b.max_concurrent,

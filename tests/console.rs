@@ -591,3 +591,67 @@ async fn schemathesis_finds_no_server_error_undocumented_status_or_schema_mismat
     let (s, _) = call(&g, "GET", "/admin/whoami", Some(OPS), None).await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test]
+async fn without_admin_tokens_only_what_was_open_before_answers() {
+    let s = sim().await;
+    let b = common::backend(
+        "sim",
+        &s.url(),
+        "azure",
+        "deployments = { \"gpt-4o\" = \"gpt-4o\" }\n",
+    );
+    let g = Gateway::start_with(
+        "",
+        "[[clients]]\nid = \"app\"\ndeployments = [\"*\"]\noperations = [\"*\"]\n",
+        &b,
+    )
+    .await;
+    assert_eq!(call(&g, "GET", "/admin/backends", None, None).await.0, 200);
+    assert_eq!(call(&g, "GET", "/metrics", None, None).await.0, 200);
+    for (method, path, body) in [
+        ("GET", "/admin/clients", None),
+        ("GET", "/admin/usage", None),
+        ("GET", "/admin/keys", None),
+        ("GET", "/admin/whoami", None),
+        ("POST", "/admin/keys", Some(json!({ "client": "app" }))),
+    ] {
+        let (status, v) = call(&g, method, path, None, body).await;
+        assert_eq!(status, 401, "{method} {path}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("[[admin.tokens]]"),
+            "{v}"
+        );
+    }
+    // The API's own 404s are audited too, and a key pasted into a path is not written.
+    let (status, _) = call(
+        &g,
+        "GET",
+        "/admin/keys/pcl_abcdefgh_secretsecret/x",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<Value> = g
+            .audit()
+            .into_iter()
+            .filter(|l| l["kind"] == "admin")
+            .collect();
+        if lines.iter().any(|l| l["status"] == 404) {
+            let text = std::fs::read_to_string(&g.audit_path).unwrap();
+            assert!(!text.contains("secretsecret"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit line for the 404: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

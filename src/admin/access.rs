@@ -3,8 +3,8 @@
 //! endpoint.
 //!
 //! With no admin credential configured at all, the admin listener (loopback by default)
-//! stays as open as it always was for reading and reloading (`read`, `config`), but never
-//! issues or revokes keys: that takes a configured token with the `keys` scope.
+//! stays as open as it always was — `/admin/backends`, `/metrics`, `POST /admin/reload` —
+//! and nothing more: clients, usage, refusals and keys always need a configured token.
 
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use subtle::{Choice, ConstantTimeEq};
@@ -31,10 +31,13 @@ pub fn authenticate(tokens: &[AdminToken], headers: &HeaderMap) -> Option<Grant>
         });
     }
     let presented = bearer(headers)?;
-    // Every token is compared, whichever matches: the time taken says nothing about which.
+    // Digests are compared, not the tokens: equal lengths, so the time taken says nothing
+    // about a token's length either. Every token is compared, whichever matches.
+    let presented = crate::digest::sha256(presented.as_bytes());
     let mut found: Option<&AdminToken> = None;
     for t in tokens {
-        let equal: Choice = presented.as_bytes().ct_eq(t.secret.expose().as_bytes());
+        let expected = crate::digest::sha256(t.secret.expose().as_bytes());
+        let equal: Choice = presented.ct_eq(&expected);
         if bool::from(equal) && found.is_none() {
             found = Some(t);
         }
@@ -55,13 +58,23 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// `grant` if it may use an endpoint needing `scope`; otherwise the 401 (`missing_credentials`
 /// when `headers` carry no bearer token, `invalid_admin_token` for a wrong one) or the 403.
+/// On a listener without admin credentials, only endpoints `open_without_tokens` (those
+/// that were open before admin tokens existed: backends, metrics, reload) are answered.
 pub fn check<'a>(
     grant: Option<&'a Grant>,
     headers: &HeaderMap,
     scope: Option<Scope>,
+    open_without_tokens: bool,
 ) -> Result<&'a Grant, Box<http::Response<Body>>> {
+    // Without any admin credential configured, only what was open before stays open.
+    let grant = grant.filter(|g| g.name.is_some() || open_without_tokens);
     let Some(grant) = grant else {
-        let (code, message) = if bearer(headers).is_some() {
+        let (code, message) = if !open_without_tokens && bearer(headers).is_none() {
+            (
+                "missing_credentials",
+                "this endpoint needs an admin token: configure [[admin.tokens]] and send Authorization: Bearer <token>",
+            )
+        } else if bearer(headers).is_some() {
             ("invalid_admin_token", "this admin token is not valid")
         } else {
             (
@@ -130,12 +143,12 @@ mod tests {
         let t = tokens();
         let g = authenticate(&t, &with("Bearer ops-token-0123456789ab")).unwrap();
         assert_eq!(g.name.as_deref(), Some("ops"));
-        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Keys)).is_ok());
-        let r = check(Some(&g), &HeaderMap::new(), Some(Scope::Config)).unwrap_err();
+        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Keys), false).is_ok());
+        let r = check(Some(&g), &HeaderMap::new(), Some(Scope::Config), false).unwrap_err();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         let g = authenticate(&t, &with("bearer reader-token-0123456789")).unwrap();
         assert_eq!(g.name.as_deref(), Some("reader"));
-        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Keys)).is_err());
+        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Keys), false).is_err());
     }
 
     #[test]
@@ -151,19 +164,23 @@ mod tests {
         ] {
             let g = authenticate(&t, &h);
             assert!(g.is_none(), "{h:?}");
-            let r = check(g.as_ref(), &h, None).unwrap_err();
+            let r = check(g.as_ref(), &h, None, false).unwrap_err();
             assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
             assert!(r.headers().contains_key(header::WWW_AUTHENTICATE));
         }
     }
 
     #[test]
-    fn without_admin_credentials_reading_is_open_but_keys_are_not() {
+    fn without_admin_credentials_only_what_was_open_before_stays_open() {
         let g = authenticate(&[], &HeaderMap::new()).unwrap();
         assert_eq!(g.name, None);
-        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Read)).is_ok());
-        assert!(check(Some(&g), &HeaderMap::new(), Some(Scope::Config)).is_ok());
-        let r = check(Some(&g), &HeaderMap::new(), Some(Scope::Keys)).unwrap_err();
-        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let none = HeaderMap::new();
+        assert!(check(Some(&g), &none, Some(Scope::Read), true).is_ok());
+        assert!(check(Some(&g), &none, Some(Scope::Config), true).is_ok());
+        // Clients, usage, keys: never without a configured token.
+        for scope in [Scope::Read, Scope::Keys] {
+            let r = check(Some(&g), &none, Some(scope), false).unwrap_err();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
     }
 }

@@ -73,6 +73,36 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// Whether it answers on a listener without admin credentials (what was open before
+    /// admin tokens existed).
+    fn open_without_tokens(&self) -> bool {
+        matches!(
+            self,
+            Endpoint::Backends | Endpoint::Metrics | Endpoint::Reload
+        )
+    }
+
+    /// The path as audit lines show it: a template, with no id (an operator may paste a
+    /// key where its id belongs).
+    fn template(&self) -> &'static str {
+        match self {
+            Endpoint::WhoAmI => "/admin/whoami",
+            Endpoint::Clients => "/admin/clients",
+            Endpoint::Client(_) => "/admin/clients/{client}",
+            Endpoint::Keys | Endpoint::CreateKey => "/admin/keys",
+            Endpoint::RotateKey => "/admin/keys/rotate",
+            Endpoint::RevokeKey(_) => "/admin/keys/{id}",
+            Endpoint::Usage => "/admin/usage",
+            Endpoint::Series => "/admin/usage/series",
+            Endpoint::UsageChart => "/admin/usage/chart.svg",
+            Endpoint::Refusals => "/admin/refusals",
+            Endpoint::RefusalsChart => "/admin/refusals/chart.svg",
+            Endpoint::Backends => "/admin/backends",
+            Endpoint::Reload => "/admin/reload",
+            Endpoint::Metrics => "/metrics",
+        }
+    }
+
     /// The scope an admin token needs for it (`whoami`: any valid token).
     fn scope(&self) -> Option<Scope> {
         match self {
@@ -104,43 +134,90 @@ impl Admin {
     /// Answer one admin request from `peer`.
     pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Body>
     where
-        B: http_body::Body + Send,
+        B: http_body::Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let endpoint = match self.route(req.method(), req.uri().path()) {
-            Routed::Open(r) => return with_security_headers(r),
+        let path = req.uri().path();
+        let endpoint = match self.route(req.method(), path) {
             Routed::Api(e) => e,
-        };
-        let started = SystemTime::now();
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
-        let scope = endpoint.scope();
-        let tokens = self.inner.reloader.admin_tokens().load_full();
-        let grant = access::authenticate(&tokens, req.headers());
-        let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
-        let (resp, detail, refused) = match access::check(grant.as_ref(), req.headers(), scope) {
-            Err(refusal) => (*refusal, None, true),
-            Ok(grant) => {
-                let (r, d) = api::answer(&self.inner, grant, endpoint, req).await;
-                (r, d, false)
+            Routed::Open(r) if path.starts_with("/admin/") || path == "/metrics" => {
+                // The API's own 404s, 405s and its document are admin requests too.
+                let tokens = self.inner.reloader.admin_tokens().load_full();
+                let grant = access::authenticate(&tokens, req.headers());
+                let record = self.record(&req, shown_path(path), peer, grant.as_ref());
+                return self.finish(r, record, None, false);
             }
+            Routed::Open(r) => return with_security_headers(r),
         };
-        let status = resp.status().as_u16();
-        self.inner.gateway.audit().emit_admin(AdminAuditRecord {
-            time: started,
+        // The work runs in a task of its own: a client that goes away mid-request cannot
+        // cut a key change, or a reload, off from its audit line.
+        let admin = self.clone();
+        let work = tokio::spawn(async move {
+            let tokens = admin.inner.reloader.admin_tokens().load_full();
+            let grant = access::authenticate(&tokens, req.headers());
+            let mut record =
+                admin.record(&req, endpoint.template().to_owned(), peer, grant.as_ref());
+            record.scope = endpoint.scope().map(Scope::as_str);
+            let open = endpoint.open_without_tokens();
+            match access::check(grant.as_ref(), req.headers(), endpoint.scope(), open) {
+                Err(refusal) => admin.finish(*refusal, record, None, true),
+                Ok(grant) => {
+                    let (r, detail) = api::answer(&admin.inner, grant, endpoint, req).await;
+                    admin.finish(r, record, detail, false)
+                }
+            }
+        });
+        match work.await {
+            Ok(r) => r,
+            Err(_) => with_security_headers(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the admin request failed; see the gateway's log",
+            )),
+        }
+    }
+
+    /// The audit record of a request, before its answer is known.
+    fn record<B>(
+        &self,
+        req: &Request<B>,
+        path: String,
+        peer: SocketAddr,
+        grant: Option<&Grant>,
+    ) -> AdminAuditRecord {
+        AdminAuditRecord {
+            time: SystemTime::now(),
             kind: "admin",
-            request_id: request_id.clone(),
-            method,
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            method: req.method().to_string(),
             path,
             peer: peer.to_string(),
-            admin_token: grant.as_ref().and_then(|g| g.name.clone()),
-            scope: scope.map(Scope::as_str),
-            decision: if refused { "refused" } else { "allowed" },
-            status,
-            detail,
-        });
+            admin_token: grant.and_then(|g| g.name.clone()),
+            scope: None,
+            decision: "allowed",
+            status: 0,
+            detail: None,
+        }
+    }
+
+    /// Write the audit line of `resp` and add the headers every admin answer carries.
+    fn finish(
+        &self,
+        resp: Response<Body>,
+        mut record: AdminAuditRecord,
+        detail: Option<serde_json::Value>,
+        refused: bool,
+    ) -> Response<Body> {
+        record.status = resp.status().as_u16();
+        record.detail = detail;
+        if refused {
+            record.decision = "refused";
+        }
+        let request_id = HeaderValue::from_str(&record.request_id).ok();
+        self.inner.gateway.audit().emit_admin(record);
         let mut resp = with_security_headers(resp);
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
+        if let Some(v) = request_id {
             resp.headers_mut().insert("x-request-id", v);
         }
         resp
@@ -190,6 +267,19 @@ impl Admin {
             }
         }
     }
+}
+
+/// A path an audit line may show: at most 128 bytes, and none that holds something shaped
+/// like an API key.
+fn shown_path(path: &str) -> String {
+    if path.contains("pcl_") {
+        return "[a path holding a key]".into();
+    }
+    let mut end = path.len().min(128);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    path[..end].to_owned()
 }
 
 /// The one path segment after `prefix`, percent-decoded (`None` if there are more, or the
