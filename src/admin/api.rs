@@ -22,7 +22,7 @@ use crate::error::{full, json_response, Body, BoxError};
 use crate::reload::Trigger;
 use crate::report;
 use crate::store::usage::{SeriesPoint, SeriesQuery, Split};
-use crate::store::{GroupBy, KeyRecord, StoreError, UsageQuery};
+use crate::store::{GroupBy, StoreError, UsageQuery};
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -69,18 +69,25 @@ where
         )),
         Endpoint::Clients => {
             // All at once: with Redis slow, the page waits for one deadline, not one each.
-            let configs = client_configs(inner);
-            let list =
-                futures_util::future::join_all(configs.iter().map(|c| client_view(inner, c))).await;
+            let snap = inner.gateway.snapshot();
+            let list = futures_util::future::join_all(
+                snap.client_configs
+                    .iter()
+                    .map(|c| client_view(inner, &snap, c)),
+            )
+            .await;
             plain(ok(
                 StatusCode::OK,
                 &json!({ "object": "list", "data": list }),
             ))
         }
-        Endpoint::Client(id) => match client_configs(inner).iter().find(|c| c.id.as_str() == id) {
-            Some(c) => plain(ok(StatusCode::OK, &client_view(inner, c).await)),
-            None => plain(no_client(&id)),
-        },
+        Endpoint::Client(id) => {
+            let snap = inner.gateway.snapshot();
+            match snap.client_configs.iter().find(|c| c.id.as_str() == id) {
+                Some(c) => plain(ok(StatusCode::OK, &client_view(inner, &snap, c).await)),
+                None => plain(no_client(&id)),
+            }
+        }
         Endpoint::Keys => {
             let Some((admin, _)) = &inner.stores.keys else {
                 return plain(keys_disabled());
@@ -209,8 +216,7 @@ fn store_error(e: &StoreError) -> Response<Body> {
 }
 
 /// A client's policy as configured, and what its limits have left now.
-async fn client_view(inner: &Inner, c: &ClientConfig) -> Value {
-    let snap = inner.gateway.snapshot();
+async fn client_view(inner: &Inner, snap: &crate::gateway::Snapshot, c: &ClientConfig) -> Value {
     let policy = snap
         .identity
         .clients()
@@ -453,16 +459,6 @@ fn window(q: &Query, default_since: &str, now_ms: i64) -> Result<(i64, i64), Box
     Ok((since, until))
 }
 
-fn ms_rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 fn usage_store(inner: &Inner) -> Result<&Arc<dyn crate::store::Store>, Box<Response<Body>>> {
     inner.stores.usage.as_ref().ok_or_else(|| {
         Box::new(error(
@@ -515,7 +511,7 @@ async fn usage(inner: &Inner, q: &Query) -> Response<Body> {
                 StatusCode::OK,
                 &json!({
                     "object": "usage", "by": by.as_str(),
-                    "since": ms_rfc3339(since_ms), "until": ms_rfc3339(until_ms), "data": data,
+                    "since": crate::store::rfc3339_ms(since_ms), "until": crate::store::rfc3339_ms(until_ms), "data": data,
                 }),
             )
         }
@@ -636,8 +632,8 @@ async fn series(inner: &Inner, q: &Query, svg: bool) -> Response<Body> {
         StatusCode::OK,
         &json!({
             "object": "usage.series", "metric": metric_name,
-            "since": ms_rfc3339(since_ms), "until": ms_rfc3339(until_ms), "bucket_ms": bucket_ms,
-            "buckets": starts.iter().map(|&s| ms_rfc3339(s)).collect::<Vec<_>>(),
+            "since": crate::store::rfc3339_ms(since_ms), "until": crate::store::rfc3339_ms(until_ms), "bucket_ms": bucket_ms,
+            "buckets": starts.iter().map(|&s| crate::store::rfc3339_ms(s)).collect::<Vec<_>>(),
             "series": list,
         }),
     )
@@ -691,27 +687,10 @@ fn refusals(inner: &Inner, q: &Query, svg: bool) -> Response<Body> {
         StatusCode::OK,
         &json!({
             "object": "refusals",
-            "replica_started": ms_rfc3339(started),
-            "since": ms_rfc3339(since_ms.max(started)),
+            "replica_started": crate::store::rfc3339_ms(started),
+            "since": crate::store::rfc3339_ms(since_ms.max(started)),
             "total": counts.iter().map(|c| c.count).sum::<u64>(),
             "by_reason": counts.iter().map(|c| json!({ "code": c.code, "status": c.status, "count": c.count })).collect::<Vec<_>>(),
         }),
     )
-}
-
-impl KeyRecord {
-    /// The admin API's (and `keys list --json`'s) view: never the key or its HMAC.
-    pub fn view(&self, now: i64) -> Value {
-        let t = |s: i64| ms_rfc3339(s.saturating_mul(1000));
-        json!({
-            "id": self.id,
-            "client": self.client,
-            "name": self.name,
-            "created": t(self.created_at),
-            "expires": self.expires_at.map(t),
-            "last_used": self.last_used_at.map(t),
-            "revoked": self.revoked_at.map(t),
-            "status": self.status(now).as_str(),
-        })
-    }
 }

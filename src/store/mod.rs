@@ -88,6 +88,34 @@ impl KeyRecord {
     }
 }
 
+impl KeyRecord {
+    /// The admin API's (and `keys list --json`'s) view: never the key or its HMAC.
+    pub fn view(&self, now: i64) -> serde_json::Value {
+        let t = |s: i64| rfc3339_ms(s.saturating_mul(1000));
+        serde_json::json!({
+            "id": self.id,
+            "client": self.client,
+            "name": self.name,
+            "created": t(self.created_at),
+            "expires": self.expires_at.map(t),
+            "last_used": self.last_used_at.map(t),
+            "revoked": self.revoked_at.map(t),
+            "status": self.status(now).as_str(),
+        })
+    }
+}
+
+/// Unix milliseconds as RFC 3339 UTC; empty outside what RFC 3339 can write.
+pub fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 impl fmt::Debug for KeyRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyRecord")
