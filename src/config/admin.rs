@@ -83,6 +83,25 @@ pub struct AdminToken {
     pub name: String,
     pub secret: Secret,
     pub scopes: Scopes,
+    /// SHA-256 of the token, what requests are compared against (worked out once).
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    pub fn new(name: String, secret: Secret, scopes: Scopes) -> Self {
+        let digest = crate::digest::sha256(secret.expose().as_bytes());
+        Self {
+            name,
+            secret,
+            scopes,
+            digest,
+        }
+    }
+
+    /// SHA-256 of the token.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
 }
 
 /// The name audit lines give the single `[admin] token`.
@@ -109,11 +128,7 @@ pub fn resolve(
         base_dir,
         problems,
     ) {
-        out.push(AdminToken {
-            name: LEGACY_NAME.into(),
-            secret,
-            scopes: Scopes::all(),
-        });
+        out.push(AdminToken::new(LEGACY_NAME.into(), secret, Scopes::all()));
     }
     for (i, t) in admin.tokens.iter().enumerate() {
         let path = format!("admin.tokens[{i}]");
@@ -186,11 +201,11 @@ pub fn resolve(
                 "the same token is given to another admin token: each needs its own",
             );
         }
-        out.push(AdminToken {
-            name: name.to_owned(),
+        out.push(AdminToken::new(
+            name.to_owned(),
             secret,
-            scopes: t.scopes.iter().copied().collect(),
-        });
+            t.scopes.iter().copied().collect(),
+        ));
     }
     out
 }
