@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh clone: installs what the tests need, then runs them.
 #   - a Python venv (.venv) with the official `openai` SDK and `h2` (HTTP/2 for its httpx),
 #     for tests/sdk.rs and tests/tls.rs, and schemathesis, which tests/console.rs runs against
-#     the live admin API and its OpenAPI document
+#     the live admin API and its OpenAPI document, and the LiteLLM SDK, which
+#     tests/sidecar.rs runs (with `openai`) as the applications beside a sidecar
 #   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
 #     lock file), for the tests that use tests/common/idp.rs
 #   - the admin console's browser test: playwright-core (tests/browser/node_modules, from the
@@ -16,11 +17,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis' 2>/dev/null; then
-  echo "==> creating .venv with the openai SDK, h2 and schemathesis"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis, litellm' 2>/dev/null; then
+  echo "==> creating .venv with the openai and LiteLLM SDKs, h2 and schemathesis"
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2 'schemathesis>=4.1,<5'
+  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2 'schemathesis>=4.1,<5' 'litellm>=1.60,<2'
 fi
+# LiteLLM would fetch its model price map from the internet on import.
+export LITELLM_LOCAL_MODEL_COST_MAP=True
 export PORTCULLIS_PYTHON="$PWD/.venv/bin/python"
 
 # `npm ci` only when node_modules was not installed from this exact lock file.

@@ -57,6 +57,8 @@ pub struct Snapshot {
     scopes_supported: Vec<String>,
     /// `[[clients]]` as written, for the admin API.
     pub client_configs: Arc<Vec<crate::config::ClientConfig>>,
+    /// Sidecar mode: every path goes to the one backend unchanged, as the anonymous client.
+    passthrough: bool,
 }
 
 impl Snapshot {
@@ -125,6 +127,7 @@ impl Snapshot {
                 .map(|s| s.as_str().to_owned())
                 .collect(),
             client_configs: Arc::new(v.config.clients.clone()),
+            passthrough: v.config.passthrough,
         })
     }
 
@@ -497,7 +500,11 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         // Parsed first so refusals are audited with their operation; a bad route is only
         // reported to callers who proved who they are.
-        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query());
+        let route = if snap.passthrough {
+            route::passthrough(&parts.method, parts.uri.path(), parts.uri.query())
+        } else {
+            route::parse(&parts.method, parts.uri.path(), parts.uri.query())
+        };
         if let Ok(r) = &route {
             rec.operation = r.operation.as_str();
         }
@@ -505,15 +512,22 @@ impl Gateway {
             crate::identify::certificate::from_request(&mut parts, peer.ip(), self.tls.as_deref())
                 .inspect_err(|_| rec.auth_method = "certificate")?;
         rec.client_certificate = cert.clone();
-        let caller = snap
-            .identity
-            .identify(&parts.headers, cert.as_ref())
-            .await
-            .map_err(|r| {
-                rec.auth_method = r.method;
-                rec.identity = r.principal;
-                r.error
-            })?;
+        let anonymous = snap
+            .passthrough
+            .then(|| snap.identity.anonymous())
+            .flatten();
+        let caller = match anonymous {
+            Some(caller) => caller,
+            None => snap
+                .identity
+                .identify(&parts.headers, cert.as_ref())
+                .await
+                .map_err(|r| {
+                    rec.auth_method = r.method;
+                    rec.identity = r.principal;
+                    r.error
+                })?,
+        };
         rec.note_caller(&caller);
         let route = route?;
         route.check_method(&parts.method)?;
@@ -540,6 +554,12 @@ impl Gateway {
         let content_type = content_type_value.as_ref().and_then(|v| v.to_str().ok());
         let deployment = match &route.deployment {
             Some(d) => Some(d.clone()),
+            // Sidecar mode reads the body's model only to name it in audit lines and
+            // metrics: a body that is not what the gateway can read goes through as it is.
+            None if snap.passthrough => proxy::rewrite::body_model(&body.bytes, content_type)
+                .ok()
+                .flatten()
+                .filter(|d| route::valid_name(d)),
             None => proxy::rewrite::body_model(&body.bytes, content_type)?,
         };
         if let Some(d) = &deployment {
@@ -556,7 +576,7 @@ impl Gateway {
         }
         rec.decision = Some("allow");
         rec.deployment = deployment.clone();
-        if let Some(d) = &deployment {
+        if let Some(d) = deployment.as_ref().filter(|_| !snap.passthrough) {
             if !snap.backends.serves(d) {
                 return Err(GatewayError::UnknownDeployment(d.clone()));
             }
@@ -588,6 +608,7 @@ impl Gateway {
         // Exact streamed usage: ask the backend for it when the client did not (the meter
         // removes it again from what the client receives).
         let injected = match route.operation {
+            _ if snap.passthrough => None,
             route::Operation::Chat | route::Operation::Completions => {
                 account::tap::inject_include_usage(&body.bytes)
             }
@@ -604,10 +625,8 @@ impl Gateway {
         };
         let tokens = estimate.map_or(0, Estimate::total);
         // Route: the pool's order for this request (priority, weights, reported headroom).
-        let candidates = snap
-            .backends
-            .candidates(deployment.as_deref(), tokens)
-            .unwrap_or_default();
+        let pool = deployment.as_deref().filter(|_| !snap.passthrough);
+        let candidates = snap.backends.candidates(pool, tokens).unwrap_or_default();
         let out = Outgoing {
             route: &route,
             deployment: deployment.as_deref(),

@@ -42,6 +42,7 @@ pub mod report;
 pub mod route;
 pub mod routing;
 pub mod shown;
+pub mod sidecar;
 pub mod sim;
 pub mod store;
 pub mod tls;

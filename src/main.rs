@@ -1,5 +1,5 @@
 //! The `portcullis` binary: a thin CLI over the library (`serve`, `check`, `reload`,
-//! `demo`, `keys`, `usage`).
+//! `demo`, `keys`, `usage`, `sidecar`, `healthcheck`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use portcullis::identify::api_key::{self, KeyAdmin};
 use portcullis::reload::client as reload;
 use portcullis::store::{self, KeyRecord};
-use portcullis::{app, config, demo, listener, report};
+use portcullis::{app, config, demo, listener, report, sidecar};
 
 /// mimalloc: measurably cheaper than glibc malloc for the many small, short-lived
 /// allocations of request handling (see bench/RESULTS.md). Built with `no_thp`: otherwise
@@ -75,6 +75,38 @@ enum Command {
     },
     /// Report usage (requests, tokens, cost) recorded in the store named by [store] url.
     Usage(report::UsageArgs),
+    /// Run as a sidecar configured by environment variables alone (API_BASE_URL, HOST,
+    /// PORT, AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CERTIFICATE_PATH, AZURE_SCOPE, ...;
+    /// see the README): every path and method goes to API_BASE_URL unchanged, with the
+    /// application's credential removed and the backend token added. Listens on 127.0.0.1
+    /// unless told otherwise. With --config, runs the gateway that file describes, client
+    /// authentication included, as `serve` does.
+    #[command(after_help = sidecar_help())]
+    Sidecar {
+        /// A configuration file: its clients must authenticate (as with `serve`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Allow a HOST other than loopback (PORTCULLIS_SIDECAR_ALLOW_NON_LOOPBACK=true):
+        /// anyone who reaches the port uses the backend credential.
+        #[arg(long)]
+        allow_non_loopback: bool,
+    },
+    /// Exit 0 when the gateway answers its health check with 200, 1 otherwise (for
+    /// container HEALTHCHECKs and exec probes, where no curl is installed).
+    Healthcheck {
+        /// Default: http://127.0.0.1:$PORT/health (PORT as sidecar mode reads it, 8080
+        /// when unset).
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn sidecar_help() -> String {
+    let mut help = String::from("Environment:\n");
+    for (name, what) in sidecar::VARIABLES {
+        help.push_str(&format!("  {name:<38} {what}\n"));
+    }
+    help
 }
 
 #[derive(Subcommand)]
@@ -226,6 +258,15 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Sidecar {
+                config: Some(config),
+                ..
+            } => serve(config, true).await,
+            Command::Sidecar {
+                config: None,
+                allow_non_loopback,
+            } => run_sidecar(sidecar::Options { allow_non_loopback }).await,
+            Command::Healthcheck { url } => healthcheck(url).await,
             Command::Check { .. } => ExitCode::SUCCESS,
         }
     })
@@ -268,6 +309,68 @@ async fn serve(path: PathBuf, watch: bool) -> ExitCode {
     running.shutdown();
     running.wait().await;
     ExitCode::SUCCESS
+}
+
+/// `portcullis sidecar` without a file: the environment's configuration, until SIGTERM.
+async fn run_sidecar(opts: sidecar::Options) -> ExitCode {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let validated = match sidecar::from_env(&|name| std::env::var(name).ok(), opts, &cwd) {
+        Ok(v) => v,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !validated.listen.ip().is_loopback() {
+        tracing::warn!(listen = %validated.listen, "the sidecar listens on a non-loopback address and authenticates no client: whoever reaches it uses the backend credential");
+    }
+    let running = match app::start(&validated).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let credential = match validated.backend_auth.first() {
+        Some(config::ResolvedAuth::Token(t)) => t.kind,
+        _ => "none",
+    };
+    tracing::info!(upstream = %validated.config.backends[0].url, credential, "sidecar mode: every request goes to the upstream unchanged, with the backend credential added");
+    listener::shutdown_signal().await;
+    tracing::info!("shutdown signal received; draining");
+    running.shutdown();
+    running.wait().await;
+    ExitCode::SUCCESS
+}
+
+/// `portcullis healthcheck`: GET the health URL, exit 0 on 200.
+async fn healthcheck(url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+        format!("http://127.0.0.1:{}/health", port.trim())
+    });
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(r) if r.status() == reqwest::StatusCode::OK => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("unhealthy: {url} answered {}", r.status());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {url}: {}", portcullis::proxy::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `portcullis reload`: POST /admin/reload to the gateway the configuration describes.

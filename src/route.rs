@@ -5,6 +5,9 @@
 //! - Azure data plane: `/openai/deployments/{deployment}/{operation...}?api-version=...`
 //! - Azure v1: `/openai/v1/{operation...}` (model in the body)
 //! - OpenAI: `/v1/{operation...}` (model in the body)
+//!
+//! Sidecar mode ([`passthrough`]) takes any path: it goes to the one backend as it is, and
+//! is read only to name the operation and deployment in audit lines and metrics.
 
 use http::Method;
 
@@ -16,6 +19,8 @@ pub enum Style {
     AzureDeployments,
     AzureV1,
     OpenAi,
+    /// Sidecar mode: `rest` is the whole path, forwarded unchanged.
+    Passthrough,
 }
 
 /// The operation family of a request, as named in client policies.
@@ -118,6 +123,9 @@ pub struct Route {
 impl Route {
     /// Refuse a method the operation does not use (405 with `Allow`).
     pub fn check_method(&self, method: &Method) -> Result<(), GatewayError> {
+        if self.style == Style::Passthrough {
+            return Ok(());
+        }
         let allowed = self.operation.methods();
         if allowed.contains(method) {
             Ok(())
@@ -133,6 +141,10 @@ impl Route {
     /// one: the operations bound to a deployment, and `POST /responses` (the Responses API's
     /// create; its other calls address a stored response by id).
     pub fn must_name_model(&self, method: &Method) -> bool {
+        self.style != Style::Passthrough && self.must_name_model_inner(method)
+    }
+
+    fn must_name_model_inner(&self, method: &Method) -> bool {
         self.operation.needs_deployment()
             || (self.operation == Operation::Responses
                 && method == Method::POST
@@ -141,7 +153,8 @@ impl Route {
 
     /// Whether the gateway answers this itself from its deployment table.
     pub fn is_model_listing(&self) -> bool {
-        self.operation == Operation::Models && self.style != Style::AzureDeployments
+        self.operation == Operation::Models
+            && !matches!(self.style, Style::AzureDeployments | Style::Passthrough)
     }
 }
 
@@ -238,6 +251,58 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
         rest: rest.to_owned(),
         api_version,
         query: params,
+    })
+}
+
+/// Sidecar mode: any path and query, forwarded as they are but for credential parameters
+/// (dropped). Refused (404) only when the path could climb out of the backend URL's own
+/// path: a `.` or `..` segment, literal or percent-encoded, an encoded `/`, or a backslash.
+/// The operation and deployment are read from the path where it has a known shape, for
+/// audit lines and metrics; anything else is `other`.
+pub fn passthrough(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Route, GatewayError> {
+    let climbs = path.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        decoded == "." || decoded == ".."
+    });
+    let lower = path.to_ascii_lowercase();
+    if !path.starts_with('/')
+        || climbs
+        || path.contains('\\')
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+    {
+        return Err(GatewayError::NotFound {
+            method: method.to_string(),
+            path: path.to_owned(),
+        });
+    }
+    let (operation, deployment) = match parse(method, path, None) {
+        Ok(r) => (r.operation, r.deployment),
+        Err(_) => (Operation::Other, None),
+    };
+    let query = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            !CREDENTIAL_PARAMS
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(name))
+        })
+        .map(str::to_owned)
+        .collect();
+    Ok(Route {
+        style: Style::Passthrough,
+        operation,
+        deployment,
+        rest: path.to_owned(),
+        api_version: None,
+        query,
     })
 }
 

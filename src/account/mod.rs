@@ -210,7 +210,7 @@ impl Meter {
 
     /// The usage the request is charged, where it came from, and the request's estimate
     /// (made now if it is needed and admission made none).
-    fn usage(&self, outcome: &str) -> (Usage, &'static str, Option<Estimate>) {
+    fn usage(&self) -> (Usage, &'static str, Option<Estimate>) {
         let reported = match &self.tap {
             Tap::Json(j) => j.finish(),
             Tap::Sse(s) => s.finish().usage,
@@ -229,19 +229,18 @@ impl Meter {
         let estimate = self.plan.estimate();
         let e = estimate.unwrap_or_default();
         if let Tap::Sse(s) = &self.tap {
-            if outcome != "complete" || !s.finish().done {
-                // Cut (or abandoned and never finished): the prompt and what was streamed.
-                let sum = s.finish();
-                let text = tokens::count(self.plan.encoding, sum.delta_text);
-                // Text past the tap's limit: a generous 1 token per 2 bytes.
-                let completion = text + sum.dropped.div_ceil(2);
-                let u = Usage {
-                    prompt: e.prompt,
-                    completion,
-                    ..Usage::default()
-                };
-                return (u, "counted", estimate);
-            }
+            // Cut, abandoned, or complete without a usage chunk (sidecar mode asks for none):
+            // the prompt and what was streamed.
+            let sum = s.finish();
+            let text = tokens::count(self.plan.encoding, sum.delta_text);
+            // Text past the tap's limit: a generous 1 token per 2 bytes.
+            let completion = text + sum.dropped.div_ceil(2);
+            let u = Usage {
+                prompt: e.prompt,
+                completion,
+                ..Usage::default()
+            };
+            return (u, "counted", estimate);
         }
         // A success that reported nothing: it stays charged as estimated.
         let u = Usage {
@@ -253,8 +252,8 @@ impl Meter {
     }
 
     /// Reconcile, price, count and record the request (see the module docs).
-    pub fn settle(self, rec: &mut AuditRecord, outcome: &str) {
-        let (u, source, estimate) = self.usage(outcome);
+    pub fn settle(self, rec: &mut AuditRecord) {
+        let (u, source, estimate) = self.usage();
         let plan = self.plan;
         let tokens = Demand {
             tokens: u.prompt + u.completion,

@@ -151,6 +151,20 @@ pub fn load_str_with_env(
     }
 }
 
+/// Validate a configuration built in code (sidecar mode) rather than read from text: the
+/// problems carry key paths but no lines.
+pub fn validate_config(
+    config: Config,
+    base_dir: &Path,
+    env: EnvLookup<'_>,
+) -> Result<Validated, Vec<Problem>> {
+    let mut problems = Vec::new();
+    match validate(config, base_dir, env, &mut problems) {
+        Some(v) if problems.is_empty() => Ok(v),
+        _ => Err(problems),
+    }
+}
+
 fn parse(text: &str) -> Result<Config, Problem> {
     let de = toml::Deserializer::parse(text).map_err(|e| Problem {
         path: String::new(),
@@ -434,7 +448,7 @@ fn validate(
             );
         }
         check_backend_url(b.url.as_str(), &format!("{path}.url"), problems);
-        if b.deployments.is_empty() {
+        if b.deployments.is_empty() && !config.passthrough {
             problem(
                 problems,
                 format!("{path}.deployments"),

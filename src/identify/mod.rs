@@ -340,6 +340,12 @@ impl Identifier {
     /// that came with the request, if any. With a certificate, the client it is bound to
     /// is the caller; a header credential as well must name the same client (its
     /// principal is then the caller's: a user inside the client's application).
+    /// The anonymous client, whatever the request carries: sidecar mode, where the
+    /// application's own credential (a placeholder key, say) is not checked but removed.
+    pub fn anonymous(&self) -> Option<Arc<Caller>> {
+        self.anonymous.clone()
+    }
+
     pub async fn identify(
         &self,
         headers: &HeaderMap,

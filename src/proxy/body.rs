@@ -67,7 +67,7 @@ impl Finish {
         self.record.outcome = outcome;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         if let Some(m) = self.meter.take() {
-            m.settle(&mut self.record, outcome);
+            m.settle(&mut self.record);
         }
         self.audit.emit(self.record);
     }

@@ -582,6 +582,14 @@ pub async fn forward(
                             let believed = room.reset.unwrap_or(policy.headroom_ttl);
                             dep.report(now, room.tokens, room.requests, now + millis(believed));
                         }
+                        if status == 429 && policy.transparent {
+                            backend.health.neutral(gate);
+                            record(backend, "rate_limited");
+                            log.push(backend, "rate_limited", sent_at);
+                            let mut answer = log.answer(resp, backend, lease);
+                            answer.tried = log.take();
+                            return Ok(answer);
+                        }
                         if status == 429 {
                             let (wait, source) =
                                 signals::retry_after(resp.headers(), std::time::SystemTime::now())

@@ -144,6 +144,8 @@ pub fn rewrite(
     let mut api_version = None;
     let backend_version = || Some(route.api_version.as_deref().unwrap_or(&backend.api_version));
     match backend.kind {
+        // Sidecar mode: the client's path as it is, under the backend URL's.
+        _ if route.style == Style::Passthrough => pq.push_str(&route.rest),
         BackendKind::Azure => match (route.style, mapped) {
             (Style::AzureDeployments, Some(m)) => {
                 api_version = backend_version();

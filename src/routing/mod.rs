@@ -113,10 +113,13 @@ pub struct Policy {
     pub headroom_ttl: Duration,
     pub queue_wait: Duration,
     pub breaker: BreakerConfig,
+    /// Sidecar mode: a 429 is relayed as the backend sent it and starts no cool-down, so a
+    /// deployment at its limit never holds back the others behind the same URL.
+    pub transparent: bool,
 }
 
 impl Policy {
-    fn new(r: &crate::config::routing::RoutingConfig) -> Self {
+    fn new(r: &crate::config::routing::RoutingConfig, transparent: bool) -> Self {
         Self {
             max_attempts: r.max_attempts,
             retry_budget: r.retry_budget.0,
@@ -126,6 +129,7 @@ impl Policy {
             headroom_ttl: r.headroom_ttl.0,
             queue_wait: r.queue_wait.0,
             breaker: r.breaker,
+            transparent,
         }
     }
 }
@@ -361,7 +365,7 @@ impl BackendTable {
         let workers = crate::worker::count(v.config.server.workers);
         Ok(Self::from_backends(
             backends,
-            Policy::new(&v.config.routing),
+            Policy::new(&v.config.routing, v.config.passthrough),
             workers,
         ))
     }
