@@ -329,6 +329,10 @@ impl Gateway {
                 down.push(format!("deployment '{deployment}' has no usable backend"));
             }
         }
+        // Sidecar mode names no deployments: its one backend is every deployment.
+        if snap.passthrough && !usable.iter().any(|(_, ok)| *ok) {
+            down.push("deployment '*' has no usable backend".to_owned());
+        }
         if !down.is_empty() {
             down.extend(degraded);
             Readiness::NotReady(down)

@@ -512,6 +512,14 @@ async fn a_non_loopback_address_needs_the_explicit_opt_in() {
             .await
             .unwrap();
         assert_eq!(health, json!({ "status": "ok" }));
+        // Alive, but not ready: the managed identity has given it no token.
+        let ready = http()
+            .get(format!("{}/ready", sidecar.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 503);
+        assert_eq!(ready.json::<Value>().await.unwrap()["status"], "not_ready");
         sidecar.stop().await;
     }
 }
