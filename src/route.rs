@@ -327,6 +327,68 @@ mod tests {
     use super::*;
 
     #[test]
+    fn passthrough_keeps_path_and_query_but_not_credentials() {
+        let r = passthrough(
+            &Method::PATCH,
+            "/openai/deployments/gpt-4o/chat/completions",
+            Some("api-version=2025-01-01&Subscription-Key=s&x=%20y&api-key=k"),
+        )
+        .unwrap();
+        assert_eq!(r.style, Style::Passthrough);
+        assert_eq!(r.rest, "/openai/deployments/gpt-4o/chat/completions");
+        assert_eq!(r.query, ["api-version=2025-01-01", "x=%20y"]);
+        assert_eq!(
+            r.api_version, None,
+            "the client's api-version stays in the query"
+        );
+        assert_eq!(r.operation, Operation::Chat);
+        assert_eq!(r.deployment.as_deref(), Some("gpt-4o"));
+        assert!(r.check_method(&Method::PATCH).is_ok());
+        assert!(!r.must_name_model(&Method::POST));
+        assert!(!r.is_model_listing());
+    }
+
+    #[test]
+    fn passthrough_names_what_it_cannot_read_other() {
+        for path in [
+            "/",
+            "/anything/at%20all",
+            "/v1/models",
+            "/openai/deployments/x",
+        ] {
+            let r = passthrough(&Method::GET, path, None).unwrap();
+            assert_eq!(r.rest, path);
+            assert!(!r.is_model_listing(), "{path}: the backend answers it");
+        }
+        let r = passthrough(&Method::GET, "/anything/at%20all", None).unwrap();
+        assert_eq!((r.operation, r.deployment), (Operation::Other, None));
+    }
+
+    #[test]
+    fn passthrough_refuses_paths_that_climb() {
+        for path in [
+            "/openai/../admin",
+            "/openai/./x",
+            "/..",
+            "/openai/%2e%2E/x",
+            "/openai/%2E/x",
+            "/openai/a%2Fb",
+            "/openai/a%5cb",
+            "/openai/a\\b",
+            "",
+            "*",
+        ] {
+            assert!(
+                matches!(
+                    passthrough(&Method::GET, path, None),
+                    Err(GatewayError::NotFound { .. })
+                ),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
     fn azure_data_plane() {
         let r = parse(
             &Method::POST,
