@@ -696,10 +696,9 @@ fn secret_references(objects: &[Value]) -> BTreeSet<(String, String)> {
     refs
 }
 
-/// The Secrets and keys the `kubectl create secret generic` commands of
-/// deploy/kubernetes/README.md create.
-fn documented_secrets() -> BTreeMap<String, BTreeSet<String>> {
-    let text = read(kubernetes_dir().join("README.md")).replace("\\\n", " ");
+/// The Secrets and keys the `kubectl create secret generic` commands of a README create.
+fn documented_secrets(readme: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let text = read(readme).replace("\\\n", " ");
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for line in text.lines() {
         let Some(rest) = line.trim().strip_prefix("kubectl create secret generic ") else {
@@ -725,8 +724,18 @@ fn documented_secrets() -> BTreeMap<String, BTreeSet<String>> {
 
 #[test]
 fn no_secret_value_is_in_any_rendered_object_and_the_readme_creates_every_secret_key_read() {
-    let documented = documented_secrets();
+    let documented = documented_secrets(&kubernetes_dir().join("README.md"));
     assert!(!documented.is_empty());
+    // The README's Deploy section gives the same commands.
+    let top = documented_secrets(&repo().join("README.md"));
+    assert!(!top.is_empty());
+    for (secret, keys) in &top {
+        assert_eq!(
+            Some(keys),
+            documented.get(secret),
+            "README.md and deploy/kubernetes/README.md create {secret} differently"
+        );
+    }
     let mut used: BTreeSet<(String, String)> = BTreeSet::new();
     for overlay in OVERLAYS {
         let objects = render(overlay);
