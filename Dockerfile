@@ -2,14 +2,21 @@
 # The Portcullis image: a release build of the `portcullis` binary on a distroless runtime.
 #
 #   docker build -t portcullis:0.1.0 .
-#   docker run --rm -e API_BASE_URL=https://NAME.openai.azure.com ... portcullis:0.1.0          # sidecar (default)
-#   docker run --rm -v "$PWD/config:/etc/portcullis:ro" portcullis:0.1.0 serve --config /etc/portcullis/portcullis.toml
+#   # sidecar (the default command), on loopback in the network namespace of container APP:
+#   docker run --network container:APP -e API_BASE_URL=https://NAME.openai.azure.com \
+#     -e AZURE_TENANT_ID=... -e AZURE_CLIENT_ID=... -e AZURE_CERTIFICATE_PATH=/certs/gateway.pem \
+#     -v "$PWD/certs:/certs:ro" --read-only portcullis:0.1.0
+#   # the full gateway:
+#   docker run -p 8080:8080 -v "$PWD/config:/etc/portcullis:ro" --read-only portcullis:0.1.0 \
+#     serve --config /etc/portcullis/portcullis.toml
 #
 # Runs as uid/gid 65532 and writes nothing by itself, so it runs with a read-only root
 # filesystem. The one writable place it offers is /var/lib/portcullis (the working
 # directory, owned by 65532), for what a configuration asks to keep on disk: a SQLite
 # store (`[store] url = "sqlite:///var/lib/portcullis/portcullis.db"`) or an audit file.
 # Mount a volume there when you use it; PostgreSQL and audit lines on stdout need none.
+# (`serve`'s default store is SQLite beside the configuration file: with a read-only
+# configuration mount, set [store] url.)
 # tests/deploy.rs checks this file against Cargo.toml and the toolchain.
 
 # The toolchain the project is built and tested with (`rustc --version`); Debian 12 like
