@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need, then runs them.
 #   - a Python venv (.venv) with the official `openai` SDK and `h2` (HTTP/2 for its httpx),
-#     for tests/sdk.rs and tests/tls.rs, and schemathesis, which tests/console.rs runs against
-#     the live admin API and its OpenAPI document, and the LiteLLM SDK, which
-#     tests/sidecar.rs runs (with `openai`) as the applications beside a sidecar
+#     for tests/sdk.rs and tests/tls.rs; schemathesis, which tests/console.rs runs against
+#     the live admin API and its OpenAPI document; the LiteLLM SDK, which tests/sidecar.rs
+#     runs (with `openai`) as the applications beside a sidecar; and kubernetes-validate
+#     (pinned: its schemas are the Kubernetes releases it knows), which tests/deploy.rs runs
+#     on every rendered manifest
+#   - kubectl (its built-in kustomize renders deploy/kubernetes/ for tests/deploy.rs): the
+#     machine's, or Debian's package when there is none
 #   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
 #     lock file), for the tests that use tests/common/idp.rs
 #   - the admin console's browser test: playwright-core (tests/browser/node_modules, from the
@@ -17,10 +21,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis, litellm' 2>/dev/null; then
-  echo "==> creating .venv with the openai and LiteLLM SDKs, h2 and schemathesis"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis, litellm, kubernetes_validate' 2>/dev/null; then
+  echo "==> creating .venv with the openai and LiteLLM SDKs, h2, schemathesis and kubernetes-validate"
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2 'schemathesis>=4.1,<5' 'litellm>=1.60,<2'
+  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2 'schemathesis>=4.1,<5' \
+    'litellm>=1.60,<2' 'kubernetes-validate==1.37.0'
 fi
 # LiteLLM would fetch its model price map from the internet on import.
 export LITELLM_LOCAL_MODEL_COST_MAP=True
@@ -42,6 +47,21 @@ done
 if ! command -v redis-server >/dev/null; then
   echo "==> installing redis-server (Debian package)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
+# tests/deploy.rs renders the overlays with `kubectl kustomize`, which needs the kustomize
+# v4 or later built into kubectl 1.21 and later. The machines have one; otherwise the
+# `kubectl` package where apt has it, else Debian's `kubernetes-client` (Debian 12's is
+# 1.20, too old: then the check below says so).
+if ! command -v kubectl >/dev/null; then
+  echo "==> installing kubectl (Debian package)"
+  apt-get update -qq
+  if apt-cache policy kubectl | grep -q 'Candidate: [0-9]'; then pkg=kubectl; else pkg=kubernetes-client; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+fi
+if ! kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v([4-9]|[1-9][0-9])\.'; then
+  echo "error: tests/deploy.rs needs kubectl 1.21 or later (kustomize v4+); found: $(kubectl version --client 2>&1 | head -1)" >&2
+  exit 1
 fi
 
 # Debian's Chromium for tests/console_browser.rs (playwright-core drives it; it downloads no
