@@ -911,13 +911,17 @@ fn the_sidecar_listens_on_loopback_is_probed_by_exec_and_reads_its_certificate_r
             );
         }
         // Probes run inside the container (the kubelet cannot reach the loopback address).
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        // Alive while /health answers; ready once /ready does (the backend token is in).
+        let ready_url = format!("http://127.0.0.1:{port}/ready");
+        for (probe, extra) in [
+            ("startupProbe", vec![]),
+            ("readinessProbe", vec!["--url", ready_url.as_str()]),
+            ("livenessProbe", vec![]),
+        ] {
             let p = &sidecar[probe];
-            assert_eq!(
-                strings(&p["exec"]["command"]),
-                [BINARY_IN_IMAGE, "healthcheck"],
-                "{overlay}: {probe}"
-            );
+            let mut want = vec![BINARY_IN_IMAGE, "healthcheck"];
+            want.extend(extra);
+            assert_eq!(strings(&p["exec"]["command"]), want, "{overlay}: {probe}");
             assert!(
                 p["httpGet"].is_null() && p["tcpSocket"].is_null(),
                 "{overlay}: {probe}"
