@@ -11,18 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with the openai SDK: run scripts/test.sh (it creates .venv) or set PORTCULLIS_PYTHON"
-    );
-    venv
-}
-
 #[tokio::test]
 async fn official_openai_python_sdk_works_through_the_gateway() {
     let issuer = portcullis::sim::issuer::DemoIssuer::start().await.unwrap();
@@ -58,7 +46,7 @@ operations = ["chat", "embeddings", "models"]
         )
         .unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_sdk_check.py");
-    let run = tokio::process::Command::new(python())
+    let run = tokio::process::Command::new(python("the openai SDK"))
         .arg(&script)
         .env("GATEWAY_URL", &gw.url)
         .env("GATEWAY_KEY", &key)

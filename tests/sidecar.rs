@@ -20,18 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const PLACEHOLDER: &str = "placeholder-key-the-sidecar-removes";
 const API_VERSION: &str = "2024-10-21";
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with the openai and litellm SDKs: run scripts/test.sh (it creates .venv) or set PORTCULLIS_PYTHON"
-    );
-    venv
-}
-
 /// The binary, with only `env` (and PATH) in its environment: nothing from the test
 /// runner's own (an `AZURE_*` there would change which credential is chosen).
 fn sidecar_command(env: &[(&str, String)], args: &[&str]) -> tokio::process::Command {
@@ -55,12 +43,18 @@ struct Sidecar {
 }
 
 impl Sidecar {
-    /// Start it and wait (with a deadline) until `/health` answers.
+    /// Start it on a free port (given as PORT) and wait until `/health` answers.
     async fn start(env: &[(&str, String)], args: &[&str]) -> Sidecar {
         let port = dead_port();
         let mut env = env.to_vec();
         env.push(("PORT", port.to_string()));
-        let mut child = sidecar_command(&env, args)
+        Sidecar::spawn(&env, args, port).await
+    }
+
+    /// Start it with exactly `env` and `args`, and wait (with a deadline) until
+    /// `127.0.0.1:port/health` answers 200.
+    async fn spawn(env: &[(&str, String)], args: &[&str], port: u16) -> Sidecar {
+        let mut child = sidecar_command(env, args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -177,7 +171,7 @@ async fn openai_and_litellm_sdks_reach_azure_through_the_sidecar_with_a_certific
         .unwrap();
     assert!(health.success());
 
-    let run = tokio::process::Command::new(python())
+    let run = tokio::process::Command::new(python("the openai and litellm SDKs"))
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sidecar/clients.py"))
         .env("SIDECAR_URL", &sidecar.url)
         .env("DEPLOYMENT", "gpt-4o")
@@ -542,18 +536,8 @@ async fn with_a_config_file_clients_must_authenticate() {
         ),
     )
     .unwrap();
-    let mut child = sidecar_command(&[], &["--config", file.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http().get(format!("{url}/health")).send().await.is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
-        assert!(Instant::now() < deadline, "the gateway never listened");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gateway = Sidecar::spawn(&[], &["--config", file.to_str().unwrap()], port).await;
+    let url = gateway.url.clone();
     let chat = |key: Option<&str>| {
         let mut req = http()
             .post(format!(
@@ -582,6 +566,6 @@ async fn with_a_config_file_clients_must_authenticate() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
-    assert!(sim.captured().len() == 1);
-    let _ = child.kill().await;
+    assert_eq!(sim.captured().len(), 1);
+    gateway.stop().await;
 }

@@ -480,18 +480,6 @@ async fn curl_as(
     }
 }
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with the openai SDK and h2: run scripts/test.sh (it creates .venv) or set PORTCULLIS_PYTHON"
-    );
-    venv
-}
-
 /// Run tests/sdk/tls_check.py over `cases`; each case's outcome by name.
 async fn python_sdk(
     url: &str,
@@ -499,7 +487,7 @@ async fn python_sdk(
     cases: Value,
 ) -> std::collections::HashMap<String, Value> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/tls_check.py");
-    let run = tokio::process::Command::new(python())
+    let run = tokio::process::Command::new(python("the openai SDK and h2"))
         .arg(&script)
         .env("GATEWAY_URL", url)
         .env("GATEWAY_CA", ca)
@@ -685,7 +673,7 @@ async fn a_certificate_refusal_over_http2_is_a_complete_response() {
     let env = Env::standard("optional").await;
     let p = &env.pki;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/h2_early_refusal.py");
-    let run = tokio::process::Command::new(python())
+    let run = tokio::process::Command::new(python("the openai SDK and h2"))
         .arg(&script)
         .env("GATEWAY_PORT", env.gw.running.addr.port().to_string())
         .env("GATEWAY_CA", p.server_ca())

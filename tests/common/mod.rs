@@ -39,6 +39,20 @@ pub async fn bearer_sim(idp: &idp::Idp) -> SimHandle {
     .unwrap()
 }
 
+/// The Python the SDK tests run: `PORTCULLIS_PYTHON`, or the venv `scripts/test.sh`
+/// creates. `needs` says what it must have, for the message when there is none.
+pub fn python(needs: &str) -> PathBuf {
+    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with {needs}: run scripts/test.sh (it creates .venv) or set PORTCULLIS_PYTHON"
+    );
+    venv
+}
+
 /// Wait until `cond` holds, failing the test after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
