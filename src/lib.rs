@@ -44,6 +44,7 @@ pub mod routing;
 pub mod shown;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod tokens;
 pub mod upstream_auth;

@@ -41,6 +41,9 @@ pub struct Config {
     /// Retries, cool-downs, the circuit breaker and headroom-aware ordering.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// OpenTelemetry traces (`[telemetry]`); off without an `otlp_endpoint`.
+    #[serde(default)]
+    pub telemetry: super::telemetry::TelemetryConfig,
 }
 
 /// `[server]`: the client-facing listener.
