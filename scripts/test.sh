@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh clone: installs what the tests need, then runs them.
 #   - a Python venv (.venv) with the official `openai` SDK and `h2` (HTTP/2 for its httpx),
 #     for tests/sdk.rs and tests/tls.rs, and schemathesis, which tests/console.rs runs against
-#     the live admin API and its OpenAPI document
+#     the live admin API and its OpenAPI document, and opentelemetry-proto, which
+#     tests/otlp/receiver.py (the OTLP/HTTP receiver of tests/telemetry.rs) decodes spans with
 #   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
 #     lock file), for the tests that use tests/common/idp.rs
 #   - the admin console's browser test: playwright-core (tests/browser/node_modules, from the
@@ -16,10 +17,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis' 2>/dev/null; then
-  echo "==> creating .venv with the openai SDK, h2 and schemathesis"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis, opentelemetry.proto.collector.trace.v1.trace_service_pb2' 2>/dev/null; then
+  echo "==> creating .venv with the openai SDK, h2, schemathesis and opentelemetry-proto"
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2 'schemathesis>=4.1,<5'
+  .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2 'schemathesis>=4.1,<5' 'opentelemetry-proto>=1.27,<2'
 fi
 export PORTCULLIS_PYTHON="$PWD/.venv/bin/python"
 

@@ -1,10 +1,11 @@
 //! Telemetry: OpenTelemetry traces of requests, exported over OTLP/HTTP (protobuf).
 //!
 //! A leaf the pipeline calls. [`Telemetry::start`] builds the exporter (`opentelemetry-otlp`
-//! on the gateway's rustls `reqwest` client) behind a batch span processor whose task runs on
-//! the runtime that started the gateway: a finished span is one `try_send` into its bounded
-//! queue (full: the span is dropped, never the request slowed), and exports happen in
-//! batches off the request path. [`Telemetry::shutdown`] exports what is queued when the
+//! on the gateway's rustls `reqwest` client) behind the SDK's batch span processor, whose task
+//! runs on a tokio runtime of its own thread (`runtime::TokioCurrentThread`: no worker's
+//! runtime ever runs an export, and the SDK's blocking shutdown cannot deadlock one): a
+//! finished span is one `try_send` into its bounded queue (full: the span is dropped, never
+//! the request slowed), and exports happen in batches off the request path. [`Telemetry::shutdown`] exports what is queued when the
 //! gateway stops.
 //!
 //! Per request, [`Telemetry::request`] reads the client's W3C `traceparent` (a malformed
@@ -150,8 +151,7 @@ fn traceparent_value(trace_id: TraceId, span_id: SpanId) -> Option<HeaderValue> 
 }
 
 impl Telemetry {
-    /// Build the exporter and its batch task; call within the tokio runtime that is to run
-    /// the exports (the gateway's main runtime, not a worker's).
+    /// Build the exporter and start its batch task (on a thread of its own).
     pub fn start(s: &TelemetrySettings) -> Result<Self, TelemetryError> {
         let client = reqwest::Client::builder()
             .timeout(s.timeout)
@@ -179,9 +179,10 @@ impl Telemetry {
             .with_scheduled_delay(s.batch_delay)
             .with_max_export_timeout(s.timeout)
             .build();
-        let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
-            .with_batch_config(batch)
-            .build();
+        let processor =
+            BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::TokioCurrentThread)
+                .with_batch_config(batch)
+                .build();
         let resource = opentelemetry_sdk::Resource::builder_empty()
             .with_attributes([
                 KeyValue::new("service.name", s.service_name.clone()),

@@ -5,7 +5,9 @@
 //! holding the stream back ([`usage::JsonUsage`] for JSON answers, [`tap::SseTap`] for
 //! event streams), and, when the gateway asked the backend for a usage chunk the client did
 //! not ask for (`stream_options.include_usage`), removes it so the client sees the stream
-//! it would have seen. When the body ends, [`Meter::settle`]:
+//! it would have seen. For a traced request the same scan also keeps the `model` the answer
+//! names ([`Meter::response_model`], for `gen_ai.response.model`). When the body ends,
+//! [`Meter::settle`]:
 //! - takes the usage the backend reported, or — for a stream the backend cut — the prompt
 //!   estimate plus the streamed text counted with the tokenizer (`counted`), or for an
 //!   error answer nothing (backends do not bill refusals);
