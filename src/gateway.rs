@@ -441,29 +441,20 @@ impl Gateway {
                 .map(|tp| telemetry::AuditTraceId(tp.trace_id)),
         };
         let mut guard = Unanswered {
-            rec,
-            trace,
+            record: Record { rec, trace },
             gateway: &self,
             started,
             armed: true,
         };
         let snap = self.snapshot.load_full();
         let result = self
-            .pipeline(
-                req,
-                peer,
-                &snap,
-                &mut guard.rec,
-                &mut guard.trace,
-                &request_id,
-                started,
-            )
+            .pipeline(req, peer, &snap, &mut guard.record, &request_id, started)
             .await;
         guard.armed = false;
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                let mut rec = std::mem::take(&mut guard.rec);
+                let mut rec = std::mem::take(&mut guard.record.rec);
                 rec.status = e.status().as_u16();
                 rec.error_code = Some(e.code());
                 rec.outcome = "refused";
@@ -480,7 +471,7 @@ impl Gateway {
                     .then(|| format!("{}{RESOURCE_METADATA_PATH}", snap.resource(host.as_ref())));
                 let resp = e.into_response(metadata.as_deref());
                 self.count(&rec, None);
-                if let Some(t) = guard.trace.take() {
+                if let Some(t) = guard.record.trace.take() {
                     t.finish(&rec, None);
                 }
                 self.audit.emit(rec);
@@ -522,8 +513,7 @@ impl Gateway {
         req: Request<B>,
         peer: std::net::SocketAddr,
         snap: &Snapshot,
-        rec: &mut AuditRecord,
-        trace: &mut Option<Box<RequestTrace>>,
+        record: &mut Record,
         request_id: &HeaderValue,
         started: Instant,
     ) -> Result<Response<Body>, GatewayError>
@@ -531,6 +521,7 @@ impl Gateway {
         B: HttpBody<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
+        let Record { rec, trace } = record;
         let (mut parts, body) = req.into_parts();
         // Parsed first so refusals are audited with their operation; a bad route is only
         // reported to callers who proved who they are.
@@ -566,7 +557,7 @@ impl Gateway {
         authorize::operation(&caller, route.operation)?;
         if route.is_model_listing() {
             rec.decision = Some("allow");
-            return self.models(&parts.method, &route, &caller, snap, rec, trace, started);
+            return self.models(&parts.method, &route, &caller, snap, record, started);
         }
         // A deployment the path names is checked before a byte of the body is read.
         if let Some(d) = &route.deployment {
@@ -780,10 +771,10 @@ impl Gateway {
         route: &Route,
         caller: &Caller,
         snap: &Snapshot,
-        rec: &mut AuditRecord,
-        trace: &mut Option<Box<RequestTrace>>,
+        record: &mut Record,
         started: Instant,
     ) -> Result<Response<Body>, GatewayError> {
+        let Record { rec, trace } = record;
         if method != Method::GET {
             return Err(GatewayError::MethodNotAllowed {
                 method: crate::shown::shown(method.as_str()),
@@ -826,13 +817,18 @@ impl Gateway {
     }
 }
 
+/// A request's audit record and, when it is traced, its trace: finished together.
+struct Record {
+    rec: AuditRecord,
+    trace: Option<Box<RequestTrace>>,
+}
+
 /// Owns a request's audit record until the pipeline hands it on. If the request is
 /// dropped before a response head exists — the client went away while the backend was
 /// still thinking, or the drain timeout ended it — the record is still written and
 /// counted, as status 499 (client closed request).
 struct Unanswered<'a> {
-    rec: AuditRecord,
-    trace: Option<Box<RequestTrace>>,
+    record: Record,
     gateway: &'a Gateway,
     started: Instant,
     armed: bool,
@@ -843,14 +839,14 @@ impl Drop for Unanswered<'_> {
         if !self.armed {
             return;
         }
-        let mut rec = std::mem::take(&mut self.rec);
+        let mut rec = std::mem::take(&mut self.record.rec);
         rec.status = 499;
         rec.outcome = "client_disconnected";
         let elapsed = self.started.elapsed().as_secs_f64() * 1000.0;
         rec.latency_ms = elapsed;
         rec.duration_ms = elapsed;
         self.gateway.count(&rec, None);
-        if let Some(t) = self.trace.take() {
+        if let Some(t) = self.record.trace.take() {
             t.finish(&rec, None);
         }
         self.gateway.audit.emit(rec);
