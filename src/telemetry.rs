@@ -179,6 +179,10 @@ impl Telemetry {
             .with_scheduled_delay(s.batch_delay)
             .with_max_export_timeout(s.timeout)
             .build();
+        let exporter = Logged {
+            inner: exporter,
+            failing: std::sync::atomic::AtomicBool::new(false),
+        };
         let processor =
             BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::TokioCurrentThread)
                 .with_batch_config(batch)
@@ -246,6 +250,53 @@ impl Telemetry {
             Ok(Err(e)) => tracing::warn!(error = %e, "could not export the last traces"),
             Err(e) => tracing::warn!(error = %e, "could not export the last traces"),
         }
+    }
+}
+
+/// The OTLP exporter, logging when exports start to fail and when they work again (once
+/// each, not per batch: a collector that is down must not flood the log). The SDK's own
+/// diagnostics are compiled out (`internal-logs` off).
+#[derive(Debug)]
+struct Logged {
+    inner: opentelemetry_otlp::SpanExporter,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for Logged {
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        use std::sync::atomic::Ordering;
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) if self.failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!("trace export works again");
+            }
+            // The error names the endpoint's answer or the connection's failure, never a
+            // header value.
+            Err(e) if !self.failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(error = %e, spans, "trace export failed; the spans are dropped (logged once until exports work again)");
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
     }
 }
 
