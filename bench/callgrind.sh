@@ -4,6 +4,8 @@
 #   bench/callgrind.sh                        (builds the release binary)
 #   PORTCULLIS_BIN=path bench/callgrind.sh    (an already-built binary)
 #   REQUESTS=2000 WARMUP=300 bench/callgrind.sh
+#   TELEMETRY=1 bench/callgrind.sh            (traces on, 100% sampled, exported over OTLP/HTTP
+#                                              to an nginx sink answering 200)
 #
 # The gateway runs under `valgrind --tool=callgrind` with `workers = 1`, configured as
 # bench/run.sh configures it (anonymous client, a `[store]`, one issuer), in front of an nginx
@@ -20,8 +22,27 @@ WARMUP="${WARMUP:-300}"
 . bench/common.sh
 bench_setup nginx:nginx-light valgrind:valgrind
 UP_PORT=$(free_port); PCL_PORT=$(free_port)
-upstream_conf cg-upstream 1 "$UP_PORT"
-gateway_conf "$OUT/cg-portcullis.toml" "$PCL_PORT" "$UP_PORT" cg- "workers = 1"
+TELEMETRY_TOML=""
+if [ -n "${TELEMETRY:-}" ]; then
+  # The collector: an empty 200 is an empty ExportTraceServiceResponse (full success).
+  SINK_PORT=$(free_port)
+  nginx_conf cg-upstream 1 "  server {
+    listen 127.0.0.1:$UP_PORT;
+    location / { default_type application/json; return 200 '$BODY'; }
+  }
+  server {
+    listen 127.0.0.1:$SINK_PORT;
+    location / { default_type application/x-protobuf; return 200 ''; }
+  }"
+  TELEMETRY_TOML="[telemetry]
+otlp_endpoint = \"http://127.0.0.1:$SINK_PORT\"
+sampling_ratio = 1.0
+batch_delay = \"200ms\"
+max_queue = 65536"
+else
+  upstream_conf cg-upstream 1 "$UP_PORT"
+fi
+gateway_conf "$OUT/cg-portcullis.toml" "$PCL_PORT" "$UP_PORT" cg- "workers = 1" "" "$TELEMETRY_TOML"
 rm -f "$OUT"/callgrind.out.* "$OUT/cg-keys.db"*
 
 PCL_PID=""
@@ -64,7 +85,8 @@ subprocess.run(["callgrind_control", "-i", "off", pid], check=True, stdout=subpr
 PY
 kill -TERM "$PCL_PID"; wait "$PCL_PID" || true; PCL_PID=""
 
-echo "instructions per request ($REQUESTS keep-alive POSTs, workers = 1):"
+echo "instructions per request ($REQUESTS keep-alive POSTs, workers = 1${TELEMETRY:+, traces on at 100%}):"
+all=0
 for f in "$OUT"/callgrind.out.*; do
   total=$(awk '/^totals:/ {print $2}' "$f")
   thread=$(awk -F'[ :]+' '/^thread:/ {print $2}' "$f")
@@ -73,5 +95,9 @@ for f in "$OUT"/callgrind.out.*; do
   role=other
   grep -q 'fn=.*Gateway.*pipeline' "$f" && role=worker
   grep -q 'fn=.*portcullis::audit::\(write_loop\|AuditSink::start\)' "$f" && role=audit
+  # The trace exporter's batch thread (protobuf encoding, the OTLP/HTTP client).
+  grep -q 'fn=.*opentelemetry_sdk::trace::span_processor_with_async_runtime' "$f" && [ "$role" = other ] && role=telemetry
+  all=$(( all + total ))
   echo "  thread $thread ($role): $(( total / REQUESTS ))"
 done
+echo "  all threads: $(( all / REQUESTS ))"

@@ -3,9 +3,10 @@
 #   - a Python venv (.venv) with the official `openai` SDK and `h2` (HTTP/2 for its httpx),
 #     for tests/sdk.rs and tests/tls.rs; schemathesis, which tests/console.rs runs against
 #     the live admin API and its OpenAPI document; the LiteLLM SDK, which tests/sidecar.rs
-#     runs (with `openai`) as the applications beside a sidecar; and kubernetes-validate
-#     (pinned: its schemas are the Kubernetes releases it knows), which tests/deploy.rs runs
-#     on every rendered manifest
+#     runs (with `openai`) as the applications beside a sidecar; opentelemetry-proto, which
+#     tests/otlp/receiver.py (the OTLP/HTTP receiver of tests/telemetry.rs) decodes spans
+#     with; and kubernetes-validate (pinned: its schemas are the Kubernetes releases it
+#     knows), which tests/deploy.rs runs on every rendered manifest
 #   - kubectl (its built-in kustomize renders deploy/kubernetes/ for tests/deploy.rs): the
 #     machine's, or Debian's package when there is none
 #   - the test OpenID provider's npm packages (tests/idp/node_modules, from the committed
@@ -21,11 +22,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis, litellm, kubernetes_validate' 2>/dev/null; then
-  echo "==> creating .venv with the openai and LiteLLM SDKs, h2, schemathesis and kubernetes-validate"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, schemathesis, litellm, kubernetes_validate, opentelemetry.proto.collector.trace.v1.trace_service_pb2' 2>/dev/null; then
+  echo "==> creating .venv with the openai and LiteLLM SDKs, h2, schemathesis, kubernetes-validate and opentelemetry-proto"
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40' h2 'schemathesis>=4.1,<5' \
-    'litellm>=1.60,<2' 'kubernetes-validate==1.37.0'
+    'litellm>=1.60,<2' 'kubernetes-validate==1.37.0' 'opentelemetry-proto>=1.27,<2'
 fi
 # LiteLLM would fetch its model price map from the internet on import.
 export LITELLM_LOCAL_MODEL_COST_MAP=True

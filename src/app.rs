@@ -51,6 +51,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("limits.redis_url: {0}")]
     Redis(#[from] crate::admit::redis::RedisLimitError),
+    #[error("telemetry.otlp_endpoint: {0}")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("{listener} listener TLS: {message}")]
     Tls {
         listener: &'static str,
@@ -120,6 +122,8 @@ pub struct Running {
     /// Tasks on the caller's runtime (the admin listener).
     tasks: Vec<JoinHandle<()>>,
     audit_writer: AuditWriter,
+    /// The trace exporter, flushed last.
+    telemetry: Option<crate::telemetry::Telemetry>,
     /// The API-key table and its store, when `store.key_hmac_secret` is set.
     keys: Option<Keys>,
     /// Writes usage records to the store (`store.record_usage`).
@@ -238,13 +242,18 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
         writer: usage.clone(),
         metrics: metrics.accounting.clone(),
     });
+    let telemetry = match &v.telemetry {
+        Some(t) => Some(crate::telemetry::Telemetry::start(t)?),
+        None => None,
+    };
     let server_tls = tls_state(&v.server_tls, &metrics)?;
     let admin_tls = tls_state(&v.admin_tls, &metrics)?;
     let gateway = Arc::new(
         Gateway::new(
             snapshot, metrics, audit, budget, limiter, accounting, health,
         )
-        .with_tls(server_tls.clone()),
+        .with_tls(server_tls.clone())
+        .with_telemetry(telemetry.clone()),
     );
     let reloader = Arc::new(
         Reloader::new(
@@ -348,6 +357,7 @@ pub async fn start_with(v: &Validated, opts: StartOptions) -> Result<Running, St
         usage,
         reloader,
         watcher,
+        telemetry,
     })
 }
 
@@ -413,6 +423,10 @@ impl Running {
         self.reloader.stop().await;
         drop(self.reloader);
         drop(self.gateway);
+        // Every request has ended: export the spans still queued.
+        if let Some(t) = &self.telemetry {
+            t.shutdown().await;
+        }
         // The writer ends once the last sink (held by finished requests) is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_writer.join()).await;
     }

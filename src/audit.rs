@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::identify::{Caller, Principal};
 use crate::metrics::Metrics;
+use crate::telemetry::AuditTraceId;
 use crate::tls::ClientCert;
 
 /// What happened to one request.
@@ -39,6 +40,10 @@ pub struct AuditRecord {
     pub time: SystemTime,
     #[serde(serialize_with = "header_str")]
     pub request_id: HeaderValue,
+    /// The W3C trace id: the gateway's trace when the request was traced, else the one of
+    /// the client's valid `traceparent`; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "trace_hex")]
+    pub trace_id: Option<AuditTraceId>,
     #[serde(serialize_with = "method_str")]
     pub method: Method,
     /// Path without the query string.
@@ -286,6 +291,7 @@ impl AuditRecord {
         Self {
             time: SystemTime::now(),
             request_id,
+            trace_id: None,
             method,
             path,
             operation: "unknown",
@@ -374,6 +380,7 @@ impl LineWriter {
         let AuditRecord {
             time,
             request_id,
+            trace_id,
             method,
             path,
             operation,
@@ -403,6 +410,11 @@ impl LineWriter {
         self.time(*time, out);
         out.extend_from_slice(b",\"request_id\":");
         string(out, request_id.to_str().unwrap_or_default())?;
+        if let Some(t) = trace_id {
+            out.extend_from_slice(b",\"trace_id\":\"");
+            out.extend_from_slice(&t.hex());
+            out.push(b'"');
+        }
         out.extend_from_slice(b",\"method\":");
         string(out, method.as_str())?;
         out.extend_from_slice(b",\"path\":");
@@ -737,6 +749,11 @@ fn header_str<S: Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v.to_str().unwrap_or_default())
 }
 
+fn trace_hex<S: Serializer>(v: &Option<AuditTraceId>, s: S) -> Result<S::Ok, S::Error> {
+    let hex = v.map(|t| t.hex()).unwrap_or([b'0'; 32]);
+    s.serialize_str(std::str::from_utf8(&hex).unwrap_or_default())
+}
+
 fn method_str<S: Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(m.as_str())
 }
@@ -907,6 +924,7 @@ mod tests {
         AuditRecord {
             time,
             request_id: request_ids[rng.usize(..request_ids.len())].clone(),
+            trace_id: maybe(rng, |rng| AuditTraceId([rng.u8(..); 16])),
             method: methods[rng.usize(..methods.len())].clone(),
             path: s(rng).to_owned(),
             operation: s(rng),

@@ -6,13 +6,15 @@
 //!   → admit (estimate; reserve every limit) → route → forward (upstream auth applied per
 //!   backend) → relay response → account (usage, reconcile, record) → audit
 //! ```
-//! Each step is one call into the module named after it. The state
+//! Each step is one call into the module named after it; a traced request (see
+//! [`crate::telemetry`]) also carries its [`RequestTrace`], whose root span ends where the
+//! audit record is finished. The state
 //! a request uses is one immutable [`Snapshot`], loaded once per request from an
 //! `ArcSwap`, so a new configuration never changes a request already running.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -34,6 +36,7 @@ use crate::proxy::{self, body::Finish, body::Relay, Outgoing, REQUEST_ID};
 use crate::route::{self, Route};
 use crate::routing::health::HealthRegistry;
 use crate::routing::{Backend, BackendTable, BuildError};
+use crate::telemetry::{self, RequestTrace, Telemetry};
 use crate::tokens::Estimate;
 use crate::upstream_auth::Credential;
 
@@ -210,6 +213,8 @@ pub struct Gateway {
     health: Arc<HealthRegistry>,
     /// The client listener's TLS state (certificates, client verifier), when configured.
     tls: Option<Arc<crate::tls::server::ServerTls>>,
+    /// The trace exporter (`[telemetry]`), when traces are exported.
+    telemetry: Option<Telemetry>,
 }
 
 impl Gateway {
@@ -237,7 +242,14 @@ impl Gateway {
             accounting,
             health,
             tls: None,
+            telemetry: None,
         }
+    }
+
+    /// Trace requests with this exporter (`[telemetry]`; `None`: no traces).
+    pub fn with_telemetry(mut self, telemetry: Option<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// The audit sink (the admin API writes its own lines to it).
@@ -419,25 +431,37 @@ impl Gateway {
         let host = host(&req).cloned();
         let started = Instant::now();
         let request_id = request_id(req.headers());
+        // Telemetry off: one branch, nothing built. The audit line still names the trace the
+        // client's `traceparent` is part of.
+        let trace = match &self.telemetry {
+            Some(t) => t.request(req.headers()),
+            None => None,
+        };
+        let mut rec = AuditRecord::new(
+            request_id.clone(),
+            req.method().clone(),
+            req.uri().path().to_owned(),
+        );
+        rec.trace_id = match &trace {
+            Some(t) => Some(t.trace_id()),
+            None => telemetry::client_traceparent(req.headers())
+                .map(|tp| telemetry::AuditTraceId(tp.trace_id)),
+        };
         let mut guard = Unanswered {
-            rec: AuditRecord::new(
-                request_id.clone(),
-                req.method().clone(),
-                req.uri().path().to_owned(),
-            ),
+            record: Record { rec, trace },
             gateway: &self,
             started,
             armed: true,
         };
         let snap = self.snapshot.load_full();
         let result = self
-            .pipeline(req, peer, &snap, &mut guard.rec, &request_id, started)
+            .pipeline(req, peer, &snap, &mut guard.record, &request_id, started)
             .await;
         guard.armed = false;
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                let mut rec = std::mem::take(&mut guard.rec);
+                let mut rec = std::mem::take(&mut guard.record.rec);
                 rec.status = e.status().as_u16();
                 rec.error_code = Some(e.code());
                 rec.outcome = "refused";
@@ -454,6 +478,9 @@ impl Gateway {
                     .then(|| format!("{}{RESOURCE_METADATA_PATH}", snap.resource(host.as_ref())));
                 let resp = e.into_response(metadata.as_deref());
                 self.count(&rec, None);
+                if let Some(t) = guard.record.trace.take() {
+                    t.finish(&rec, None);
+                }
                 self.audit.emit(rec);
                 resp
             }
@@ -493,7 +520,7 @@ impl Gateway {
         req: Request<B>,
         peer: std::net::SocketAddr,
         snap: &Snapshot,
-        rec: &mut AuditRecord,
+        record: &mut Record,
         request_id: &HeaderValue,
         started: Instant,
     ) -> Result<Response<Body>, GatewayError>
@@ -501,6 +528,7 @@ impl Gateway {
         B: HttpBody<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
+        let Record { rec, trace } = record;
         let (mut parts, body) = req.into_parts();
         // Parsed first so refusals are audited with their operation; a bad route is only
         // reported to callers who proved who they are.
@@ -516,12 +544,13 @@ impl Gateway {
             crate::identify::certificate::from_request(&mut parts, peer.ip(), self.tls.as_deref())
                 .inspect_err(|_| rec.auth_method = "certificate")?;
         rec.client_certificate = cert.clone();
+        let since = trace.is_some().then(SystemTime::now);
         let anonymous = snap
             .passthrough
             .then(|| snap.identity.anonymous())
             .flatten();
-        let caller = match anonymous {
-            Some(caller) => caller,
+        let identified = match anonymous {
+            Some(caller) => Ok(caller),
             None => snap
                 .identity
                 .identify(&parts.headers, cert.as_ref())
@@ -530,15 +559,23 @@ impl Gateway {
                     rec.auth_method = r.method;
                     rec.identity = r.principal;
                     r.error
-                })?,
+                }),
         };
+        if let (Some(t), Some(since)) = (trace.as_deref(), since) {
+            t.stage(
+                "identify",
+                since,
+                identified.as_ref().err().map(|e| e.code()),
+            );
+        }
+        let caller = identified?;
         rec.note_caller(&caller);
         let route = route?;
         route.check_method(&parts.method)?;
         authorize::operation(&caller, route.operation)?;
         if route.is_model_listing() {
             rec.decision = Some("allow");
-            return self.models(&parts.method, &route, &caller, snap, rec, started);
+            return self.models(&parts.method, &route, &caller, snap, record, started);
         }
         // A deployment the path names is checked before a byte of the body is read.
         if let Some(d) = &route.deployment {
@@ -587,6 +624,7 @@ impl Gateway {
         }
 
         // Admit: what will this cost, and does it fit every limit?
+        let since = trace.is_some().then(SystemTime::now);
         let ticket = self
             .limiter
             .admit(
@@ -602,12 +640,15 @@ impl Gateway {
                 &snap.estimate,
                 &snap.prices,
             )
-            .await?;
+            .await;
+        if let (Some(t), Some(since)) = (trace.as_deref(), since) {
+            t.stage("admit", since, ticket.as_ref().err().map(|e| e.code()));
+        }
         let admit::Ticket {
             estimate,
             price,
             reservation,
-        } = ticket;
+        } = ticket?;
         let model = deployment.as_deref().unwrap_or_default();
         // Exact streamed usage: ask the backend for it when the client did not (the meter
         // removes it again from what the client receives).
@@ -639,6 +680,7 @@ impl Gateway {
             body: injected.unwrap_or_else(|| body.bytes.clone()),
             content_type,
             tokens,
+            trace: trace.as_deref_mut(),
         };
         let forwarded = proxy::forward(out, candidates, &snap.backends.policy).await;
         // The body (and its room in the budget) is needed until a backend has answered;
@@ -675,6 +717,9 @@ impl Gateway {
         };
         rec.note_backend(Some(&answer.backend), answer.attempts);
         rec.tried = answer.tried;
+        if let Some(t) = trace.as_deref_mut() {
+            t.answered_by(&answer.backend);
+        }
         let (mut head, mut upstream_body) = answer.response.into_parts();
         // A body the bytes read with the head already show to be broken (a chunk size that
         // is not hex, say) is refused now, while the client can still get a clean 502.
@@ -713,6 +758,7 @@ impl Gateway {
                 reservation,
                 price,
                 injected_usage,
+                want_model: trace.is_some(),
                 client: caller.client.id.clone(),
                 subject: p.subject.clone(),
                 key_id: p.key_id.clone(),
@@ -734,6 +780,7 @@ impl Gateway {
             admission,
             meter: Some(meter),
             lease: Some(answer.lease),
+            trace: trace.take(),
         };
         let total = answer.backend.total_timeout.map(|t| started + t);
         let relay = Relay::new(upstream_body, answer.backend.idle_timeout, finish, first)
@@ -747,9 +794,10 @@ impl Gateway {
         route: &Route,
         caller: &Caller,
         snap: &Snapshot,
-        rec: &mut AuditRecord,
+        record: &mut Record,
         started: Instant,
     ) -> Result<Response<Body>, GatewayError> {
+        let Record { rec, trace } = record;
         if method != Method::GET {
             return Err(GatewayError::MethodNotAllowed {
                 method: crate::shown::shown(method.as_str()),
@@ -784,9 +832,18 @@ impl Gateway {
         rec.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         rec.duration_ms = rec.latency_ms;
         self.count(rec, None);
+        if let Some(t) = trace.take() {
+            t.finish(rec, None);
+        }
         self.audit.emit(std::mem::take(rec));
         Ok(json_response(StatusCode::OK, body))
     }
+}
+
+/// A request's audit record and, when it is traced, its trace: finished together.
+struct Record {
+    rec: AuditRecord,
+    trace: Option<Box<RequestTrace>>,
 }
 
 /// Owns a request's audit record until the pipeline hands it on. If the request is
@@ -794,7 +851,7 @@ impl Gateway {
 /// still thinking, or the drain timeout ended it — the record is still written and
 /// counted, as status 499 (client closed request).
 struct Unanswered<'a> {
-    rec: AuditRecord,
+    record: Record,
     gateway: &'a Gateway,
     started: Instant,
     armed: bool,
@@ -805,13 +862,16 @@ impl Drop for Unanswered<'_> {
         if !self.armed {
             return;
         }
-        let mut rec = std::mem::take(&mut self.rec);
+        let mut rec = std::mem::take(&mut self.record.rec);
         rec.status = 499;
         rec.outcome = "client_disconnected";
         let elapsed = self.started.elapsed().as_secs_f64() * 1000.0;
         rec.latency_ms = elapsed;
         rec.duration_ms = elapsed;
         self.gateway.count(&rec, None);
+        if let Some(t) = self.record.trace.take() {
+            t.finish(&rec, None);
+        }
         self.gateway.audit.emit(rec);
     }
 }

@@ -45,6 +45,7 @@ pub mod shown;
 pub mod sidecar;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod tokens;
 pub mod upstream_auth;

@@ -30,8 +30,8 @@
 //! `server.trusted_proxies`, `admin.token` and `[[admin.tokens]]` take effect for the next request.
 //!
 //! Some keys are read once at start ([`START_ONLY`]): the listeners, the worker threads,
-//! the drain timings, the body-memory budget, the audit output, the store and the limit
-//! counters' backend. A reload that changes one of them applies everything else, keeps the
+//! the drain timings, the body-memory budget, the audit output, the store, the limit
+//! counters' backend and `[telemetry]`. A reload that changes one of them applies everything else, keeps the
 //! running value, logs a warning naming the key, lists it in `restart_required`, and sets
 //! `portcullis_config_restart_required` to 1 until the process is restarted.
 
@@ -73,6 +73,7 @@ pub const START_ONLY: &[&str] = &[
     "limits.redis_prefix",
     "limits.redis_timeout",
     "limits.on_redis_error",
+    "telemetry",
 ];
 
 /// How long the file's directory must stay quiet before a change is reloaded: editors and
@@ -578,6 +579,8 @@ fn start_only_changes(started: &Validated, new: &Validated) -> Vec<String> {
             "limits.on_redis_error",
             a.limits.on_redis_error != b.limits.on_redis_error,
         ),
+        // The whole section: the exporter and its batch task are built once at start.
+        ("telemetry", started.telemetry != new.telemetry),
     ];
     debug_assert_eq!(changed.len(), START_ONLY.len());
     changed

@@ -5,7 +5,9 @@
 //! holding the stream back ([`usage::JsonUsage`] for JSON answers, [`tap::SseTap`] for
 //! event streams), and, when the gateway asked the backend for a usage chunk the client did
 //! not ask for (`stream_options.include_usage`), removes it so the client sees the stream
-//! it would have seen. When the body ends, [`Meter::settle`]:
+//! it would have seen. For a traced request the same scan also keeps the `model` the answer
+//! names ([`Meter::response_model`], for `gen_ai.response.model`). When the body ends,
+//! [`Meter::settle`]:
 //! - takes the usage the backend reported, or — for a stream the backend cut — the prompt
 //!   estimate plus the streamed text counted with the tokenizer (`counted`), or for an
 //!   error answer nothing (backends do not bill refusals);
@@ -63,6 +65,8 @@ pub struct Plan {
     pub price: Option<Price>,
     /// The gateway added `stream_options.include_usage` to the request.
     pub injected_usage: bool,
+    /// Read the model the answer names too (the request is traced).
+    pub want_model: bool,
     pub client: Arc<str>,
     pub subject: Option<String>,
     pub key_id: Option<Arc<str>>,
@@ -145,13 +149,22 @@ impl Meter {
         let tap = if !ok || !plan.reports_usage() {
             Tap::None
         } else if ct.starts_with("text/event-stream") {
-            Tap::Sse(Box::new(SseTap::new(if plan.injected_usage {
+            let tap = SseTap::new(if plan.injected_usage {
                 Mode::Strip
             } else {
                 Mode::Observe
-            })))
+            });
+            Tap::Sse(Box::new(if plan.want_model {
+                tap.with_model()
+            } else {
+                tap
+            }))
         } else if ct.starts_with("application/json") {
-            Tap::Json(JsonUsage::new())
+            Tap::Json(if plan.want_model {
+                JsonUsage::with_model()
+            } else {
+                JsonUsage::new()
+            })
         } else {
             Tap::None
         };
@@ -197,6 +210,15 @@ impl Meter {
     /// the answer's length is then unknown in advance.
     pub fn rewrites(&self) -> bool {
         matches!(&self.tap, Tap::Sse(s) if s.mode() == Mode::Strip)
+    }
+
+    /// The model the answer named, when the plan asked for it (`want_model`).
+    pub fn response_model(&self) -> Option<&str> {
+        match &self.tap {
+            Tap::Json(j) => j.model(),
+            Tap::Sse(s) => s.model(),
+            Tap::None => None,
+        }
     }
 
     /// Whether the answer's usage is still to come (worth reading on after a disconnect).

@@ -108,6 +108,9 @@ pub struct SseTap {
     usage: Option<Usage>,
     done: bool,
     text: Text,
+    /// Whether the stream's `model` is read (for traces), and the first non-empty one.
+    want_model: bool,
+    model: Option<String>,
 }
 
 impl SseTap {
@@ -133,6 +136,32 @@ impl SseTap {
                 limit,
                 dropped: 0,
             },
+            want_model: false,
+            model: None,
+        }
+    }
+
+    /// Also read the model the stream names: the first non-empty top-level `model` of a
+    /// chunk (Azure's first chunk has an empty one), or the Responses API's
+    /// `response.model`.
+    pub fn with_model(mut self) -> Self {
+        self.want_model = true;
+        self
+    }
+
+    /// The model the stream named, when [`SseTap::with_model`] asked for it.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn note_model(&mut self, raw: &[u8]) {
+        // Contents as written: a model name has nothing to unescape.
+        if self.model.is_none()
+            && !raw.is_empty()
+            && raw.len() <= super::usage::MAX_MODEL_BYTES
+            && !raw.contains(&b'\\')
+        {
+            self.model = std::str::from_utf8(raw).ok().map(str::to_owned);
         }
     }
 
@@ -346,6 +375,11 @@ impl SseTap {
         let Some(top) = Top::read(data, Some(&mut self.text)) else {
             return Verdict::Keep;
         };
+        if self.want_model && self.model.is_none() {
+            if let Some(m) = &top.model {
+                self.note_model(&data[m.clone()]);
+            }
+        }
         // The Responses API names its events twice: `event:` and the data's `type`.
         let kind = match (name, &top.kind) {
             (b"", Some(r)) => &data[r.clone()],
@@ -367,8 +401,14 @@ impl SseTap {
             ),
         ) {
             let resp = &data[resp.clone()];
-            if self.usage_name.find(resp).is_some() {
-                if let Some(u) = Top::read(resp, None)
+            if self.usage_name.find(resp).is_some() || (self.want_model && self.model.is_none()) {
+                let inner = Top::read(resp, None);
+                if let Some(m) = inner.as_ref().and_then(|t| t.model.clone()) {
+                    if self.want_model {
+                        self.note_model(&resp[m]);
+                    }
+                }
+                if let Some(u) = inner
                     .and_then(|t| t.usage)
                     .and_then(|m| Usage::from_json(&resp[m.value]))
                 {
@@ -570,6 +610,8 @@ struct Top {
     delta: Option<Range<usize>>,
     /// `response`'s value (the Responses API).
     response: Option<Range<usize>>,
+    /// `model`'s contents when it is a string.
+    model: Option<Range<usize>>,
     usage: Option<Member>,
     /// `choices` is absent, `null` or `[]`.
     choices_empty: bool,
@@ -583,6 +625,7 @@ impl Top {
             kind: None,
             delta: None,
             response: None,
+            model: None,
             usage: None,
             choices_empty: true,
         };
@@ -614,12 +657,12 @@ impl Top {
                     top.choices_empty = w.peek()? == b'n';
                     w.skip()?;
                 }
-                b"type" | b"delta" if w.peek()? == b'"' => {
+                b"type" | b"delta" | b"model" if w.peek()? == b'"' => {
                     let s = w.string()?;
-                    if &*key == b"type" {
-                        top.kind = Some(s);
-                    } else {
-                        top.delta = Some(s);
+                    match &*key {
+                        b"type" => top.kind = Some(s),
+                        b"delta" => top.delta = Some(s),
+                        _ => top.model = Some(s),
                     }
                 }
                 _ => w.skip()?,
@@ -1034,6 +1077,26 @@ mod tests {
     }
 
     const CHAT_TEXT: &str = "Hello \"usage\": {\n} \u{e9}\u{1f600}";
+
+    #[test]
+    fn reads_the_streamed_model_when_asked() {
+        // Azure's first chunk names no model (its prompt filter results).
+        let stream = "data: {\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\"}\n\ndata: {\"id\":\"c1\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {\"id\":\"c1\",\"model\":\"later\",\"choices\":[]}\n\ndata: [DONE]\n\n";
+        for at in 0..=stream.len() {
+            let mut t = SseTap::observe().with_model();
+            t.feed(Bytes::copy_from_slice(&stream.as_bytes()[..at]));
+            t.feed(Bytes::copy_from_slice(&stream.as_bytes()[at..]));
+            assert_eq!(t.model(), Some("gpt-4o-2024-08-06"), "split at {at}");
+        }
+        let mut t = SseTap::observe();
+        t.feed(Bytes::from(stream));
+        assert_eq!(t.model(), None, "not read unless asked");
+        let responses = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r1\",\"model\":\"gpt-4o\",\"usage\":{\"input_tokens\":5,\"output_tokens\":6}}}\n\n";
+        let mut t = SseTap::observe().with_model();
+        t.feed(Bytes::from(responses));
+        assert_eq!(t.model(), Some("gpt-4o"));
+        assert_eq!(t.finish().usage.map(|u| u.completion), Some(6));
+    }
 
     #[test]
     fn observe_reads_usage_done_and_text() {

@@ -95,6 +95,9 @@ impl Raw {
 /// The most a captured `usage` value may hold; a longer one is not a usage object.
 pub const MAX_USAGE_BYTES: usize = 16 * 1024;
 
+/// The longest `model` name kept for traces.
+pub const MAX_MODEL_BYTES: usize = 256;
+
 /// The longest member name compared with `usage` (escapes included, as written).
 const MAX_KEY_BYTES: usize = 32;
 
@@ -135,6 +138,11 @@ pub struct JsonUsage {
     /// The last complete `usage` value read as a usage object (the last one wins, as for
     /// most JSON readers); `None` when it is not one, or there is none yet.
     usage: Option<Usage>,
+    /// Whether the top-level `model` is read too (for traces), and is what is captured now.
+    want_model: bool,
+    capturing_model: bool,
+    /// The top-level `model` string, when asked for.
+    model: Option<String>,
 }
 
 impl Default for JsonUsage {
@@ -158,6 +166,18 @@ impl JsonUsage {
             capturing: false,
             captured: Vec::new(),
             usage: None,
+            want_model: false,
+            capturing_model: false,
+            model: None,
+        }
+    }
+
+    /// A scanner that also reads the answer's top-level `model` string (see
+    /// [`JsonUsage::model`]).
+    pub fn with_model() -> Self {
+        Self {
+            want_model: true,
+            ..Self::new()
         }
     }
 
@@ -278,6 +298,11 @@ impl JsonUsage {
             self.in_string = false;
             if std::mem::take(&mut self.in_key) {
                 self.matched = !self.key_too_long && is_usage(&self.key);
+                self.capturing_model = false;
+                if !self.matched && self.want_model && self.key == b"model" {
+                    self.matched = true;
+                    self.capturing_model = true;
+                }
             }
         }
         stop
@@ -295,9 +320,20 @@ impl JsonUsage {
 
     fn end_capture(&mut self) {
         if std::mem::take(&mut self.capturing) {
-            self.usage = Usage::from_json(&self.captured);
+            if std::mem::take(&mut self.capturing_model) {
+                self.model = serde_json::from_slice::<String>(&self.captured)
+                    .ok()
+                    .filter(|m| m.len() <= MAX_MODEL_BYTES);
+            } else {
+                self.usage = Usage::from_json(&self.captured);
+            }
             self.captured.clear();
         }
+    }
+
+    /// The answer's top-level `model` string, when [`JsonUsage::with_model`] asked for it.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// The usage read so far: the last complete top-level `usage` value, when it is a usage
@@ -405,6 +441,24 @@ mod tests {
             );
         }
         assert_eq!(Usage::from_value(&serde_json::json!([1])), None);
+    }
+
+    #[test]
+    fn reads_the_top_level_model_only_when_asked() {
+        let doc = br#"{"id":"x","choices":[{"message":{"model":"inner"}}],"model" : "gpt-4o-2024-08-06","usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        for at in 0..=doc.len() {
+            let mut s = JsonUsage::with_model();
+            s.feed(&doc[..at]);
+            s.feed(&doc[at..]);
+            assert_eq!(s.model(), Some("gpt-4o-2024-08-06"), "split at {at}");
+            assert_eq!(s.finish().map(|u| u.completion), Some(4));
+        }
+        let mut s = JsonUsage::new();
+        s.feed(doc);
+        assert_eq!(s.model(), None);
+        let mut s = JsonUsage::with_model();
+        s.feed(br#"{"model":{"not":"a string"},"usage":{"prompt_tokens":1}}"#);
+        assert_eq!((s.model(), s.finish().map(|u| u.prompt)), (None, Some(1)));
     }
 
     /// Feed `doc` whole, one byte at a time and in pseudo-random pieces: same answer.

@@ -11,6 +11,7 @@ pub mod limits;
 mod model;
 pub mod operator;
 pub mod routing;
+pub mod telemetry;
 pub mod tls;
 mod values;
 
@@ -99,6 +100,8 @@ pub struct Validated {
     pub admin_tls: Option<tls::TlsSettings>,
     /// Each client's `certificates`, normalised; index-aligned with `config.clients`.
     pub cert_bindings: Vec<Vec<tls::CertMatcher>>,
+    /// `[telemetry]`, resolved; `None` when no traces are exported.
+    pub telemetry: Option<telemetry::TelemetrySettings>,
 }
 
 /// Read and validate a configuration file.
@@ -553,12 +556,14 @@ fn validate(
     }
     limits::validate(&config, problems);
     routing::validate(&config, problems);
+    let telemetry = telemetry::validate(&config.telemetry, problems);
     let ids = identity::validate(&config, base_dir, problems);
     Some(Validated {
         trusted_proxies,
         server_tls,
         admin_tls,
         cert_bindings,
+        telemetry,
         max_buffered_body_bytes,
         key_hmac_secret: ids.key_hmac_secret,
         issuer_secrets: ids.issuer_secrets,

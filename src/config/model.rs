@@ -41,6 +41,9 @@ pub struct Config {
     /// Retries, cool-downs, the circuit breaker and headroom-aware ordering.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// OpenTelemetry traces (`[telemetry]`); off without an `otlp_endpoint`.
+    #[serde(default)]
+    pub telemetry: super::telemetry::TelemetryConfig,
     /// Sidecar mode (`portcullis sidecar` without a file, see `crate::sidecar`): every path
     /// and method goes to the one backend unchanged, no client is authenticated, and a
     /// backend needs no `deployments`. Never read from a file: TOML cannot set it.

@@ -740,3 +740,99 @@ fn tls_sections_are_checked_file_by_file_and_key_by_key() {
         );
     }
 }
+
+#[test]
+fn telemetry_is_off_without_an_endpoint_and_resolves_the_traces_url() {
+    let v = load(MINIMAL).unwrap();
+    assert!(v.telemetry.is_none(), "no [telemetry]: off");
+    let v = load(&format!("{MINIMAL}\n[telemetry]\nsampling_ratio = 0.5\n")).unwrap();
+    assert!(v.telemetry.is_none(), "no otlp_endpoint: off");
+    for (given, url) in [
+        ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),
+        ("http://127.0.0.1:4318/", "http://127.0.0.1:4318/v1/traces"),
+        (
+            "https://otel.example/base",
+            "https://otel.example/base/v1/traces",
+        ),
+        (
+            "https://otel.example/v1/traces",
+            "https://otel.example/v1/traces",
+        ),
+    ] {
+        let v = load(&format!(
+            "{MINIMAL}\n[telemetry]\notlp_endpoint = \"{given}\"\n"
+        ))
+        .unwrap();
+        let t = v.telemetry.unwrap();
+        assert_eq!(t.endpoint, url);
+        assert_eq!(
+            (t.service_name.as_str(), t.sampling_ratio),
+            ("portcullis", 1.0)
+        );
+    }
+}
+
+#[test]
+fn telemetry_problems_name_their_keys_and_never_a_header_value() {
+    let text = format!(
+        "{MINIMAL}\n[telemetry]\notlp_endpoint = \"http://collector.example:4318\"\nsampling_ratio = 1.5\n[telemetry.headers]\nx-api-key = \"otlp-secret-value-123\"\n"
+    );
+    let err = load(&text).unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["telemetry.sampling_ratio", "telemetry.headers"],
+        "{err}"
+    );
+    assert!(err.problems[1].message.contains("https"), "{err}");
+    assert_eq!(err.problems[0].line, Some(9), "{err}");
+    assert!(!err.to_string().contains("otlp-secret-value-123"));
+    // The same headers over https, or over http to loopback, are fine, and stay redacted.
+    for endpoint in [
+        "https://collector.example",
+        "http://127.0.0.1:4318",
+        "http://localhost:4318",
+    ] {
+        let ok = text
+            .replace("http://collector.example:4318", endpoint)
+            .replace("1.5", "0.25");
+        let t = load(&ok).unwrap().telemetry.unwrap();
+        assert_eq!(t.headers[0].0.as_str(), "x-api-key");
+        assert_eq!(t.headers[0].1.expose(), "otlp-secret-value-123");
+        assert!(!format!("{t:?}").contains("otlp-secret-value-123"));
+    }
+    for (key, value, path) in [
+        (
+            "otlp_endpoint",
+            "\"collector:4318\"",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint",
+            "\"ftp://collector\"",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint",
+            "\"http://u:p@collector\"",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint",
+            "\"http://collector/?a=b\"",
+            "telemetry.otlp_endpoint",
+        ),
+        ("sampling_ratio", "-0.1", "telemetry.sampling_ratio"),
+        ("service_name", "\"\"", "telemetry.service_name"),
+        ("batch_delay", "\"0s\"", "telemetry.batch_delay"),
+        ("max_queue", "0", "telemetry.max_queue"),
+        ("sample_ratio", "1.0", "telemetry.sample_ratio"),
+    ] {
+        let mut text = format!("{MINIMAL}\n[telemetry]\n{key} = {value}\n");
+        if key != "otlp_endpoint" {
+            text.push_str("otlp_endpoint = \"http://127.0.0.1:4318\"\n");
+        }
+        let err = load(&text).unwrap_err();
+        assert_eq!(err.problems[0].path, path, "{key} = {value}: {err}");
+    }
+}

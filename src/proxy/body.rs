@@ -3,7 +3,8 @@
 //! [`Relay`] passes frames through as they arrive — no buffering, no re-chunking, so
 //! Server-Sent Events reach the client event by event. It counts bytes, enforces the
 //! backend's idle timeout between frames, and when the body ends or is dropped (the client
-//! went away) it finishes the request's audit record exactly once. The upstream body owns
+//! went away) it finishes the request's audit record (and its trace's root span, see
+//! [`crate::telemetry`]) exactly once. The upstream body owns
 //! its HTTP/1.1 connection: read to its end, it goes back to the pool; dropped earlier, it
 //! is closed, which cancels the backend's work (see [`crate::proxy::pool`]).
 
@@ -47,6 +48,8 @@ pub struct Finish {
     /// The request's slot on its backend (`max_concurrent`, in-flight count), released
     /// when the body ends.
     pub lease: Option<crate::routing::health::Lease>,
+    /// The request's trace, when it is traced: its root span ends with the record.
+    pub trace: Option<Box<crate::telemetry::RequestTrace>>,
 }
 
 impl Finish {
@@ -66,8 +69,16 @@ impl Finish {
         self.record.bytes_out = bytes_out;
         self.record.outcome = outcome;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let trace = self.trace.take();
+        let mut model = None;
         if let Some(m) = self.meter.take() {
+            if trace.is_some() {
+                model = m.response_model().map(str::to_owned);
+            }
             m.settle(&mut self.record);
+        }
+        if let Some(t) = trace {
+            t.finish(&self.record, model.as_deref());
         }
         self.audit.emit(self.record);
     }
@@ -368,6 +379,7 @@ mod tests {
             admission: Default::default(),
             meter: None,
             lease: None,
+            trace: None,
             record: AuditRecord::new(HeaderValue::from_static("t"), Method::POST, "/".into()),
             started: Instant::now(),
             audit,

@@ -322,6 +322,9 @@ pub struct Outgoing<'a> {
     pub content_type: Option<&'a str>,
     /// Admission's token estimate, for headroom-aware routing.
     pub tokens: u64,
+    /// The request's trace, when it is traced: each attempt gets a span, named in the
+    /// attempt's `traceparent`.
+    pub trace: Option<&'a mut crate::telemetry::RequestTrace>,
 }
 
 /// A backend's answer and who gave it.
@@ -364,10 +367,17 @@ struct Log {
     attempts: u32,
     first: Option<Tried>,
     tried: Vec<Tried>,
+    /// The span of the attempt under way, when the request is traced.
+    attempt: Option<crate::telemetry::Attempt>,
+    /// The status of the attempt's answer (0: none yet).
+    status: u16,
 }
 
 impl Log {
     fn push(&mut self, backend: &Backend, outcome: &'static str, since: Instant) {
+        if let Some(a) = self.attempt.take() {
+            a.end(outcome, self.status);
+        }
         let t = Tried {
             backend: backend.label.clone(),
             outcome,
@@ -438,6 +448,8 @@ pub async fn forward(
         attempts: 0,
         first: None,
         tried: Vec::new(),
+        attempt: None,
+        status: 0,
     };
     let mut last_error: Option<GatewayError> = None;
     let mut last_backend: Option<Arc<Backend>> = None;
@@ -526,6 +538,10 @@ pub async fn forward(
                 if let Some((name, value)) = credential {
                     headers.insert(name, value);
                 }
+                log.status = 0;
+                if let Some(t) = out.trace.as_deref_mut() {
+                    log.attempt = Some(t.attempt(backend, out.method, &mut headers));
+                }
                 let req = pool::Outbound {
                     method: out.method.clone(),
                     target: up.target,
@@ -552,6 +568,7 @@ pub async fn forward(
                 match sent {
                     Ok(Ok(mut resp)) => {
                         let status = resp.status().as_u16();
+                        log.status = status;
                         if status > 599 {
                             record(backend, "invalid_response");
                             trip(
