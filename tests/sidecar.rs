@@ -79,6 +79,21 @@ impl Sidecar {
         Sidecar { url, port, child }
     }
 
+    /// Wait (with a deadline) until `/ready` answers 200: the first backend token is in.
+    /// Until then a request would get the gateway's 503, not reach the backend.
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http().get(format!("{}/ready", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the sidecar never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn stop(mut self) {
         #[cfg(unix)]
         if let Some(pid) = self.child.id() {
@@ -161,6 +176,7 @@ async fn openai_and_litellm_sdks_reach_azure_through_the_sidecar_with_a_certific
         &[],
     )
     .await;
+    sidecar.wait_ready().await;
 
     // The container's HEALTHCHECK: the same binary, the same PORT variable.
     let health = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -274,6 +290,7 @@ async fn every_path_and_method_passes_through_unchanged_with_a_managed_identity_
         &[],
     )
     .await;
+    sidecar.wait_ready().await;
     let client = http();
 
     // A method and path the gateway knows nothing of, with the application's credentials.
