@@ -264,17 +264,21 @@ pub fn passthrough(
     path: &str,
     query: Option<&str>,
 ) -> Result<Route, GatewayError> {
+    // Checked on the bytes as they are, without decoding into a copy: this runs for every
+    // sidecar request.
+    let is_dot = |s: &[u8]| s == b"." || s.eq_ignore_ascii_case(b"%2e");
     let climbs = path.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-        decoded == "." || decoded == ".."
+        let b = segment.as_bytes();
+        match b.len() {
+            1 | 3 => is_dot(b),
+            2 | 4 | 6 => (1..b.len()).any(|i| is_dot(&b[..i]) && is_dot(&b[i..])),
+            _ => false,
+        }
     });
-    let lower = path.to_ascii_lowercase();
-    if !path.starts_with('/')
-        || climbs
-        || path.contains('\\')
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-    {
+    let encoded_separator = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
+    });
+    if !path.starts_with('/') || climbs || path.contains('\\') || encoded_separator {
         return Err(GatewayError::NotFound {
             method: method.to_string(),
             path: path.to_owned(),
