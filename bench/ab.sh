@@ -8,7 +8,9 @@
 #       norecord=target/release/portcullis:bench/experiments/no-usage-records.txt
 #
 # Every variant gets bench/run.sh's gateway configuration (`gateway_conf`); EDITS is a file of
-# lines `SECTION|key = value` (inserted after `[SECTION]`) or `REPLACE|regex|replacement`.
+# lines `SECTION|key = value` (inserted after `[SECTION]`) or `REPLACE|regex|replacement`;
+# `$UP_PORT` in them is the upstream nginx's port (bench/experiments/telemetry-on.txt exports
+# traces to it: it answers any POST with 200).
 # Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ PORTCULLIS_BIN="${PORTCULLIS_BIN:-/bin/true}"  # the variants name their own bin
 . bench/common.sh
 bench_setup nginx:nginx-light wrk:wrk
 UP_PORT=$(free_port); NGX_PORT=$(free_port)
+export UP_PORT
 upstream_conf ab-upstream 1 "$UP_PORT"
 proxy_conf ab-proxy "$NGX_PORT" "$UP_PORT"
 post_lua "$OUT/ab-post.lua"
@@ -30,8 +33,8 @@ for spec in "$@"; do
   rm -f "$OUT/ab-$name-keys.db"*
   gateway_conf "$OUT/ab-$name.toml" "$port" "$UP_PORT" "ab-$name-" ""
   [ -n "$extra" ] && [ "$extra" != "$rest" ] && python3 - "$OUT/ab-$name.toml" "$extra" <<'PY'
-import sys
-p, extra = sys.argv[1], open(sys.argv[2]).read()
+import os, sys
+p, extra = sys.argv[1], os.path.expandvars(open(sys.argv[2]).read())
 t = open(p).read()
 # extra: lines "SECTION|line" inserted after [SECTION]
 for l in extra.splitlines():

@@ -5,7 +5,8 @@
 #   PORTCULLIS_BIN=path bench/callgrind.sh    (an already-built binary)
 #   REQUESTS=2000 WARMUP=300 bench/callgrind.sh
 #   TELEMETRY=1 bench/callgrind.sh            (traces on, 100% sampled, exported over OTLP/HTTP
-#                                              to an nginx sink answering 200)
+#                                              to an nginx sink answering 200; the default
+#                                              batch_delay and max_queue)
 #
 # The gateway runs under `valgrind --tool=callgrind` with `workers = 1`, configured as
 # bench/run.sh configures it (anonymous client, a `[store]`, one issuer), in front of an nginx
@@ -36,9 +37,7 @@ if [ -n "${TELEMETRY:-}" ]; then
   }"
   TELEMETRY_TOML="[telemetry]
 otlp_endpoint = \"http://127.0.0.1:$SINK_PORT\"
-sampling_ratio = 1.0
-batch_delay = \"200ms\"
-max_queue = 65536"
+sampling_ratio = 1.0"
 else
   upstream_conf cg-upstream 1 "$UP_PORT"
 fi
@@ -95,8 +94,8 @@ for f in "$OUT"/callgrind.out.*; do
   role=other
   grep -q 'fn=.*Gateway.*pipeline' "$f" && role=worker
   grep -q 'fn=.*portcullis::audit::\(write_loop\|AuditSink::start\)' "$f" && role=audit
-  # The trace exporter's batch thread (protobuf encoding, the OTLP/HTTP client).
-  grep -q 'fn=.*opentelemetry_sdk::trace::span_processor_with_async_runtime' "$f" && [ "$role" = other ] && role=telemetry
+  # The trace exporter's thread (batches of encoded spans, the OTLP/HTTP client).
+  grep -q 'fn=.*portcullis::telemetry::export::run' "$f" && [ "$role" = other ] && role=telemetry
   all=$(( all + total ))
   echo "  thread $thread ($role): $(( total / REQUESTS ))"
 done

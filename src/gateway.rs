@@ -561,7 +561,7 @@ impl Gateway {
                     r.error
                 }),
         };
-        if let (Some(t), Some(since)) = (trace.as_deref(), since) {
+        if let (Some(t), Some(since)) = (trace.as_deref_mut(), since) {
             t.stage(
                 "identify",
                 since,
@@ -641,7 +641,7 @@ impl Gateway {
                 &snap.prices,
             )
             .await;
-        if let (Some(t), Some(since)) = (trace.as_deref(), since) {
+        if let (Some(t), Some(since)) = (trace.as_deref_mut(), since) {
             t.stage("admit", since, ticket.as_ref().err().map(|e| e.code()));
         }
         let admit::Ticket {

@@ -234,6 +234,22 @@ async fn requests_are_traced_with_genai_spans_linked_to_the_client_and_the_backe
     assert!(answer["model"].as_str().is_some_and(|m| !m.is_empty()));
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     assert!(attr(root, "error.type").is_null());
+    // Times are Unix nanoseconds of this run, and every child lies within the request.
+    let ns = |s: &Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s:#}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let (start, end) = (ns(root, "start_ns"), ns(root, "end_ns"));
+    assert!(start <= end && end <= now && now - start < 600_000_000_000);
+    for s in spans.iter().filter(|s| s["span_id"] != root["span_id"]) {
+        assert!(
+            start <= ns(s, "start_ns")
+                && ns(s, "start_ns") <= ns(s, "end_ns")
+                && ns(s, "end_ns") <= end,
+            "{s:#} outside the request {start}..{end}"
+        );
+    }
     // The backend saw a traceparent naming the attempt span, and the client's tracestate.
     let attempt = named(&spans, "POST sim");
     assert_eq!(attr(attempt, "http.response.status_code"), 200);

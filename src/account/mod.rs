@@ -6,7 +6,7 @@
 //! event streams), and, when the gateway asked the backend for a usage chunk the client did
 //! not ask for (`stream_options.include_usage`), removes it so the client sees the stream
 //! it would have seen. For a traced request the same scan also keeps the `model` the answer
-//! names ([`Meter::response_model`], for `gen_ai.response.model`). When the body ends,
+//! names ([`Meter::take_response_model`], for `gen_ai.response.model`). When the body ends,
 //! [`Meter::settle`]:
 //! - takes the usage the backend reported, or — for a stream the backend cut — the prompt
 //!   estimate plus the streamed text counted with the tokenizer (`counted`), or for an
@@ -212,11 +212,12 @@ impl Meter {
         matches!(&self.tap, Tap::Sse(s) if s.mode() == Mode::Strip)
     }
 
-    /// The model the answer named, when the plan asked for it (`want_model`).
-    pub fn response_model(&self) -> Option<&str> {
-        match &self.tap {
-            Tap::Json(j) => j.model(),
-            Tap::Sse(s) => s.model(),
+    /// The model the answer named, handed over (for the trace, just before
+    /// [`Meter::settle`]).
+    pub fn take_response_model(&mut self) -> Option<String> {
+        match &mut self.tap {
+            Tap::Json(j) => j.take_model(),
+            Tap::Sse(s) => s.take_model(),
             Tap::None => None,
         }
     }

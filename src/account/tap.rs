@@ -154,6 +154,11 @@ impl SseTap {
         self.model.as_deref()
     }
 
+    /// The same, handed over.
+    pub fn take_model(&mut self) -> Option<String> {
+        self.model.take()
+    }
+
     fn note_model(&mut self, raw: &[u8]) {
         // Contents as written: a model name has nothing to unescape.
         if self.model.is_none()

@@ -321,8 +321,19 @@ impl JsonUsage {
     fn end_capture(&mut self) {
         if std::mem::take(&mut self.capturing) {
             if std::mem::take(&mut self.capturing_model) {
-                self.model = serde_json::from_slice::<String>(&self.captured)
-                    .ok()
+                // A model name has no escapes: read it as written; else let serde_json
+                // unescape it (or refuse what is not a string).
+                let c = &self.captured;
+                let plain = match c.as_slice() {
+                    [b'"', inner @ .., b'"']
+                        if !inner.contains(&b'\\') && !inner.contains(&b'"') =>
+                    {
+                        std::str::from_utf8(inner).ok().map(str::to_owned)
+                    }
+                    _ => None,
+                };
+                self.model = plain
+                    .or_else(|| serde_json::from_slice::<String>(c).ok())
                     .filter(|m| m.len() <= MAX_MODEL_BYTES);
             } else {
                 self.usage = Usage::from_json(&self.captured);
@@ -334,6 +345,11 @@ impl JsonUsage {
     /// The answer's top-level `model` string, when [`JsonUsage::with_model`] asked for it.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+
+    /// The same, handed over.
+    pub fn take_model(&mut self) -> Option<String> {
+        self.model.take()
     }
 
     /// The usage read so far: the last complete top-level `usage` value, when it is a usage

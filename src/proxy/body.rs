@@ -71,9 +71,9 @@ impl Finish {
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let trace = self.trace.take();
         let mut model = None;
-        if let Some(m) = self.meter.take() {
+        if let Some(mut m) = self.meter.take() {
             if trace.is_some() {
-                model = m.response_model().map(str::to_owned);
+                model = m.take_response_model();
             }
             m.settle(&mut self.record);
         }

@@ -363,20 +363,21 @@ fn shortest(slot: &mut Option<u64>, ms: u64) {
 }
 
 /// The attempts made so far: how many, and their log once there is more than one.
-struct Log {
+struct Log<'a> {
     attempts: u32,
     first: Option<Tried>,
     tried: Vec<Tried>,
-    /// The span of the attempt under way, when the request is traced.
+    /// The request's trace, when it is traced, and the span of the attempt under way.
+    trace: Option<&'a mut crate::telemetry::RequestTrace>,
     attempt: Option<crate::telemetry::Attempt>,
     /// The status of the attempt's answer (0: none yet).
     status: u16,
 }
 
-impl Log {
+impl Log<'_> {
     fn push(&mut self, backend: &Backend, outcome: &'static str, since: Instant) {
-        if let Some(a) = self.attempt.take() {
-            a.end(outcome, self.status);
+        if let (Some(a), Some(t)) = (self.attempt.take(), self.trace.as_deref_mut()) {
+            a.end(t, outcome, self.status);
         }
         let t = Tried {
             backend: backend.label.clone(),
@@ -448,6 +449,7 @@ pub async fn forward(
         attempts: 0,
         first: None,
         tried: Vec::new(),
+        trace: out.trace.take(),
         attempt: None,
         status: 0,
     };
@@ -539,7 +541,7 @@ pub async fn forward(
                     headers.insert(name, value);
                 }
                 log.status = 0;
-                if let Some(t) = out.trace.as_deref_mut() {
+                if let Some(t) = log.trace.as_deref_mut() {
                     log.attempt = Some(t.attempt(backend, out.method, &mut headers));
                 }
                 let req = pool::Outbound {
