@@ -1,13 +1,15 @@
 //! The span queue and the exporter thread that empties it over OTLP/HTTP.
 //!
 //! A leaf of [`crate::telemetry`]. A traced request hands over its spans, already encoded
-//! ([`super::otlp`]), in one [`Queue::push`]: a mutex held for a `Vec` push, and no wake-up —
-//! the exporter sleeps `batch_delay` between exports, and is woken early only when a full
-//! batch (512 spans) is waiting. A full queue (`max_queue` spans) drops the request's spans,
-//! never slows the request, and says so in the log once until an export works again.
+//! ([`super::otlp`]), in one [`Queue::push`]: a mutex held while they are appended to the
+//! batch being gathered, and no wake-up — the exporter sleeps `batch_delay` between exports,
+//! and is woken early only when 512 spans are waiting. A full queue (`max_queue` spans) drops
+//! the request's spans, never slows the request, and says so in the log once until an export
+//! works again.
 //!
 //! The exporter runs on a thread of its own with a current-thread tokio runtime, so no
-//! worker's runtime ever runs an export: each batch is one `POST` of an
+//! worker's runtime ever runs an export: each batch — everything gathered since the last, at
+//! most `max_queue` spans — is one `POST` of an
 //! `ExportTraceServiceRequest` (`application/x-protobuf`) with the configured headers,
 //! through a rustls `reqwest` client. A batch the collector refuses, or that cannot be sent
 //! within `timeout`, is dropped (OTLP's partial-success answers are not read); failures and
@@ -25,19 +27,24 @@ use super::otlp::Envelope;
 use super::TelemetryError;
 use crate::config::telemetry::TelemetrySettings;
 
-/// Spans sent in one export at most.
-const BATCH_SPANS: usize = 512;
+/// Spans waiting that wake the exporter before `batch_delay` is up.
+const WAKE_SPANS: usize = 512;
 
-/// One request's spans, encoded.
-pub(super) struct Encoded {
-    pub bytes: Vec<u8>,
-    pub spans: usize,
+/// The batch being gathered: room for the envelope ([`Envelope::headroom`]), then
+/// `ScopeSpans.spans` entries, one after the other.
+struct Pending {
+    bytes: Vec<u8>,
+    spans: usize,
 }
 
-#[derive(Default)]
-struct Pending {
-    requests: Vec<Encoded>,
-    spans: usize,
+impl Pending {
+    /// An empty batch with room for `capacity` bytes of spans (the last batch's size, so a
+    /// steady load never grows the buffer while a worker holds the lock).
+    fn new(headroom: usize, capacity: usize) -> Self {
+        let mut bytes = Vec::with_capacity(headroom + capacity);
+        bytes.resize(headroom, 0);
+        Self { bytes, spans: 0 }
+    }
 }
 
 /// What the request path and the exporter thread share.
@@ -52,12 +59,12 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    /// Queue a request's spans for export (dropped when the queue is full).
-    pub fn push(&self, e: Encoded) {
+    /// Queue a request's encoded spans for export (dropped when the queue is full).
+    pub fn push(&self, bytes: &[u8], spans: usize) {
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        if p.spans + e.spans > self.max_spans {
+        if p.spans + spans > self.max_spans {
             drop(p);
-            self.dropped.fetch_add(e.spans as u64, Ordering::Relaxed);
+            self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
             if !self.overflowed.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     max_queue = self.max_spans,
@@ -67,17 +74,19 @@ impl Queue {
             return;
         }
         let before = p.spans;
-        p.spans += e.spans;
-        p.requests.push(e);
-        let full_batch = before < BATCH_SPANS && p.spans >= BATCH_SPANS;
+        p.spans += spans;
+        p.bytes.extend_from_slice(bytes);
+        let wake = before < WAKE_SPANS && p.spans >= WAKE_SPANS;
         drop(p);
-        if full_batch {
+        if wake {
             self.wake.notify_one();
         }
     }
 
-    fn take(&self) -> Pending {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    /// The batch gathered so far; `next` gathers the next one.
+    fn take(&self, next: Pending) -> Pending {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *p, next)
     }
 }
 
@@ -107,7 +116,7 @@ impl Exporter {
             headers.insert(name.clone(), v);
         }
         let queue = Arc::new(Queue {
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending::new(envelope.headroom(), 0)),
             max_spans: s.max_queue,
             wake: Notify::new(),
             stop: AtomicBool::new(false),
@@ -165,6 +174,8 @@ impl Drop for Exporter {
 }
 
 async fn run(queue: Arc<Queue>, mut post: Post, envelope: Envelope, delay: Duration) {
+    let room = envelope.headroom();
+    let mut last = 0;
     loop {
         if !queue.stop.load(Ordering::Acquire) {
             tokio::select! {
@@ -173,20 +184,12 @@ async fn run(queue: Arc<Queue>, mut post: Post, envelope: Envelope, delay: Durat
             }
         }
         let stopping = queue.stop.load(Ordering::Acquire);
-        let pending = queue.take();
-        let mut rest = pending.requests.as_slice();
-        while !rest.is_empty() {
-            // Whole requests up to a batch's worth of spans (at least one request).
-            let mut n = 0;
-            let mut spans = 0;
-            while n < rest.len() && (n == 0 || spans + rest[n].spans <= BATCH_SPANS) {
-                spans += rest[n].spans;
-                n += 1;
-            }
-            let (batch, later) = rest.split_at(n);
-            rest = later;
-            let body = envelope.request(batch.iter().map(|e| e.bytes.as_slice()));
-            if post.send(body, spans).await {
+        // The next buffer is allocated here, off the request path.
+        let batch = queue.take(Pending::new(room, last));
+        last = batch.bytes.len() - room;
+        if batch.spans > 0 {
+            let spans = batch.spans;
+            if post.send(envelope.seal(batch.bytes), spans).await {
                 queue.overflowed.store(false, Ordering::Relaxed);
             }
         }
@@ -211,7 +214,7 @@ struct Post {
 
 impl Post {
     /// Send one export; whether the collector took it.
-    async fn send(&mut self, body: Vec<u8>, spans: usize) -> bool {
+    async fn send(&mut self, body: bytes::Bytes, spans: usize) -> bool {
         let sent = self
             .client
             .post(&self.url)
@@ -244,5 +247,53 @@ impl Post {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn queue(max_spans: usize) -> Queue {
+        Queue {
+            pending: Mutex::new(Pending::new(4, 0)),
+            max_spans,
+            wake: Notify::new(),
+            stop: AtomicBool::new(false),
+            overflowed: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_whole_requests_and_counts_them() {
+        let q = queue(10);
+        q.push(b"aaaa", 4);
+        q.push(b"bbbb", 4);
+        q.push(b"cccc", 4); // 12 > 10: dropped, not cut
+        q.push(b"dd", 2);
+        let p = q.take(Pending::new(4, 0));
+        assert_eq!(p.spans, 10);
+        assert_eq!(&p.bytes[4..], b"aaaabbbbdd", "room for the envelope, then the spans");
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 4);
+        assert!(q.overflowed.load(Ordering::Relaxed));
+        assert_eq!(q.take(Pending::new(4, 0)).spans, 0, "taken means emptied");
+    }
+
+    #[test]
+    fn the_exporter_is_woken_once_a_batch_is_waiting_and_not_before() {
+        let q = queue(10_000);
+        for _ in 0..(WAKE_SPANS / 4 - 1) {
+            q.push(b"x", 4);
+        }
+        assert!(q.wake.notified().now_or_never().is_none(), "508 spans: no wake-up");
+        q.push(b"x", 4);
+        assert!(q.wake.notified().now_or_never().is_some(), "512 spans: woken");
+        q.push(b"x", 4);
+        assert!(
+            q.wake.notified().now_or_never().is_none(),
+            "one wake-up per batch, not one per request"
+        );
     }
 }

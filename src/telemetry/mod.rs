@@ -12,10 +12,11 @@
 //! and its `traceparent` and `tracestate` pass to the backend as the client sent them.
 //!
 //! What it costs: each span is encoded to OTLP protobuf once, when it ends, into its
-//! request's buffer ([`otlp`]); the finished request hands the buffer to the exporter's
-//! queue in one push ([`export`]), and a thread of its own sends batches. No span object,
-//! no per-attribute allocation, no channel send per span, no intermediate copy for an
-//! exporter to encode again. `bench/callgrind.sh TELEMETRY=1` measures it.
+//! request's buffer ([`otlp`]; the buffer is the worker thread's, reused request after
+//! request); the finished request appends it to the batch being gathered in one push
+//! ([`export`]), and a thread of its own sends batches. No span object, no per-attribute
+//! allocation, no allocation per request at all once a thread has its buffers, no channel
+//! send per span, no intermediate copy for an exporter to encode again. `bench/callgrind.sh TELEMETRY=1` measures it.
 //!
 //! What is exported is what the audit line says and no more: ids, names, numbers, the
 //! client id and subject. Never a prompt, a completion, a credential, or a header value.
@@ -159,12 +160,23 @@ fn span_id() -> [u8; 8] {
 
 /// Nanoseconds since the Unix epoch (0 for a clock set before it).
 fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| {
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
+    })
 }
 
 fn now_ns() -> u64 {
     unix_ns(SystemTime::now())
+}
+
+/// Span buffers kept per worker thread, for requests in flight at once there.
+const KEPT_BUFFERS: usize = 64;
+
+thread_local! {
+    /// Emptied span buffers of requests this thread finished, for the next ones.
+    static BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Telemetry {
@@ -214,7 +226,9 @@ impl Telemetry {
             parent,
             remote_parent,
             start_ns: now_ns(),
-            spans: Vec::with_capacity(2048),
+            spans: BUFFERS
+                .with_borrow_mut(Vec::pop)
+                .unwrap_or_else(|| Vec::with_capacity(2048)),
             count: 0,
             server: None,
             attempts: 0,
@@ -387,10 +401,14 @@ impl RequestTrace {
             }
         });
         self.count += 1;
-        let queue = self.queue;
-        queue.push(export::Encoded {
-            bytes: self.spans,
-            spans: self.count,
+        self.queue.push(&self.spans, self.count);
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.clear();
+        BUFFERS.with_borrow_mut(|b| {
+            // One that grew for an unusually long request is let go.
+            if b.len() < KEPT_BUFFERS && spans.capacity() <= 16 * 1024 {
+                b.push(spans);
+            }
         });
     }
 }

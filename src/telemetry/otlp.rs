@@ -283,23 +283,41 @@ impl Envelope {
         Self { resource, scope }
     }
 
-    /// One `ExportTraceServiceRequest` holding `spans`: buffers of encoded spans, as
-    /// [`span`] writes them.
-    pub fn request<'a>(&self, spans: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
-        let spans_len: usize = spans.clone().map(<[u8]>::len).sum();
+    /// Room to leave at the front of a batch buffer for [`Envelope::seal`].
+    pub fn headroom(&self) -> usize {
+        // Two tags and two varints of at most five bytes (a batch is far below 4 GiB).
+        self.resource.len() + self.scope.len() + 12
+    }
+
+    /// The `ExportTraceServiceRequest` of a batch: `buf` holds [`Envelope::headroom`] bytes
+    /// of room, then `ScopeSpans.spans` entries as [`span`] writes them. The envelope is
+    /// written into the end of the room and the request is the buffer from there: the spans
+    /// are not copied.
+    pub fn seal(&self, mut buf: Vec<u8>) -> bytes::Bytes {
+        let room = self.headroom();
+        let spans_len = buf.len() - room;
         let scope_spans = self.scope.len() + spans_len;
         let resource_spans = self.resource.len() + 1 + varint_len(scope_spans as u64) + scope_spans;
-        let mut out = Vec::with_capacity(resource_spans + 12);
-        out.push(FIELD_1);
-        varint(&mut out, resource_spans as u64);
-        out.extend_from_slice(&self.resource);
-        out.push(FIELD_2);
-        varint(&mut out, scope_spans as u64);
-        out.extend_from_slice(&self.scope);
+        let mut head = Vec::with_capacity(room);
+        head.push(FIELD_1);
+        varint(&mut head, resource_spans as u64);
+        head.extend_from_slice(&self.resource);
+        head.push(FIELD_2);
+        varint(&mut head, scope_spans as u64);
+        head.extend_from_slice(&self.scope);
+        let start = room - head.len();
+        buf[start..room].copy_from_slice(&head);
+        bytes::Bytes::from(buf).slice(start..)
+    }
+
+    /// A batch buffer holding `spans` (for tests).
+    #[cfg(test)]
+    fn request(&self, spans: &[&[u8]]) -> bytes::Bytes {
+        let mut buf = vec![0; self.headroom()];
         for s in spans {
-            out.extend_from_slice(s);
+            buf.extend_from_slice(s);
         }
-        out
+        self.seal(buf)
     }
 }
 
@@ -461,7 +479,7 @@ mod tests {
             },
             |at| at.str("url.path", &huge),
         );
-        let req = env.request([a.as_slice(), b.as_slice(), c.as_slice()].into_iter());
+        let req = env.request(&[&a, &b, &c]);
         let top = fields(&req);
         let rs = fields(bytes(&top, 1)[0]);
         let resource = fields(bytes(&rs, 1)[0]);
