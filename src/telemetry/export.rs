@@ -275,7 +275,11 @@ mod tests {
         q.push(b"dd", 2);
         let p = q.take(Pending::new(4, 0));
         assert_eq!(p.spans, 10);
-        assert_eq!(&p.bytes[4..], b"aaaabbbbdd", "room for the envelope, then the spans");
+        assert_eq!(
+            &p.bytes[4..],
+            b"aaaabbbbdd",
+            "room for the envelope, then the spans"
+        );
         assert_eq!(q.dropped.load(Ordering::Relaxed), 4);
         assert!(q.overflowed.load(Ordering::Relaxed));
         assert_eq!(q.take(Pending::new(4, 0)).spans, 0, "taken means emptied");
@@ -287,9 +291,15 @@ mod tests {
         for _ in 0..(WAKE_SPANS / 4 - 1) {
             q.push(b"x", 4);
         }
-        assert!(q.wake.notified().now_or_never().is_none(), "508 spans: no wake-up");
+        assert!(
+            q.wake.notified().now_or_never().is_none(),
+            "508 spans: no wake-up"
+        );
         q.push(b"x", 4);
-        assert!(q.wake.notified().now_or_never().is_some(), "512 spans: woken");
+        assert!(
+            q.wake.notified().now_or_never().is_some(),
+            "512 spans: woken"
+        );
         q.push(b"x", 4);
         assert!(
             q.wake.notified().now_or_never().is_none(),
