@@ -160,13 +160,8 @@ impl SseTap {
     }
 
     fn note_model(&mut self, raw: &[u8]) {
-        // Contents as written: a model name has nothing to unescape.
-        if self.model.is_none()
-            && !raw.is_empty()
-            && raw.len() <= super::usage::MAX_MODEL_BYTES
-            && !raw.contains(&b'\\')
-        {
-            self.model = std::str::from_utf8(raw).ok().map(str::to_owned);
+        if self.model.is_none() {
+            self.model = super::usage::model_as_written(raw);
         }
     }
 

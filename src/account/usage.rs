@@ -98,6 +98,16 @@ pub const MAX_USAGE_BYTES: usize = 16 * 1024;
 /// The longest `model` name kept for traces.
 pub const MAX_MODEL_BYTES: usize = 256;
 
+/// A `model` string's contents (between its quotes) read as written, when they need no
+/// unescaping — a model name never does — and are not too long: the cheap path both
+/// scanners take before anything else.
+pub(super) fn model_as_written(raw: &[u8]) -> Option<String> {
+    if raw.is_empty() || raw.len() > MAX_MODEL_BYTES || raw.contains(&b'\\') {
+        return None;
+    }
+    std::str::from_utf8(raw).ok().map(str::to_owned)
+}
+
 /// The longest member name compared with `usage` (escapes included, as written).
 const MAX_KEY_BYTES: usize = 32;
 
@@ -321,15 +331,11 @@ impl JsonUsage {
     fn end_capture(&mut self) {
         if std::mem::take(&mut self.capturing) {
             if std::mem::take(&mut self.capturing_model) {
-                // A model name has no escapes: read it as written; else let serde_json
-                // unescape it (or refuse what is not a string).
+                // Read as written when it can be; else let serde_json unescape it (or
+                // refuse what is not a string).
                 let c = &self.captured;
                 let plain = match c.as_slice() {
-                    [b'"', inner @ .., b'"']
-                        if !inner.contains(&b'\\') && !inner.contains(&b'"') =>
-                    {
-                        std::str::from_utf8(inner).ok().map(str::to_owned)
-                    }
+                    [b'"', inner @ .., b'"'] if !inner.contains(&b'"') => model_as_written(inner),
                     _ => None,
                 };
                 self.model = plain

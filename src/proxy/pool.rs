@@ -341,6 +341,18 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
+impl Pool {
+    /// The host connections go to (an IPv6 address without its brackets).
+    pub fn host(&self) -> &str {
+        &self.inner.target.host
+    }
+
+    /// The port connections go to (the scheme's default when the URL names none).
+    pub fn port(&self) -> u16 {
+        self.inner.target.port
+    }
+}
+
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")

@@ -36,10 +36,6 @@ pub struct Backend {
     pub kind: BackendKind,
     pub scheme: Scheme,
     pub authority: Authority,
-    /// The URL's host and port (the scheme's default when it names none), worked out once
-    /// for traces' `server.address` and `server.port`.
-    pub host: Box<str>,
-    pub port: u16,
     /// Path prefix from the configured URL, without a trailing slash (often empty).
     pub base_path: String,
     /// `api-version` used when the client sends none (Azure backends).
@@ -335,10 +331,6 @@ impl BackendTable {
                 series: metrics.backend_series(label.clone()),
                 label,
                 kind: b.kind,
-                host: authority.host().into(),
-                port: authority
-                    .port_u16()
-                    .unwrap_or(if scheme == Scheme::HTTP { 80 } else { 443 }),
                 scheme,
                 authority,
                 base_path,

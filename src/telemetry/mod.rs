@@ -369,8 +369,8 @@ impl RequestTrace {
             }
             if let Some(b) = &server {
                 a.str("gen_ai.provider.name", provider(b));
-                a.str("server.address", &b.host);
-                a.int("server.port", i64::from(b.port));
+                a.str("server.address", b.pool.host());
+                a.int("server.port", i64::from(b.pool.port()));
             }
             a.str("http.request.method", rec.method.as_str());
             a.str("url.path", &rec.path);
@@ -482,8 +482,8 @@ impl Attempt {
         let spans = &mut trace.spans;
         otlp::span(spans, &span, |a| {
             a.str("http.request.method", self.method.as_str());
-            a.str("server.address", &b.host);
-            a.int("server.port", i64::from(b.port));
+            a.str("server.address", b.pool.host());
+            a.int("server.port", i64::from(b.pool.port()));
             a.str("portcullis.backend", &b.name);
             a.int("portcullis.attempt", i64::from(self.number));
             if status != 0 {
