@@ -431,17 +431,17 @@ impl Gateway {
         let host = host(&req).cloned();
         let started = Instant::now();
         let request_id = request_id(req.headers());
-        // Telemetry off: one branch, nothing built. The audit line still names the trace the
-        // client's `traceparent` is part of.
-        let trace = match &self.telemetry {
-            Some(t) => t.request(req.headers()),
-            None => None,
-        };
         let mut rec = AuditRecord::new(
             request_id.clone(),
             req.method().clone(),
             req.uri().path().to_owned(),
         );
+        // Telemetry off: one branch, nothing built. The audit line still names the trace the
+        // client's `traceparent` is part of.
+        let trace = match &self.telemetry {
+            Some(t) => t.request(req.headers(), rec.time),
+            None => None,
+        };
         rec.trace_id = match &trace {
             Some(t) => Some(t.trace_id()),
             None => telemetry::client_traceparent(req.headers())

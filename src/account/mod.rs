@@ -128,6 +128,8 @@ impl Plan {
 
 enum Tap {
     Json(JsonUsage),
+    /// A JSON answer of a traced request: its `model` is read too.
+    JsonModel(JsonUsage<true>),
     Sse(Box<SseTap>),
     /// Nothing to read (an error answer, an operation without usage).
     None,
@@ -160,11 +162,11 @@ impl Meter {
                 tap
             }))
         } else if ct.starts_with("application/json") {
-            Tap::Json(if plan.want_model {
-                JsonUsage::with_model()
+            if plan.want_model {
+                Tap::JsonModel(JsonUsage::with_model())
             } else {
-                JsonUsage::new()
-            })
+                Tap::Json(JsonUsage::new())
+            }
         } else {
             Tap::None
         };
@@ -174,7 +176,7 @@ impl Meter {
             Estimated::Deferred(_) if !reports => Estimated::Unknown,
             // A stream may last long: its own allocation, not the connection's buffer (a
             // JSON answer is read to its end at once).
-            Estimated::Deferred(d) if !matches!(tap, Tap::Json(_)) => {
+            Estimated::Deferred(d) if !matches!(tap, Tap::Json(_) | Tap::JsonModel(_)) => {
                 Estimated::Deferred(Deferred {
                     body: d.body.detach(),
                     ..d
@@ -190,6 +192,10 @@ impl Meter {
     pub fn feed(&mut self, frame: Bytes) -> Bytes {
         match &mut self.tap {
             Tap::Json(j) => {
+                j.feed(&frame);
+                frame
+            }
+            Tap::JsonModel(j) => {
                 j.feed(&frame);
                 frame
             }
@@ -216,9 +222,9 @@ impl Meter {
     /// [`Meter::settle`]).
     pub fn take_response_model(&mut self) -> Option<String> {
         match &mut self.tap {
-            Tap::Json(j) => j.take_model(),
+            Tap::JsonModel(j) => j.take_model(),
             Tap::Sse(s) => s.take_model(),
-            Tap::None => None,
+            Tap::Json(_) | Tap::None => None,
         }
     }
 
@@ -226,6 +232,7 @@ impl Meter {
     pub fn awaits_usage(&self) -> bool {
         match &self.tap {
             Tap::Json(j) => j.finish().is_none(),
+            Tap::JsonModel(j) => j.finish().is_none(),
             Tap::Sse(s) => s.finish().usage.is_none(),
             Tap::None => false,
         }
@@ -236,6 +243,7 @@ impl Meter {
     fn usage(&self) -> (Usage, &'static str, Option<Estimate>) {
         let reported = match &self.tap {
             Tap::Json(j) => j.finish(),
+            Tap::JsonModel(j) => j.finish(),
             Tap::Sse(s) => s.finish().usage,
             Tap::None => None,
         };

@@ -129,8 +129,12 @@ enum Doc {
 /// found all the same. Linear in the input; only the usage value itself is kept, up to
 /// [`MAX_USAGE_BYTES`]. It does not validate the document: a malformed answer yields `None`
 /// or whatever `usage` value it can make out.
+///
+/// `MODEL`: whether the top-level `model` string is read too (for traces,
+/// [`JsonUsage::with_model`]). A constant, so the scanner of an untraced answer is compiled
+/// without that check at all.
 #[derive(Debug)]
-pub struct JsonUsage {
+pub struct JsonUsage<const MODEL: bool = false> {
     doc: Doc,
     depth: u32,
     in_string: bool,
@@ -148,8 +152,7 @@ pub struct JsonUsage {
     /// The last complete `usage` value read as a usage object (the last one wins, as for
     /// most JSON readers); `None` when it is not one, or there is none yet.
     usage: Option<Usage>,
-    /// Whether the top-level `model` is read too (for traces), and is what is captured now.
-    want_model: bool,
+    /// The top-level `model` is what is captured now (`MODEL` only).
     capturing_model: bool,
     /// The top-level `model` string, when asked for.
     model: Option<String>,
@@ -163,6 +166,18 @@ impl Default for JsonUsage {
 
 impl JsonUsage {
     pub fn new() -> Self {
+        Self::blank()
+    }
+
+    /// A scanner that also reads the answer's top-level `model` string (see
+    /// [`JsonUsage::model`]).
+    pub fn with_model() -> JsonUsage<true> {
+        JsonUsage::blank()
+    }
+}
+
+impl<const MODEL: bool> JsonUsage<MODEL> {
+    fn blank() -> Self {
         Self {
             doc: Doc::Start,
             depth: 0,
@@ -176,18 +191,8 @@ impl JsonUsage {
             capturing: false,
             captured: Vec::new(),
             usage: None,
-            want_model: false,
             capturing_model: false,
             model: None,
-        }
-    }
-
-    /// A scanner that also reads the answer's top-level `model` string (see
-    /// [`JsonUsage::model`]).
-    pub fn with_model() -> Self {
-        Self {
-            want_model: true,
-            ..Self::new()
         }
     }
 
@@ -308,8 +313,10 @@ impl JsonUsage {
             self.in_string = false;
             if std::mem::take(&mut self.in_key) {
                 self.matched = !self.key_too_long && is_usage(&self.key);
-                self.capturing_model = false;
-                if !self.matched && self.want_model && self.key == b"model" {
+                if MODEL {
+                    self.capturing_model = false;
+                }
+                if MODEL && !self.matched && self.key == b"model" {
                     self.matched = true;
                     self.capturing_model = true;
                 }
@@ -330,7 +337,7 @@ impl JsonUsage {
 
     fn end_capture(&mut self) {
         if std::mem::take(&mut self.capturing) {
-            if std::mem::take(&mut self.capturing_model) {
+            if MODEL && std::mem::take(&mut self.capturing_model) {
                 // Read as written when it can be; else let serde_json unescape it (or
                 // refuse what is not a string).
                 let c = &self.captured;

@@ -301,11 +301,20 @@ pub fn encode_request(
     target: &str,
     host: &HeaderValue,
     headers: &HeaderMap,
+    traceparent: Option<&[u8; 55]>,
     body: Bytes,
 ) -> Encoded {
     let coalesce = body.len() <= COALESCE_BODY;
     let mut head = Vec::with_capacity(256 + if coalesce { body.len() } else { 0 });
-    encode_head(method, target, host, headers, body.len(), &mut head);
+    encode_head(
+        method,
+        target,
+        host,
+        headers,
+        traceparent,
+        body.len(),
+        &mut head,
+    );
     if coalesce {
         head.extend_from_slice(&body);
         return Encoded {
@@ -319,11 +328,14 @@ pub fn encode_request(
 /// Append a request head for `method target` to `out`. `host` replaces any `Host` in
 /// `headers`; the body's framing is always `Content-Length: body_len` (written when the
 /// body is not empty or `headers` asked for one), never a `Transfer-Encoding` from `headers`.
+/// A `traceparent` (visible ASCII, see [`crate::telemetry::TraceparentValue`]) is written
+/// after `headers`, which then hold none.
 pub fn encode_head(
     method: &Method,
     target: &str,
     host: &HeaderValue,
     headers: &HeaderMap,
+    traceparent: Option<&[u8; 55]>,
     body_len: usize,
     out: &mut Vec<u8>,
 ) {
@@ -346,6 +358,11 @@ pub fn encode_head(
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(v) = traceparent {
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(v);
         out.extend_from_slice(b"\r\n");
     }
     if length {
@@ -904,19 +921,44 @@ mod tests {
         h.append("x-a", HeaderValue::from_static("2"));
         let mut out = Vec::new();
         let host = HeaderValue::from_static("backend:8080");
-        encode_head(&Method::POST, "/p?q=1", &host, &h, 12, &mut out);
+        encode_head(&Method::POST, "/p?q=1", &host, &h, None, 12, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: backend:8080\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12\r\n\r\n"
         );
+        // A traced attempt's `traceparent` is written with the other fields.
+        let tp = *b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut out = Vec::new();
+        encode_head(
+            &Method::GET,
+            "/",
+            &host,
+            &HeaderMap::new(),
+            Some(&tp),
+            0,
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: backend:8080\r\ntraceparent: \
+             00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n"
+        );
         // No body and no length asked for: none written. An explicit empty length is kept.
         let mut out = Vec::new();
-        encode_head(&Method::GET, "/", &host, &HeaderMap::new(), 0, &mut out);
+        encode_head(
+            &Method::GET,
+            "/",
+            &host,
+            &HeaderMap::new(),
+            None,
+            0,
+            &mut out,
+        );
         assert_eq!(out, b"GET / HTTP/1.1\r\nhost: backend:8080\r\n\r\n");
         let mut h = HeaderMap::new();
         h.insert("content-length", HeaderValue::from_static("0"));
         let mut out = Vec::new();
-        encode_head(&Method::POST, "/", &host, &h, 0, &mut out);
+        encode_head(&Method::POST, "/", &host, &h, None, 0, &mut out);
         assert!(String::from_utf8(out)
             .unwrap()
             .ends_with("content-length: 0\r\n\r\n"));

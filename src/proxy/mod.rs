@@ -369,7 +369,8 @@ struct Log<'a> {
     tried: Vec<Tried>,
     /// The request's trace, when it is traced, and the span of the attempt under way.
     trace: Option<&'a mut crate::telemetry::RequestTrace>,
-    attempt: Option<crate::telemetry::Attempt>,
+    /// Boxed: an untraced request's future stays as small as without telemetry.
+    attempt: Option<Box<crate::telemetry::Attempt>>,
     /// The status of the attempt's answer (0: none yet).
     status: u16,
 }
@@ -377,7 +378,7 @@ struct Log<'a> {
 impl Log<'_> {
     fn push(&mut self, backend: &Backend, outcome: &'static str, since: Instant) {
         if let (Some(a), Some(t)) = (self.attempt.take(), self.trace.as_deref_mut()) {
-            a.end(t, outcome, self.status);
+            a.end(t, backend, outcome, self.status);
         }
         let t = Tried {
             backend: backend.label.clone(),
@@ -541,13 +542,16 @@ pub async fn forward(
                     headers.insert(name, value);
                 }
                 log.status = 0;
-                if let Some(t) = log.trace.as_deref_mut() {
-                    log.attempt = Some(t.attempt(backend, out.method, &mut headers));
-                }
+                let traceparent = log.trace.as_deref_mut().map(|t| {
+                    let (attempt, traceparent) = t.attempt(backend, out.method, &mut headers);
+                    log.attempt = Some(attempt);
+                    traceparent
+                });
                 let req = pool::Outbound {
                     method: out.method.clone(),
                     target: up.target,
                     headers,
+                    traceparent,
                     body: up.body,
                 };
                 if let Some((from, why)) = retrying.take() {

@@ -62,6 +62,9 @@ pub struct Outbound {
     pub method: Method,
     pub target: OriginForm,
     pub headers: http::HeaderMap,
+    /// The attempt's `traceparent` when the request is traced, sent in addition to
+    /// `headers` (which then hold none).
+    pub traceparent: Option<crate::telemetry::TraceparentValue>,
     pub body: UpstreamBody,
 }
 
@@ -103,6 +106,7 @@ impl From<Request<UpstreamBody>> for Outbound {
             method: parts.method,
             target: OriginForm(target.to_owned()),
             headers: parts.headers,
+            traceparent: None,
             body,
         }
     }
@@ -521,6 +525,7 @@ impl Pool {
             req.target.as_str(),
             &self.inner.target.host_header,
             &req.headers,
+            req.traceparent.as_ref(),
             req.body,
         );
         let head_request = req.method == Method::HEAD;
@@ -582,6 +587,13 @@ impl Pool {
             *r.method_mut() = req.method;
             *r.uri_mut() = uri;
             *r.headers_mut() = req.headers;
+            if let Some(v) = req
+                .traceparent
+                .and_then(|v| HeaderValue::from_bytes(&v).ok())
+            {
+                r.headers_mut()
+                    .insert(crate::telemetry::TRACEPARENT.clone(), v);
+            }
             r
         });
         async move {

@@ -122,6 +122,7 @@ pub async fn once(b: &Backend) -> Result<(), String> {
         target: pool::OriginForm::new(spec.target.clone())
             .map_err(|_| "the probe path is not a valid request target".to_owned())?,
         headers,
+        traceparent: None,
         body: bytes::Bytes::new(),
     };
     let exchange = async {

@@ -27,7 +27,7 @@ mod otlp;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::audit::AuditRecord;
 use crate::config::telemetry::TelemetrySettings;
@@ -71,12 +71,21 @@ impl AuditTraceId {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Every byte's two lowercase hex digits: one lookup per byte.
+static HEX: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
 fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = HEX[usize::from(b >> 4)];
-        out[2 * i + 1] = HEX[usize::from(b & 0xf)];
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX[usize::from(*b)]);
     }
 }
 
@@ -93,12 +102,19 @@ pub struct Traceparent {
 /// lowercase hex, trace and parent ids not all zeros, version not `ff`. A header that is
 /// absent, repeated or malformed gives `None`.
 pub fn client_traceparent(headers: &HeaderMap) -> Option<Traceparent> {
+    sent_traceparent(headers).1
+}
+
+/// Whether the request has a `traceparent` at all, and its one valid one.
+fn sent_traceparent(headers: &HeaderMap) -> (bool, Option<Traceparent>) {
     let mut all = headers.get_all(&TRACEPARENT).iter();
-    let v = all.next()?;
+    let Some(v) = all.next() else {
+        return (false, None);
+    };
     if all.next().is_some() {
-        return None;
+        return (true, None);
     }
-    parse_traceparent(v.as_bytes())
+    (true, parse_traceparent(v.as_bytes()))
 }
 
 fn parse_traceparent(b: &[u8]) -> Option<Traceparent> {
@@ -142,15 +158,19 @@ fn hex_byte(hi: u8, lo: u8) -> Option<u8> {
     Some(nibble(hi)? << 4 | nibble(lo)?)
 }
 
-/// `00-{trace}-{span}-01`: the `traceparent` naming a sampled span.
-fn traceparent_value(trace_id: &[u8; 16], span_id: &[u8; 8]) -> Option<HeaderValue> {
+/// The `traceparent` value an attempt sends: `00-{trace}-{span}-01`, naming its sampled
+/// span. Visible ASCII; an HTTP/1.1 backend gets it written straight into the request head
+/// (no `HeaderValue` built, checked and inserted per attempt), an HTTP/2 one as a header.
+pub type TraceparentValue = [u8; 55];
+
+fn traceparent_value(trace_id: &[u8; 16], span_id: &[u8; 8]) -> TraceparentValue {
     let mut buf = [0u8; 55];
     buf[..3].copy_from_slice(b"00-");
     hex_into(trace_id, &mut buf[3..35]);
     buf[35] = b'-';
     hex_into(span_id, &mut buf[36..52]);
     buf[52..].copy_from_slice(b"-01");
-    HeaderValue::from_bytes(&buf).ok()
+    buf
 }
 
 /// A span id: random, never all zeros.
@@ -205,9 +225,11 @@ impl Telemetry {
         })
     }
 
-    /// The trace of a request arriving now, when it is sampled (see the module docs).
-    pub fn request(&self, headers: &HeaderMap) -> Option<Box<RequestTrace>> {
-        let (trace_id, parent, remote_parent) = match client_traceparent(headers) {
+    /// The trace of a request that arrived at `start`, when it is sampled (see the module
+    /// docs).
+    pub fn request(&self, headers: &HeaderMap, start: SystemTime) -> Option<Box<RequestTrace>> {
+        let (sent, valid) = sent_traceparent(headers);
+        let (trace_id, parent, remote_parent) = match valid {
             Some(tp) if !tp.sampled => return None,
             Some(tp) => (tp.trace_id, tp.span_id, true),
             None => {
@@ -225,7 +247,8 @@ impl Telemetry {
             root: span_id(),
             parent,
             remote_parent,
-            start_ns: now_ns(),
+            replaces_clients: sent,
+            start_ns: unix_ns(start),
             spans: BUFFERS
                 .with_borrow_mut(Vec::pop)
                 .unwrap_or_else(|| Vec::with_capacity(2048)),
@@ -258,6 +281,8 @@ pub struct RequestTrace {
     /// The client's span (all zeros: none).
     parent: [u8; 8],
     remote_parent: bool,
+    /// The client sent a `traceparent` (valid or not): attempts send theirs instead.
+    replaces_clients: bool,
     start_ns: u64,
     /// Every ended span, as OTLP `ScopeSpans.spans` entries.
     spans: Vec<u8>,
@@ -296,27 +321,28 @@ impl RequestTrace {
         self.count += 1;
     }
 
-    /// Start the span of an attempt at `backend`, and name it in the attempt's
-    /// `traceparent` (the client's `tracestate` is already among `headers`).
+    /// Start the span of an attempt at `backend`; the attempt sends the `traceparent`
+    /// returned, naming it, in place of any the client sent among `headers` (which are
+    /// removed; the client's `tracestate` stays).
     pub fn attempt(
         &mut self,
         backend: &Arc<Backend>,
         method: &Method,
         headers: &mut HeaderMap,
-    ) -> Attempt {
+    ) -> (Box<Attempt>, TraceparentValue) {
         self.attempts += 1;
         let id = span_id();
-        if let Some(v) = traceparent_value(&self.trace_id, &id) {
-            headers.insert(TRACEPARENT.clone(), v);
+        if self.replaces_clients {
+            headers.remove(&TRACEPARENT);
         }
         self.server = Some(backend.clone());
-        Attempt {
+        let attempt = Box::new(Attempt {
             span_id: id,
             start_ns: now_ns(),
-            backend: backend.clone(),
-            method: method.clone(),
+            method: known_method(method),
             number: self.attempts,
-        }
+        });
+        (attempt, traceparent_value(&self.trace_id, &id))
     }
 
     /// The backend whose answer is relayed, or that was tried last.
@@ -372,7 +398,7 @@ impl RequestTrace {
                 a.str("server.address", b.pool.host());
                 a.int("server.port", i64::from(b.pool.port()));
             }
-            a.str("http.request.method", rec.method.as_str());
+            a.str("http.request.method", known_method(&rec.method));
             a.str("url.path", &rec.path);
             a.int("http.response.status_code", i64::from(rec.status));
             if let Some(c) = &rec.client {
@@ -390,12 +416,12 @@ impl RequestTrace {
             }
             a.int("portcullis.attempts", i64::from(rec.attempts));
             // A request id is visible ASCII (ours, or a client's checked one).
-            a.str(
-                "portcullis.request_id",
-                std::str::from_utf8(rec.request_id.as_bytes()).unwrap_or_default(),
-            );
+            a.ascii("portcullis.request_id", rec.request_id.as_bytes());
             a.bool("portcullis.stream", rec.stream);
-            a.str("portcullis.outcome", rec.outcome);
+            // How the relay ended, when it did not complete (the audit line's `outcome`).
+            if rec.outcome != "complete" {
+                a.str("portcullis.outcome", rec.outcome);
+            }
             if let Some(e) = error {
                 a.str("error.type", e);
             }
@@ -449,16 +475,33 @@ fn gen_ai_operation(op: &'static str) -> &'static str {
 pub struct Attempt {
     span_id: [u8; 8],
     start_ns: u64,
-    backend: Arc<Backend>,
-    method: Method,
+    /// `http.request.method` (see [`known_method`]).
+    method: &'static str,
     number: u32,
+}
+
+/// `http.request.method` as the HTTP conventions write it: a method of RFC 9110 or
+/// RFC 5789 as it is, any other `_OTHER`.
+fn known_method(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
 }
 
 impl Attempt {
     /// End it: `outcome` is the attempt's (`response`, `rate_limited` — a 429, the backend
     /// cooled down and the next tried —, `connect_error`, `status_5xx`, `timeout`,
     /// `unauthorized`, `error`, `invalid_response`); `status` its answer's, 0 for none.
-    pub fn end(self, trace: &mut RequestTrace, outcome: &'static str, status: u16) {
+    pub fn end(self, trace: &mut RequestTrace, b: &Backend, outcome: &'static str, status: u16) {
         let digits = three_digits(status);
         let error = (outcome != "response" || status >= 500).then(|| {
             if status >= 400 {
@@ -467,13 +510,17 @@ impl Attempt {
                 outcome
             }
         });
-        let b = &*self.backend;
+        // The conventions' name for a method they do not know.
+        let method = match self.method {
+            "_OTHER" => "HTTP",
+            m => m,
+        };
         let span = Span {
             trace_id: &trace.trace_id,
             span_id: self.span_id,
             parent: trace.root,
             remote_parent: false,
-            name: &[self.method.as_str(), " ", &b.name],
+            name: &[method, " ", &b.name],
             kind: Kind::Client,
             start_ns: self.start_ns,
             end_ns: now_ns(),
@@ -481,7 +528,7 @@ impl Attempt {
         };
         let spans = &mut trace.spans;
         otlp::span(spans, &span, |a| {
-            a.str("http.request.method", self.method.as_str());
+            a.str("http.request.method", self.method);
             a.str("server.address", b.pool.host());
             a.int("server.port", i64::from(b.pool.port()));
             a.str("portcullis.backend", &b.name);
@@ -531,9 +578,9 @@ mod tests {
             assert!(parse_traceparent(bad.as_bytes()).is_none(), "{bad}");
         }
         let mut h = HeaderMap::new();
-        h.append(&TRACEPARENT, HeaderValue::from_static(ok));
+        h.append(&TRACEPARENT, http::HeaderValue::from_static(ok));
         assert!(client_traceparent(&h).is_some());
-        h.append(&TRACEPARENT, HeaderValue::from_static(ok));
+        h.append(&TRACEPARENT, http::HeaderValue::from_static(ok));
         assert!(
             client_traceparent(&h).is_none(),
             "two traceparents: neither"
@@ -541,9 +588,20 @@ mod tests {
     }
 
     #[test]
+    fn methods_are_named_as_the_conventions_ask() {
+        assert_eq!(known_method(&Method::POST), "POST");
+        assert_eq!(known_method(&Method::PATCH), "PATCH");
+        let custom = Method::from_bytes(b"PROPFIND").unwrap();
+        assert_eq!(known_method(&custom), "_OTHER");
+    }
+
+    #[test]
     fn traceparent_written_names_the_span() {
-        let v = traceparent_value(&[0xab; 16], &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
-        assert_eq!(v, "00-abababababababababababababababab-0102030405060708-01");
-        assert!(parse_traceparent(v.as_bytes()).is_some());
+        let v = traceparent_value(&[0xab; 16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            &v[..],
+            b"00-abababababababababababababababab-0102030405060708-01"
+        );
+        assert!(parse_traceparent(&v).is_some());
     }
 }

@@ -80,7 +80,8 @@ fn field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
 /// An attribute's value (`AnyValue`), borrowed.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Value<'a> {
-    Str(&'a str),
+    /// A string's UTF-8 bytes.
+    Str(&'a [u8]),
     Int(i64),
     Bool(bool),
 }
@@ -98,7 +99,7 @@ impl Value<'_> {
     #[inline(always)]
     fn write(&self, out: &mut Vec<u8>) {
         match *self {
-            Value::Str(s) => field(out, ANY_STRING, s.as_bytes()),
+            Value::Str(s) => field(out, ANY_STRING, s),
             // int64 is a varint of the two's complement (ten bytes when negative).
             Value::Int(i) => {
                 out.push(ANY_INT);
@@ -132,7 +133,7 @@ fn key_value(out: &mut Vec<u8>, tag: u8, key: &str, value: Value<'_>) {
                 out.extend_from_slice(&head);
                 out.extend_from_slice(key.as_bytes());
                 out.extend_from_slice(&[KEY_VALUE_VALUE, n + 2, ANY_STRING, n]);
-                out.extend_from_slice(s.as_bytes());
+                out.extend_from_slice(s);
             }
             Value::Int(i) => {
                 let mut head = head;
@@ -167,6 +168,12 @@ pub(super) struct Attributes<'a>(&'a mut Vec<u8>);
 impl Attributes<'_> {
     #[inline(always)]
     pub fn str(&mut self, key: &str, value: &str) {
+        key_value(self.0, SPAN_ATTRIBUTE, key, Value::Str(value.as_bytes()));
+    }
+    /// A string attribute from bytes the caller knows are ASCII (no UTF-8 check).
+    #[inline(always)]
+    pub fn ascii(&mut self, key: &str, value: &[u8]) {
+        debug_assert!(value.is_ascii());
         key_value(self.0, SPAN_ATTRIBUTE, key, Value::Str(value));
     }
     #[inline(always)]
@@ -207,23 +214,34 @@ pub(super) fn span(
 ) {
     out.reserve(1024);
     let at = out.len();
-    out.extend_from_slice(&[SCOPE_SPANS_SPAN, 0, 0]);
-    let body = out.len();
+    // The fixed-size fields in two writes: the entry's head and the ids, then (after the
+    // name) kind and times.
+    let mut ids = [0u8; 3 + 18 + 10 + 10];
+    ids[0] = SCOPE_SPANS_SPAN;
+    ids[3] = SPAN_TRACE_ID;
+    ids[4] = 16;
+    ids[5..21].copy_from_slice(span.trace_id);
+    ids[21] = SPAN_SPAN_ID;
+    ids[22] = 8;
+    ids[23..31].copy_from_slice(&span.span_id);
+    ids[31] = SPAN_PARENT_SPAN_ID;
+    ids[32] = 8;
+    ids[33..].copy_from_slice(&span.parent);
+    let has_parent = span.parent != [0; 8];
+    out.extend_from_slice(if has_parent { &ids } else { &ids[..31] });
+    let body = at + 3;
     let s = &mut *out;
-    field(s, SPAN_TRACE_ID, span.trace_id);
-    field(s, SPAN_SPAN_ID, &span.span_id);
-    if span.parent != [0; 8] {
-        field(s, SPAN_PARENT_SPAN_ID, &span.parent);
-    }
     s.push(SPAN_NAME);
     varint(s, span.name.iter().map(|p| p.len() as u64).sum());
     for part in span.name {
         s.extend_from_slice(part.as_bytes());
     }
-    s.extend_from_slice(&[SPAN_KIND, span.kind as u8, SPAN_START]);
-    s.extend_from_slice(&span.start_ns.to_le_bytes());
-    s.push(SPAN_END);
-    s.extend_from_slice(&span.end_ns.to_le_bytes());
+    let mut times = [0u8; 2 + 9 + 9];
+    times[..3].copy_from_slice(&[SPAN_KIND, span.kind as u8, SPAN_START]);
+    times[3..11].copy_from_slice(&span.start_ns.to_le_bytes());
+    times[11] = SPAN_END;
+    times[12..].copy_from_slice(&span.end_ns.to_le_bytes());
+    s.extend_from_slice(&times);
     attributes(&mut Attributes(s));
     if let Some(message) = span.error {
         s.push(SPAN_STATUS);
@@ -238,8 +256,8 @@ pub(super) fn span(
     if span.remote_parent {
         flags |= FLAG_IS_REMOTE;
     }
-    s.extend_from_slice(&SPAN_FLAGS);
-    s.extend_from_slice(&flags.to_le_bytes());
+    let f = flags.to_le_bytes();
+    s.extend_from_slice(&[SPAN_FLAGS[0], SPAN_FLAGS[1], f[0], f[1], f[2], f[3]]);
     let n = out.len() - body;
     match n {
         0..128 => {
@@ -271,7 +289,7 @@ impl Envelope {
     pub fn new(resource: &[(&str, &str)], scope_name: &str, scope_version: &str) -> Self {
         let mut attrs = Vec::new();
         for (k, v) in resource {
-            key_value(&mut attrs, FIELD_1, k, Value::Str(v));
+            key_value(&mut attrs, FIELD_1, k, Value::Str(v.as_bytes()));
         }
         let mut resource = Vec::new();
         field(&mut resource, FIELD_1, &attrs);
