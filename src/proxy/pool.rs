@@ -1231,6 +1231,21 @@ pub(crate) mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_traced_attempts_traceparent_reaches_http1_and_http2_backends_once() {
+        let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+        let tp = *b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        for http2 in [false, true] {
+            let pool = pool_for(&sim.url(), http2);
+            let mut req = Outbound::from(chat(&sim.url(), false, None));
+            req.traceparent = Some(tp);
+            finish(pool.send(req).await.unwrap()).await;
+            let seen = sim.last().unwrap().headers;
+            let all: Vec<_> = seen.get_all("traceparent").iter().collect();
+            assert_eq!(all, [&tp[..]], "http2: {http2}");
+        }
+    }
+
     #[test]
     fn the_per_request_future_stays_small() {
         let pool = pool_for("http://127.0.0.1:1", false);
