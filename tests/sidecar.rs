@@ -80,7 +80,7 @@ impl Sidecar {
     }
 
     /// Wait (with a deadline) until `/ready` answers 200: the first backend token is in.
-    /// Until then a request would get the gateway's 503, not reach the backend.
+    /// Until then a request waits for that token (at most 5 s).
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -250,6 +250,48 @@ async fn openai_and_litellm_sdks_reach_azure_through_the_sidecar_with_a_certific
         .filter(|r| r["client_id"] == "sidecar-app")
         .count();
     assert_eq!(grants, 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_sent_before_the_first_token_waits_for_it() {
+    // A pod's application may call the sidecar the moment it answers /health, before the
+    // IdP has answered the first token request: that call waits for the token, not a 503.
+    let idp = Idp::start().await;
+    idp.set_token_delay(4000).await;
+    let sim = bearer_sim(&idp).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = certificate_client(&idp, dir.path(), "early-app").await;
+    let sidecar = Sidecar::start(
+        &[
+            ("API_BASE_URL", sim.url()),
+            ("AZURE_CLIENT_ID", "early-app".into()),
+            ("AZURE_TENANT_ID", "contoso".into()),
+            ("AZURE_CERTIFICATE_PATH", pem.display().to_string()),
+            ("PORTCULLIS_TOKEN_URL", idp.token_endpoint()),
+        ],
+        &[],
+    )
+    .await;
+    let ready = http()
+        .get(format!("{}/ready", sidecar.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "the first token is still on its way");
+    let resp = http()
+        .post(format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version={API_VERSION}",
+            sidecar.url
+        ))
+        .header("api-key", PLACEHOLDER)
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    assert_eq!(status, 200, "{}", resp.text().await.unwrap());
+    assert_gateway_credential_only(&sim, ("client_id", "early-app"));
     sidecar.stop().await;
 }
 

@@ -461,6 +461,7 @@ pub async fn forward(
     // The failed attempt a next one retries (for the retry metric).
     let mut retrying: Option<(Arc<Backend>, &'static str)> = None;
     let mut skips = Skips::default();
+    let mut waited_first_token = false;
     let queue_until = started + policy.queue_wait;
     'rounds: loop {
         for (i, backend) in candidates.iter().enumerate() {
@@ -505,6 +506,19 @@ pub async fn forward(
             loop {
                 // Read once: the token applied is the one checked (it may expire meanwhile).
                 let Ok(credential) = backend.credential.header() else {
+                    // Just after a start, the first token may be moments away: the last
+                    // candidate waits for it once, within the retry budget (boxed: the
+                    // cold path keeps the request's future small).
+                    if is_last && !waited_first_token {
+                        waited_first_token = true;
+                        let wait = policy
+                            .retry_budget
+                            .saturating_sub(started.elapsed())
+                            .min(FIRST_TOKEN_WAIT);
+                        if Box::pin(backend.credential.first_token(wait)).await {
+                            continue;
+                        }
+                    }
                     backend.health.neutral(gate);
                     record(backend, "credential_unavailable");
                     backend.series.skipped("credential_unavailable");
@@ -782,6 +796,10 @@ impl Drop for ProbeClaim<'_> {
 
 /// How long a request waits for a renewed token after a backend's 401, at most.
 const RENEWAL_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a request arriving just after a start waits for a backend's first token, at
+/// most (an Entra or managed-identity exchange takes well under a second, a cold IMDS a few).
+const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(5);
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

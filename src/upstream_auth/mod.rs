@@ -109,6 +109,16 @@ impl Credential {
         }
     }
 
+    /// A token credential whose first token is still being fetched (the gateway has just
+    /// started): wait for it at most `wait` (see [`TokenCache::first_token`]). Whether
+    /// the credential is usable afterwards; `false` at once for any other.
+    pub async fn first_token(&self, wait: Duration) -> bool {
+        match self {
+            Self::Token { cache, .. } => cache.first_token(wait).await,
+            _ => false,
+        }
+    }
+
     /// The header to add to an upstream request (`None`: send no credential), or
     /// [`NotReady`] when there is no valid token.
     pub fn header(&self) -> Result<Option<(HeaderName, HeaderValue)>, NotReady> {

@@ -169,6 +169,25 @@ impl TokenCache {
         fresh(self)
     }
 
+    /// Before the refresher's first exchange has finished (the gateway has just started):
+    /// wait at most `wait` for it. Whether a valid token is held afterwards. Once an
+    /// exchange has finished — a token, or a failure the refresher retries on its own
+    /// schedule — this returns at once: only the first moments after a start are waited
+    /// through, never an IdP outage.
+    pub async fn first_token(&self, wait: Duration) -> bool {
+        // Subscribed before looking, so an exchange finishing in between is not missed.
+        let mut exchanged = self.exchanged.subscribe();
+        exchanged.mark_unchanged();
+        if self.header().is_some() {
+            return true;
+        }
+        if self.attempted() {
+            return false;
+        }
+        let _ = tokio::time::timeout(wait, exchanged.changed()).await;
+        self.header().is_some()
+    }
+
     /// Whether the refresher has finished at least one exchange, successful or not.
     pub fn attempted(&self) -> bool {
         self.current.load().is_some()
@@ -444,6 +463,80 @@ mod tests {
         assert!(source.0.load(Ordering::SeqCst) >= 3);
         assert_eq!(cache.header().unwrap(), "Bearer t2");
         assert!(!task.is_finished());
+        task.abort();
+    }
+
+    /// Answers after `delay`, or fails at once.
+    struct Slow {
+        delay: Duration,
+        fail: bool,
+    }
+
+    impl TokenSource for Slow {
+        fn fetch(&self) -> FetchFuture<'_> {
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                if self.fail {
+                    return Err(FetchError {
+                        message: "the token endpoint answered 503".into(),
+                        retryable: true,
+                        retry_after: None,
+                    });
+                }
+                Ok(Fetched {
+                    access_token: "first".into(),
+                    expires_in: Duration::from_secs(3600),
+                    refresh_in: None,
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_at_start_waits_for_the_first_token_but_never_through_an_outage() {
+        let cache = TokenCache::new("test:slow".into(), Arc::new(Metrics::new()));
+        let slow = Slow {
+            delay: Duration::from_secs(2),
+            fail: false,
+        };
+        let task = spawn_refresher(cache.clone(), Arc::new(slow));
+        let t0 = tokio::time::Instant::now();
+        assert!(cache.first_token(Duration::from_secs(5)).await);
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(3));
+        assert_eq!(cache.header().unwrap(), "Bearer first");
+        task.abort();
+
+        // Bounded: a slower first exchange is not waited for past `wait`.
+        let cache = TokenCache::new("test:slower".into(), Arc::new(Metrics::new()));
+        let slower = Slow {
+            delay: Duration::from_secs(60),
+            fail: false,
+        };
+        let task = spawn_refresher(cache.clone(), Arc::new(slower));
+        let t0 = tokio::time::Instant::now();
+        assert!(!cache.first_token(Duration::from_secs(5)).await);
+        assert!(t0.elapsed() < Duration::from_secs(6));
+        task.abort();
+
+        // Once an exchange has failed, nobody waits: the refresher retries on its own.
+        let cache = TokenCache::new("test:down".into(), Arc::new(Metrics::new()));
+        let down = Slow {
+            delay: Duration::ZERO,
+            fail: true,
+        };
+        let task = spawn_refresher(cache.clone(), Arc::new(down));
+        assert!(
+            !cache.first_token(Duration::from_secs(5)).await,
+            "first failure"
+        );
+        let t0 = tokio::time::Instant::now();
+        assert!(!cache.first_token(Duration::from_secs(5)).await);
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "no wait after a failed exchange"
+        );
         task.abort();
     }
 
