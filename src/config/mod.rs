@@ -579,7 +579,7 @@ fn validate(
 
 /// Largest `server.max_body_bytes`: bodies are held in memory, and no OpenAI or Azure
 /// operation takes more.
-const MAX_BODY_LIMIT: u64 = 4 * 1024 * 1024 * 1024;
+pub const MAX_BODY_LIMIT: u64 = 4 * 1024 * 1024 * 1024;
 
 /// The default `server.max_buffered_body_bytes`: an eighth of the memory this process may
 /// use, between 64 MiB and 1 GiB, and never less than one largest body.

@@ -20,7 +20,7 @@ use std::path::Path;
 use crate::config::{self, Config, EnvLookup, Problem, Validated};
 
 /// Every variable sidecar mode reads, with what it means, for `--help` and the README.
-pub const VARIABLES: [(&str, &str); 16] = [
+pub const VARIABLES: [(&str, &str); 17] = [
     ("API_BASE_URL", "the backend every request goes to (required), e.g. https://contoso.openai.azure.com"),
     ("HOST", "address to listen on (default 127.0.0.1)"),
     ("PORT", "port to listen on (default 8080)"),
@@ -37,7 +37,12 @@ pub const VARIABLES: [(&str, &str); 16] = [
     ("PORTCULLIS_ADMIN_LISTEN", "address of the admin listener (/metrics, /admin/backends); default: none"),
     ("PORTCULLIS_AUDIT", "audit log: - for standard output (default) or a file"),
     ("PORTCULLIS_WORKERS", "worker threads (default 1)"),
+    ("PORTCULLIS_MAX_BODY_BYTES", "largest request body accepted, in bytes (default 67108864, 64 MiB; at most 4 GiB)"),
 ];
+
+/// The largest request body a sidecar accepts unless `PORTCULLIS_MAX_BODY_BYTES` says
+/// otherwise: uploads (audio, files) can be large.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The Azure OpenAI scope sidecars ask for by default.
 pub const DEFAULT_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
@@ -323,9 +328,26 @@ pub fn from_env(
     let mut server = toml::Table::new();
     server.insert("listen".into(), lit(&listen));
     // Bodies are held for the one attempt; uploads (audio, files) can be large.
+    let max_body = match var("PORTCULLIS_MAX_BODY_BYTES") {
+        None => DEFAULT_MAX_BODY_BYTES,
+        Some(b) => match b.parse::<u64>() {
+            Ok(n) if (1..=config::MAX_BODY_LIMIT).contains(&n) => n,
+            _ => {
+                fail(
+                    "PORTCULLIS_MAX_BODY_BYTES",
+                    format!(
+                        "'{}' is not a number of bytes from 1 to {} (4 GiB)",
+                        b.escape_default(),
+                        config::MAX_BODY_LIMIT
+                    ),
+                );
+                DEFAULT_MAX_BODY_BYTES
+            }
+        },
+    };
     server.insert(
         "max_body_bytes".into(),
-        toml::Value::Integer(64 * 1024 * 1024),
+        toml::Value::Integer(i64::try_from(max_body).unwrap_or(i64::MAX)),
     );
     let workers = match var("PORTCULLIS_WORKERS") {
         None => 1,

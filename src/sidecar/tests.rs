@@ -113,6 +113,30 @@ fn defaults_are_loopback_8080_and_the_cognitive_services_scope() {
 }
 
 #[test]
+fn the_body_limit_is_64_mib_unless_set() {
+    let base = [
+        ("API_BASE_URL", "https://contoso.openai.azure.com/"),
+        ("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi"),
+        ("IDENTITY_HEADER", "h"),
+    ];
+    let limit = |extra: &[(&str, &str)]| {
+        let env = env_of(&[&base[..], extra].concat());
+        from_env(&env, Options::default(), Path::new(".")).map(|v| v.config.server.max_body_bytes)
+    };
+    assert_eq!(limit(&[]).unwrap(), 64 * 1024 * 1024);
+    let big = [("PORTCULLIS_MAX_BODY_BYTES", "536870912")];
+    assert_eq!(limit(&big).unwrap(), 512 * 1024 * 1024);
+    for bad in ["0", "-1", "64MiB", "4294967297"] {
+        let p = limit(&[("PORTCULLIS_MAX_BODY_BYTES", bad)])
+            .unwrap_err()
+            .problems;
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert_eq!(p[0].0, "PORTCULLIS_MAX_BODY_BYTES");
+        assert!(p[0].1.contains(bad), "{p:?}");
+    }
+}
+
+#[test]
 fn workload_identity_and_a_certificate_contradict() {
     let p = problems(
         &[
