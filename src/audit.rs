@@ -3,7 +3,8 @@
 //! The request task hands an [`AuditRecord`] to a bounded channel; a writer thread drains
 //! it every few milliseconds, then serialises and writes the batch (stdout or an append-only file). If the writer falls behind,
 //! records are dropped and counted (`portcullis_audit_dropped_total`) rather than slowing
-//! requests. A record names the request, route, backend and outcome — never a credential,
+//! requests; an admin API request's record waits for room instead (see
+//! [`AuditSink::emit_admin`]), so a flood cannot hide a key change or a reload. A record names the request, route, backend and outcome — never a credential,
 //! header value or prompt text.
 //!
 //! The writer formats lines with `LineWriter`, a fixed-schema serialiser whose output is
@@ -180,6 +181,8 @@ pub struct AuditSink {
 
 /// Capacity of the queue between request tasks and the writer.
 const QUEUE: usize = 65_536;
+/// How long an admin record waits for room in a full queue.
+const ADMIN_WAIT: Duration = Duration::from_secs(5);
 /// How often the writer drains the queue. Senders never wake the writer, so emitting a
 /// record costs a queue push and nothing else; lines reach the output within this delay.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
@@ -234,10 +237,15 @@ impl AuditSink {
         }
     }
 
-    /// Queue an admin API request's record; never waits.
-    pub fn emit_admin(&self, record: AdminAuditRecord) {
-        if self.tx.try_send(Entry::Admin(Box::new(record))).is_err() {
+    /// Queue an admin API request's record. Unlike a request's, it waits for room (at
+    /// most [`ADMIN_WAIT`]): a flood of requests filling the queue must not hide a key
+    /// change or a reload. Only a writer stalled that long loses it, counted and logged.
+    pub async fn emit_admin(&self, record: AdminAuditRecord) {
+        let (method, path, status) = (record.method.clone(), record.path.clone(), record.status);
+        let sent = tokio::time::timeout(ADMIN_WAIT, self.tx.send(Entry::Admin(Box::new(record))));
+        if !matches!(sent.await, Ok(Ok(()))) {
             self.metrics.audit_dropped.inc();
+            tracing::error!(%method, %path, status, "the audit writer is stalled: an admin request's audit line was not written");
         }
     }
 
@@ -763,6 +771,64 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    fn admin_record(path: &str) -> AdminAuditRecord {
+        AdminAuditRecord {
+            time: SystemTime::now(),
+            kind: "admin",
+            request_id: "r".into(),
+            method: "POST".into(),
+            path: path.into(),
+            peer: "127.0.0.1:1".into(),
+            admin_token: None,
+            scope: Some("keys"),
+            decision: "allowed",
+            status: 201,
+            detail: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_drops_requests_records_but_an_admin_record_waits_for_room() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let metrics = Arc::new(Metrics::new());
+        let sink = AuditSink {
+            tx,
+            metrics: metrics.clone(),
+            activity: Arc::default(),
+        };
+        let request = || {
+            AuditRecord::new(
+                HeaderValue::from_static("q"),
+                Method::POST,
+                "/openai/deployments/d/chat/completions".into(),
+            )
+        };
+        sink.emit(request());
+        sink.emit(request());
+        assert_eq!(
+            metrics.audit_dropped.get(),
+            1,
+            "a request's record never waits"
+        );
+        // The writer takes the queued record a second later: the admin record gets in.
+        let admin = tokio::spawn({
+            let sink = sink.clone();
+            async move { sink.emit_admin(admin_record("/admin/keys")).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(matches!(rx.recv().await, Some(Entry::Request(_))));
+        admin.await.unwrap();
+        match rx.recv().await {
+            Some(Entry::Admin(a)) => assert_eq!(a.path, "/admin/keys"),
+            _ => panic!("the admin record was not queued"),
+        }
+        assert_eq!(metrics.audit_dropped.get(), 1);
+        // A writer stalled past ADMIN_WAIT: lost, and counted.
+        sink.emit(request());
+        sink.emit_admin(admin_record("/admin/reload")).await;
+        assert_eq!(metrics.audit_dropped.get(), 2);
+    }
 
     /// Strings meant to trip the word-at-a-time scan: escapes at the start, at word edges and
     /// in the tail, lengths around multiples of 8, multi-byte UTF-8 (including U+2028, which

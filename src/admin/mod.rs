@@ -146,7 +146,7 @@ impl Admin {
                 let tokens = self.inner.reloader.admin_tokens().load_full();
                 let grant = access::authenticate(&tokens, req.headers());
                 let record = self.record(&req, shown_path(path), peer, grant.as_ref());
-                return self.finish(r, record, None, false);
+                return self.finish(r, record, None, false).await;
             }
             Routed::Open(r) => return with_security_headers(r),
         };
@@ -161,10 +161,10 @@ impl Admin {
             record.scope = endpoint.scope().map(Scope::as_str);
             let open = endpoint.open_without_tokens();
             match access::check(grant.as_ref(), req.headers(), endpoint.scope(), open) {
-                Err(refusal) => admin.finish(*refusal, record, None, true),
+                Err(refusal) => admin.finish(*refusal, record, None, true).await,
                 Ok(grant) => {
                     let (r, detail) = api::answer(&admin.inner, grant, endpoint, req).await;
-                    admin.finish(r, record, detail, false)
+                    admin.finish(r, record, detail, false).await
                 }
             }
         });
@@ -202,7 +202,7 @@ impl Admin {
     }
 
     /// Write the audit line of `resp` and add the headers every admin answer carries.
-    fn finish(
+    async fn finish(
         &self,
         resp: Response<Body>,
         mut record: AdminAuditRecord,
@@ -215,7 +215,7 @@ impl Admin {
             record.decision = "refused";
         }
         let request_id = HeaderValue::from_str(&record.request_id).ok();
-        self.inner.gateway.audit().emit_admin(record);
+        self.inner.gateway.audit().emit_admin(record).await;
         let mut resp = with_security_headers(resp);
         if let Some(v) = request_id {
             resp.headers_mut().insert("x-request-id", v);
