@@ -1,17 +1,17 @@
 //! Audit: one JSON line per request, written off the request path.
 //!
-//! The request task hands an [`AuditRecord`] to a bounded channel; a writer thread drains
-//! it every few milliseconds, then serialises and writes the batch (stdout or an append-only file). If the writer falls behind,
-//! records are dropped and counted (`portcullis_audit_dropped_total`) rather than slowing
-//! requests; an admin API request's record waits for room instead (see
-//! [`AuditSink::emit_admin`]), so a flood cannot hide a key change or a reload. A record names the request, route, backend and outcome — never a credential,
-//! header value or prompt text.
+//! The request task hands an [`AuditRecord`] to a bounded channel; a writer thread drains it
+//! every few milliseconds, then serialises and writes the batch (stdout or an append-only
+//! file). If the writer falls behind, records are dropped and counted
+//! (`portcullis_audit_dropped_total`) rather than slowing requests; an admin API request's
+//! record waits for room instead (see [`AuditSink::emit_admin`]), so a flood cannot hide a key
+//! change or a reload. A record names the request, route, backend and outcome — never a
+//! credential, header value or prompt text.
 //!
 //! The writer formats lines with `LineWriter`, a fixed-schema serialiser whose output is
-//! byte-identical to `serde_json` on the derived `Serialize` impl (the tests compare the two)
-//! for about 40% of its instructions: strings without characters to escape are copied whole
-//! after a word-at-a-time scan, and the timestamp's date and time of day are formatted once per
-//! second.
+//! byte-identical to `serde_json` on the derived `Serialize` impl (the tests compare the two) for
+//! about 40% of its instructions: strings without characters to escape are copied whole after a
+//! word-at-a-time scan, and the timestamp's date and time of day are formatted once per second.
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -241,11 +241,12 @@ impl AuditSink {
     /// most [`ADMIN_WAIT`]): a flood of requests filling the queue must not hide a key
     /// change or a reload. Only a writer stalled that long loses it, counted and logged.
     pub async fn emit_admin(&self, record: AdminAuditRecord) {
-        let (method, path, status) = (record.method.clone(), record.path.clone(), record.status);
-        let sent = tokio::time::timeout(ADMIN_WAIT, self.tx.send(Entry::Admin(Box::new(record))));
-        if !matches!(sent.await, Ok(Ok(()))) {
-            self.metrics.audit_dropped.inc();
-            tracing::error!(%method, %path, status, "the audit writer is stalled: an admin request's audit line was not written");
+        match tokio::time::timeout(ADMIN_WAIT, self.tx.reserve()).await {
+            Ok(Ok(room)) => room.send(Entry::Admin(Box::new(record))),
+            _ => {
+                self.metrics.audit_dropped.inc();
+                tracing::error!(method = %record.method, path = %record.path, status = record.status, "the audit writer is stalled: an admin request's audit line was not written");
+            }
         }
     }
 

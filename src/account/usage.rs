@@ -314,11 +314,8 @@ impl<const MODEL: bool> JsonUsage<MODEL> {
             if std::mem::take(&mut self.in_key) {
                 self.matched = !self.key_too_long && is_usage(&self.key);
                 if MODEL {
-                    self.capturing_model = false;
-                }
-                if MODEL && !self.matched && self.key == b"model" {
-                    self.matched = true;
-                    self.capturing_model = true;
+                    self.capturing_model = !self.matched && self.key == b"model";
+                    self.matched |= self.capturing_model;
                 }
             }
         }
